@@ -1,0 +1,309 @@
+//! Wires configuration to backends, the chat service and the router; serves until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use base64::Engine;
+use socketioxide::SocketIo;
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::auth::{Authenticator, KeyError};
+use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
+use crate::chat::{ChatService, ChatSettings};
+use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
+use crate::limits::{Limits, MemoryLimits, RedisLimits};
+use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
+use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
+use crate::transport::origin::{self, OriginPolicy};
+use crate::transport::{Gateway, TransportSettings, http, socketio, web, ws};
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// One line naming the backend and its setting.
+    #[error(
+        "cannot reach {backend} ({setting}): {reason}; start it, fix the setting, or set CONFAB_WAIT_FOR_BACKENDS=true to wait for it"
+    )]
+    Unreachable {
+        backend: &'static str,
+        setting: &'static str,
+        reason: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+/// Connects to one backend: at once (one clear line when it is unreachable), or, when told to
+/// wait, retrying with backoff until it answers.
+async fn reach<T, E, F, Fut>(
+    backend: &'static str,
+    setting: &'static str,
+    wait: bool,
+    mut connect: F,
+) -> Result<T, AppError>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let reason = match tokio::time::timeout(Duration::from_secs(15), connect()).await {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 15 s".to_owned(),
+        };
+        let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !wait {
+            return Err(AppError::Unreachable {
+                backend,
+                setting,
+                reason,
+            });
+        }
+        tracing::warn!(backend, %reason, retry_in_ms = backoff.as_millis() as u64, "waiting for a backend");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// A built gateway, ready to serve.
+pub struct App {
+    pub router: Router,
+    pub io: SocketIo,
+    pub gateway: Arc<Gateway>,
+    /// Set when running on the generated dev secret: tokens may be minted for the newcomer.
+    pub dev_secret_path: Option<std::path::PathBuf>,
+    pub drain: Duration,
+}
+
+/// Reads the dev secret, generating it on first start.
+fn dev_secret(path: &Path) -> Result<Vec<u8>, AppError> {
+    let io = |context: String| move |source| AppError::Io { context, source };
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let secret = existing.trim().as_bytes().to_vec();
+        if secret.len() >= 32 {
+            return Ok(secret);
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    }
+    let bytes: [u8; 32] = rand::random();
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io(format!("cannot write {}", path.display())))?;
+        f.write_all(secret.as_bytes())
+            .map_err(io(format!("cannot write {}", path.display())))?;
+    }
+    Ok(secret.into_bytes())
+}
+
+/// The authenticator for the configured key, and where the dev secret lives if that is in use.
+pub fn authenticator(
+    config: &Config,
+) -> Result<(Authenticator, Option<std::path::PathBuf>), AppError> {
+    Ok(match config.jwt()? {
+        JwtKey::Secret(s) => (Authenticator::with_secret(&s)?, None),
+        JwtKey::PublicKeyPem(pem) => (Authenticator::with_public_key(&pem)?, None),
+        JwtKey::DevSecret(path) => (Authenticator::with_secret(&dev_secret(&path)?)?, Some(path)),
+    })
+}
+
+impl App {
+    /// Builds backends and routes. `local` is the bound address, for the default origin list.
+    pub async fn build(config: &Config, local: SocketAddr) -> Result<Self, AppError> {
+        config.validate()?;
+        let (auth, dev_secret_path) = authenticator(config)?;
+        let wait = config.wait_for_backends;
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| ChatSettings::default().node_id);
+        let store: Arc<dyn Store> = match config.store()? {
+            StoreBackend::SqliteFile(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|source| AppError::Io {
+                        context: format!("cannot create {}", dir.display()),
+                        source,
+                    })?;
+                }
+                Arc::new(SqliteStore::open(&path).await?)
+            }
+            StoreBackend::SqliteMemory => Arc::new(SqliteStore::in_memory().await?),
+            StoreBackend::Postgres(url) => {
+                let timeout = Duration::from_millis(config.database_timeout_ms);
+                let pool_size = config.database_pool_size;
+                Arc::new(
+                    reach("Postgres", "CONFAB_DATABASE_URL", wait, || {
+                        PostgresStore::connect(&url, pool_size, timeout)
+                    })
+                    .await?,
+                )
+            }
+        };
+        let prefix = config.backend_prefix.clone();
+        let bus: Arc<dyn Bus> = match config.bus_backend()? {
+            BusBackend::Local => Arc::new(LocalBus::new()),
+            BusBackend::Rabbitmq(url) => {
+                let settings = RabbitSettings {
+                    url,
+                    prefix: prefix.clone(),
+                    node_id: node_id.clone(),
+                };
+                Arc::new(
+                    reach("RabbitMQ", "CONFAB_AMQP_URL", wait, || {
+                        RabbitBus::connect(settings.clone())
+                    })
+                    .await?,
+                )
+            }
+            BusBackend::Redis(url) => Arc::new(
+                reach("Redis", "CONFAB_REDIS_URL", wait, || {
+                    RedisBus::connect(&url, &prefix, &node_id)
+                })
+                .await?,
+            ),
+        };
+        let (presence, limits): (Arc<dyn Presence>, Arc<dyn Limits>) =
+            match config.shared_state()? {
+                SharedStateBackend::Memory => {
+                    let limits = Arc::new(MemoryLimits::new(config.limits()));
+                    limits.spawn_housekeeping();
+                    (Arc::new(MemoryPresence::new()), limits)
+                }
+                SharedStateBackend::Redis(url) => {
+                    let settings = RedisPresenceSettings {
+                        url: url.clone(),
+                        prefix: prefix.clone(),
+                        node_id: node_id.clone(),
+                        address: format!("http://{local}"),
+                        ttl: Duration::from_millis(config.presence_ttl_ms),
+                    };
+                    let presence = reach("Redis", "CONFAB_REDIS_URL", wait, || {
+                        RedisPresence::connect(settings.clone())
+                    })
+                    .await?;
+                    let limits = reach("Redis", "CONFAB_REDIS_URL", wait, || {
+                        RedisLimits::connect(&url, &prefix, config.limits())
+                    })
+                    .await?;
+                    (Arc::new(presence), Arc::new(limits))
+                }
+            };
+        let settings = ChatSettings {
+            node_id,
+            presence_grace: Duration::from_millis(config.presence_grace_ms),
+            max_content_bytes: config.max_content_bytes as usize,
+            ..ChatSettings::default()
+        };
+        let service = ChatService::new(store, bus, presence, limits, settings);
+        service.spawn_presence_upkeep();
+
+        let mut allowed_origins = config.origins()?;
+        if allowed_origins.is_empty() {
+            let port = local.port();
+            allowed_origins = vec![
+                format!("http://localhost:{port}"),
+                format!("http://127.0.0.1:{port}"),
+            ];
+            if !local.ip().is_unspecified() && !local.ip().is_loopback() {
+                allowed_origins.push(format!("http://{local}"));
+            }
+        }
+        let gateway = Arc::new(Gateway {
+            service,
+            auth: Arc::new(auth),
+            settings: TransportSettings {
+                allowed_origins: allowed_origins.clone(),
+                trusted_proxies: config.trusted_proxies.clone(),
+                max_frame_bytes: config.max_frame_bytes as usize,
+                send_queue: config.send_queue as usize,
+                token_warning: Duration::from_secs(config.token_warning_seconds),
+                ping_interval: Duration::from_millis(config.ping_interval_ms),
+                ping_timeout: Duration::from_millis(config.ping_timeout_ms),
+                auth_timeout: Duration::from_millis(config.ws_auth_timeout_ms),
+                send_deadline: Duration::from_millis(config.ws_send_deadline_ms),
+                ws_compression: config.ws_compression,
+            },
+        });
+        let (sio_layer, io) = socketio::layer(gateway.clone());
+        let policy = Arc::new(OriginPolicy {
+            allowed: allowed_origins,
+        });
+        let router = http::routes()
+            .merge(web::routes(dev_secret_path.is_some()))
+            .with_state(gateway.clone())
+            .merge(ws::routes(gateway.clone(), config.ws_echo_route))
+            .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize))
+            .layer(sio_layer)
+            .layer(axum::middleware::from_fn_with_state(policy, origin::check));
+        Ok(Self {
+            router,
+            io,
+            gateway,
+            dev_secret_path,
+            drain: Duration::from_secs(config.drain_seconds),
+        })
+    }
+}
+
+/// Serves until `shutdown` resolves, then disconnects every socket (clients reconnect
+/// elsewhere and `sync`) and waits at most the drain time for requests in flight.
+pub async fn serve(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let io = app.io.clone();
+    let gateway = app.gateway.clone();
+    let drain = app.drain;
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(
+        listener,
+        app.router
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: closing realtime connections");
+        io.close().await;
+        // Plain WebSocket connections are not hyper's to close: each gets a close frame.
+        for out in gateway.service.hub().all() {
+            out.close("server shutting down");
+        }
+        let _ = stopped_tx.send(());
+    });
+    tokio::select! {
+        result = server => result,
+        _ = async {
+            let _ = stopped_rx.await;
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!("requests still in flight after the drain time; exiting anyway");
+            Ok(())
+        }
+    }
+}

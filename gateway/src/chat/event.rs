@@ -1,0 +1,221 @@
+//! Server-to-client events and the envelopes that carry them between nodes and to local sockets.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::model::{Conversation, ConversationId, Message, UserId};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationUser {
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Typing {
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub user_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Read {
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationRef {
+    pub conversation: Conversation,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationIdRef {
+    pub conversation_id: ConversationId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserRef {
+    pub user_id: UserId,
+}
+
+/// Every event the server pushes to clients that arises from shared state (as opposed to
+/// replies to one connection), so it can cross the bus between gateways.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+pub enum Event {
+    NewMessage(Message),
+    UserJoined(ConversationUser),
+    UserLeft(ConversationUser),
+    UserTyping(Typing),
+    UserStoppedTyping(ConversationUser),
+    MessageRead(Read),
+    ConversationAdded(ConversationRef),
+    ConversationRemoved(ConversationIdRef),
+    ConversationCreated(ConversationRef),
+    UserOnline(UserRef),
+    UserOffline(UserRef),
+}
+
+macro_rules! encode_event {
+    ($self:ident, $($variant:ident => $name:literal),* $(,)?) => {
+        match $self {
+            $(Event::$variant(p) => ($name, serde_json::value::to_raw_value(p)),)*
+        }
+    };
+}
+
+impl Event {
+    /// The wire event name and its payload, serialised once for every recipient.
+    pub fn encode(&self) -> Outgoing {
+        let (name, payload) = encode_event!(self,
+            NewMessage => "new_message",
+            UserJoined => "user_joined",
+            UserLeft => "user_left",
+            UserTyping => "user_typing",
+            UserStoppedTyping => "user_stopped_typing",
+            MessageRead => "message_read",
+            ConversationAdded => "conversation_added",
+            ConversationRemoved => "conversation_removed",
+            ConversationCreated => "conversation_created",
+            UserOnline => "user_online",
+            UserOffline => "user_offline",
+        );
+        Outgoing {
+            name,
+            payload: payload.expect("event payloads are plain structs that always serialise"),
+            envelope: OnceLock::new(),
+        }
+    }
+}
+
+/// An event ready to be written to sockets: its name and its JSON payload, encoded once.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub name: &'static str,
+    pub payload: Box<RawValue>,
+    /// `{"type":name,"payload":…}`, built on first use and then shared by every recipient.
+    envelope: OnceLock<Bytes>,
+}
+
+impl Outgoing {
+    /// An ad-hoc event for a single connection (acks' companions, errors, drain notices).
+    pub fn new(name: &'static str, payload: &impl Serialize) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            payload: serde_json::value::to_raw_value(payload)
+                .expect("outgoing payloads are plain structs that always serialise"),
+            envelope: OnceLock::new(),
+        })
+    }
+
+    /// The event as one JSON object `{"type":name,"payload":…}`, the shape plain-WebSocket
+    /// clients read. Built from the already-encoded payload the first time it is asked for, so a
+    /// broadcast to N connections costs one buffer, not N.
+    pub fn envelope(&self) -> Bytes {
+        self.envelope
+            .get_or_init(|| {
+                let payload = self.payload.get();
+                let mut buf = Vec::with_capacity(self.name.len() + payload.len() + 24);
+                buf.extend_from_slice(b"{\"type\":\"");
+                // Event names are `snake_case` literals: nothing to escape.
+                buf.extend_from_slice(self.name.as_bytes());
+                buf.extend_from_slice(b"\",\"payload\":");
+                buf.extend_from_slice(payload.as_bytes());
+                buf.push(b'}');
+                Bytes::from(buf)
+            })
+            .clone()
+    }
+}
+
+/// Who on which node should receive an event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Route {
+    /// Connections that joined the conversation, plus every connection of `also_users`.
+    Conversation {
+        id: ConversationId,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        also_users: Vec<UserId>,
+    },
+    /// Every connection of these users.
+    Users { ids: Vec<UserId> },
+    /// Agents' connections on the `/department` namespace for this department.
+    Department { id: String },
+}
+
+/// What a Bus carries: an event, where it goes, and where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    pub id: Uuid,
+    pub origin: String,
+    pub route: Route,
+    pub event: Event,
+}
+
+/// Subscription keys of a bus: a node receives envelopes whose route touches a key it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Conversation(ConversationId),
+    User(UserId),
+    Department(String),
+}
+
+impl Topic {
+    /// The key as a string, e.g. a RabbitMQ routing key or a Redis channel suffix.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Conversation(id) => format!("conv.{id}"),
+            Self::User(id) => format!("user.{id}"),
+            Self::Department(id) => format!("dept.{id}"),
+        }
+    }
+}
+
+impl Route {
+    /// The topics a node must hold to receive this route.
+    pub fn topics(&self) -> Vec<Topic> {
+        match self {
+            Self::Conversation { id, also_users } => std::iter::once(Topic::Conversation(*id))
+                .chain(also_users.iter().cloned().map(Topic::User))
+                .collect(),
+            Self::Users { ids } => ids.iter().cloned().map(Topic::User).collect(),
+            Self::Department { id } => vec![Topic::Department(id.clone())],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_wraps_the_encoded_payload_once_and_shares_the_buffer() {
+        let out = Outgoing::new("user_left", &serde_json::json!({"userId": "a\"b"}));
+        let first = out.envelope();
+        let parsed: serde_json::Value = serde_json::from_slice(&first).expect("valid JSON");
+        assert_eq!(
+            parsed,
+            serde_json::json!({"type": "user_left", "payload": {"userId": "a\"b"}})
+        );
+        let second = out.envelope();
+        assert_eq!(
+            first.as_ptr(),
+            second.as_ptr(),
+            "one buffer for every recipient"
+        );
+    }
+}

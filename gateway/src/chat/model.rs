@@ -1,0 +1,190 @@
+//! The domain's nouns: conversations, members, messages and the identity of a connected user.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+pub type ConversationId = Uuid;
+pub type MessageId = Uuid;
+pub type UserId = String;
+
+/// What kind of conversation this is; decides who may join and who may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ConversationKind {
+    /// Exactly two members, fixed at creation.
+    Direct,
+    /// Members only; members may add others.
+    Group,
+    /// Any authenticated user may join.
+    Open,
+    /// A visitor's conversation, joinable by agents of its department.
+    Support,
+}
+
+impl ConversationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Group => "group",
+            Self::Open => "open",
+            Self::Support => "support",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "direct" => Self::Direct,
+            "group" => Self::Group,
+            "open" => Self::Open,
+            "support" => Self::Support,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberRole {
+    Owner,
+    Member,
+    Agent,
+}
+
+impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Member => "member",
+            Self::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "owner" => Self::Owner,
+            "member" => Self::Member,
+            "agent" => Self::Agent,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    Text,
+    File,
+    Image,
+}
+
+impl MessageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::File => "file",
+            Self::Image => "image",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "text" => Self::Text,
+            "file" => Self::File,
+            "image" => Self::Image,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Conversation {
+    pub id: Uuid,
+    pub kind: ConversationKind,
+    pub title: Option<String>,
+    pub department_id: Option<String>,
+    pub last_seq: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A conversation as one member sees it in their list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationSummary {
+    #[serde(flatten)]
+    pub conversation: Conversation,
+    pub last_read_seq: i64,
+    pub unread: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Member {
+    pub conversation_id: Uuid,
+    pub user_id: UserId,
+    pub role: MemberRole,
+    pub last_read_seq: i64,
+    pub joined_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Message {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    pub sender_id: UserId,
+    pub sender_name: String,
+    #[serde(rename = "type")]
+    pub kind: MessageKind,
+    pub content: String,
+    pub client_msg_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Who is on the other end of a connection or request, as proven by their token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: UserId,
+    pub name: String,
+    pub roles: Vec<String>,
+    pub departments: Vec<String>,
+    /// Expiry of the credential, seconds since the Unix epoch.
+    pub exp: i64,
+}
+
+impl Identity {
+    pub fn is_agent(&self) -> bool {
+        self.roles.iter().any(|r| r == "agent" || r == "admin")
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.roles.iter().any(|r| r == "admin")
+    }
+
+    pub fn in_department(&self, department: &str) -> bool {
+        self.departments.iter().any(|d| d == department)
+    }
+}
+
+/// Online state of a user as seen by `presence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Online,
+    Offline,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserStatus {
+    pub status: Status,
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// Now, at the microsecond precision every store keeps, so a stored time reads back equal.
+pub fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap_or_else(Utc::now)
+}

@@ -1,0 +1,735 @@
+//! Domain rules, driven through `ChatService` with recording connections and a paused clock.
+
+mod memory_store;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::*;
+use crate::bus::LocalBus;
+use crate::limits::{LimitSettings, MemoryLimits, Quota};
+use crate::presence::MemoryPresence;
+use memory_store::MemoryStore;
+
+/// A connection that records what it is sent, and can pretend its queue is full.
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<(String, Value)>>,
+    full: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Outbound for Recorder {
+    fn send(&self, event: &Arc<Outgoing>) -> Result<(), hub::SendFailure> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(hub::SendFailure::QueueFull);
+        }
+        let payload = serde_json::from_str(event.payload.get()).expect("payload is JSON");
+        self.events
+            .lock()
+            .expect("lock")
+            .push((event.name.to_owned(), payload));
+        Ok(())
+    }
+
+    fn close(&self, _reason: &'static str) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Recorder {
+    fn names(&self) -> Vec<String> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn named(&self, name: &str) -> Vec<Value> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    fn clear(&self) {
+        self.events.lock().expect("lock").clear();
+    }
+}
+
+fn who(user: &str) -> Identity {
+    Identity {
+        user_id: user.into(),
+        name: format!("{user}!"),
+        roles: vec![],
+        departments: vec![],
+        exp: i64::MAX,
+    }
+}
+
+fn agent(user: &str, department: &str) -> Identity {
+    Identity {
+        roles: vec!["agent".into()],
+        departments: vec![department.into()],
+        ..who(user)
+    }
+}
+
+fn service() -> Arc<ChatService> {
+    let generous = Quota {
+        per_second: 1000,
+        burst: 1000,
+    };
+    let limits = LimitSettings {
+        user_messages: generous,
+        connection_events: generous,
+        user_joins: generous,
+        address_connects: generous,
+    };
+    ChatService::new(
+        Arc::new(MemoryStore::default()),
+        Arc::new(LocalBus::new()),
+        Arc::new(MemoryPresence::new()),
+        Arc::new(MemoryLimits::new(limits)),
+        ChatSettings {
+            presence_grace: Duration::from_secs(3),
+            ..ChatSettings::default()
+        },
+    )
+}
+
+async fn connect(svc: &Arc<ChatService>, user: &Identity) -> (ConnId, Arc<Recorder>) {
+    let rec = Arc::new(Recorder::default());
+    let conn = svc.connect(user, rec.clone()).await.expect("connect");
+    (conn, rec)
+}
+
+async fn group(svc: &ChatService, owner: &Identity, others: &[&str]) -> Conversation {
+    svc.create_conversation(
+        owner,
+        CreateConversation {
+            kind: ConversationKind::Group,
+            title: Some("g".into()),
+            members: others.iter().map(|s| s.to_string()).collect(),
+            department_id: None,
+        },
+    )
+    .await
+    .expect("create group")
+}
+
+fn text(c: &Conversation, client_msg_id: &str, content: &str) -> Send {
+    Send {
+        conversation_id: c.id,
+        kind: MessageKind::Text,
+        content: content.into(),
+        client_msg_id: client_msg_id.into(),
+    }
+}
+
+#[tokio::test]
+async fn a_sent_message_is_persisted_then_broadcast_to_every_joined_connection() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (a, a_rec) = connect(&svc, &alice).await;
+    let (b, b_rec) = connect(&svc, &bob).await;
+    svc.join(a, &alice, c.id).await.expect("alice joins");
+    svc.join(b, &bob, c.id).await.expect("bob joins");
+    b_rec.clear();
+    let sent = svc
+        .send(&alice, text(&c, "m1", "hello"))
+        .await
+        .expect("send");
+    assert!(sent.fresh);
+    assert_eq!(sent.message.seq, 1);
+    let got = b_rec.named("new_message");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["content"], "hello");
+    assert_eq!(got[0]["seq"], 1);
+    assert_eq!(got[0]["senderName"], "alice!");
+    assert_eq!(got[0]["clientMsgId"], "m1");
+    let stored = svc.history(&bob, c.id, None, None).await.expect("history");
+    assert_eq!(stored.messages, vec![sent.message]);
+    assert_eq!(
+        a_rec.named("new_message").len(),
+        1,
+        "the sender's own devices get it too"
+    );
+}
+
+#[tokio::test]
+async fn retry_with_same_client_msg_id_returns_original_message_and_broadcasts_nothing() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (b, b_rec) = connect(&svc, &bob).await;
+    svc.join(b, &bob, c.id).await.expect("join");
+    let first = svc
+        .send(&alice, text(&c, "same", "once"))
+        .await
+        .expect("send");
+    let again = svc
+        .send(&alice, text(&c, "same", "once"))
+        .await
+        .expect("retry");
+    assert!(!again.fresh);
+    assert_eq!(again.message.id, first.message.id);
+    assert_eq!(b_rec.named("new_message").len(), 1);
+}
+
+#[tokio::test]
+async fn strangers_cannot_join_send_or_read_a_group() {
+    let svc = service();
+    let (alice, eve) = (who("alice"), who("eve"));
+    let c = group(&svc, &alice, &[]).await;
+    let (e, _) = connect(&svc, &eve).await;
+    assert_eq!(
+        svc.join(e, &eve, c.id).await.expect_err("join").code(),
+        "forbidden"
+    );
+    assert_eq!(
+        svc.send(&eve, text(&c, "x", "hi"))
+            .await
+            .expect_err("send")
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        svc.history(&eve, c.id, None, None)
+            .await
+            .expect_err("history")
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        svc.sync(&eve, vec![(c.id, 0)])
+            .await
+            .expect_err("sync")
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        svc.typing_start(&eve, c.id)
+            .await
+            .expect_err("typing")
+            .code(),
+        "forbidden"
+    );
+    assert_eq!(
+        svc.mark_read(&eve, c.id, 0).await.expect_err("read").code(),
+        "forbidden"
+    );
+}
+
+#[tokio::test]
+async fn anyone_may_join_an_open_conversation_and_then_send() {
+    let svc = service();
+    let (alice, zed) = (who("alice"), who("zed"));
+    let c = svc
+        .create_conversation(
+            &alice,
+            CreateConversation {
+                kind: ConversationKind::Open,
+                title: Some("lobby".into()),
+                members: vec![],
+                department_id: None,
+            },
+        )
+        .await
+        .expect("create");
+    let (z, _) = connect(&svc, &zed).await;
+    let joined = svc.join(z, &zed, c.id).await.expect("join open");
+    assert!(
+        joined
+            .members
+            .iter()
+            .any(|m| m.user_id == "zed" && m.role == MemberRole::Member)
+    );
+    svc.send(&zed, text(&c, "z1", "hi all"))
+        .await
+        .expect("member now");
+}
+
+#[tokio::test]
+async fn support_conversations_are_joinable_by_agents_of_their_department_only() {
+    let svc = service();
+    let visitor = who("visitor");
+    let c = svc
+        .create_conversation(
+            &visitor,
+            CreateConversation {
+                kind: ConversationKind::Support,
+                title: None,
+                members: vec![],
+                department_id: Some("billing".into()),
+            },
+        )
+        .await
+        .expect("create support");
+    let (billing, other) = (agent("ann", "billing"), agent("sam", "sales"));
+    let (a, _) = connect(&svc, &billing).await;
+    let (s, _) = connect(&svc, &other).await;
+    let joined = svc
+        .join(a, &billing, c.id)
+        .await
+        .expect("billing agent joins");
+    assert!(
+        joined
+            .members
+            .iter()
+            .any(|m| m.user_id == "ann" && m.role == MemberRole::Agent)
+    );
+    assert_eq!(
+        svc.join(s, &other, c.id)
+            .await
+            .expect_err("sales agent")
+            .code(),
+        "forbidden"
+    );
+}
+
+#[tokio::test]
+async fn the_department_inbox_receives_new_support_conversations_and_their_messages() {
+    let svc = service();
+    let ann = agent("ann", "billing");
+    let inbox = Arc::new(Recorder::default());
+    svc.connect_agent(&ann, inbox.clone())
+        .await
+        .expect("agent inbox");
+    let visitor = who("visitor");
+    let c = svc
+        .create_conversation(
+            &visitor,
+            CreateConversation {
+                kind: ConversationKind::Support,
+                title: None,
+                members: vec![],
+                department_id: Some("billing".into()),
+            },
+        )
+        .await
+        .expect("create support");
+    svc.send(&visitor, text(&c, "v1", "my invoice is wrong"))
+        .await
+        .expect("send");
+    assert_eq!(inbox.names(), vec!["conversation_created", "new_message"]);
+    assert_eq!(
+        inbox.named("new_message")[0]["content"],
+        "my invoice is wrong"
+    );
+    assert!(
+        svc.connect_agent(&visitor, Arc::new(Recorder::default()))
+            .await
+            .is_err(),
+        "visitors have no inbox"
+    );
+}
+
+#[tokio::test]
+async fn direct_conversations_need_exactly_one_other_member_and_never_change() {
+    let svc = service();
+    let alice = who("alice");
+    let make = |members: Vec<&str>| CreateConversation {
+        kind: ConversationKind::Direct,
+        title: None,
+        members: members.into_iter().map(String::from).collect(),
+        department_id: None,
+    };
+    assert_eq!(
+        svc.create_conversation(&alice, make(vec![]))
+            .await
+            .expect_err("none")
+            .code(),
+        "invalid"
+    );
+    assert_eq!(
+        svc.create_conversation(&alice, make(vec!["alice"]))
+            .await
+            .expect_err("self")
+            .code(),
+        "invalid"
+    );
+    assert_eq!(
+        svc.create_conversation(&alice, make(vec!["b", "c"]))
+            .await
+            .expect_err("two")
+            .code(),
+        "invalid"
+    );
+    let c = svc
+        .create_conversation(&alice, make(vec!["bob"]))
+        .await
+        .expect("direct");
+    assert_eq!(
+        svc.add_member(&alice, c.id, "carol")
+            .await
+            .expect_err("add")
+            .code(),
+        "conflict"
+    );
+}
+
+#[tokio::test]
+async fn a_removed_member_stops_receiving_at_once_and_learns_of_the_removal() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (b, b_rec) = connect(&svc, &bob).await;
+    svc.join(b, &bob, c.id).await.expect("join");
+    svc.remove_member(&alice, c.id, "bob")
+        .await
+        .expect("remove");
+    svc.send(&alice, text(&c, "after", "secret plans"))
+        .await
+        .expect("send");
+    assert!(b_rec.named("new_message").is_empty());
+    assert_eq!(
+        b_rec.named("conversation_removed")[0]["conversationId"],
+        c.id.to_string()
+    );
+    assert_eq!(
+        svc.send(&bob, text(&c, "b", "hey"))
+            .await
+            .expect_err("send")
+            .code(),
+        "forbidden"
+    );
+}
+
+#[tokio::test]
+async fn members_added_later_are_told_of_the_conversation_on_every_device() {
+    let svc = service();
+    let (alice, carol) = (who("alice"), who("carol"));
+    let c = group(&svc, &alice, &[]).await;
+    let (_, phone) = connect(&svc, &carol).await;
+    let (_, laptop) = connect(&svc, &carol).await;
+    svc.add_member(&alice, c.id, "carol").await.expect("add");
+    for device in [&phone, &laptop] {
+        assert_eq!(
+            device.named("conversation_added")[0]["conversation"]["id"],
+            c.id.to_string()
+        );
+    }
+}
+
+#[tokio::test]
+async fn mark_read_reaches_the_room_and_the_readers_other_devices_once_each() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (a, a_rec) = connect(&svc, &alice).await;
+    let (_, a_other) = connect(&svc, &alice).await;
+    svc.join(a, &alice, c.id).await.expect("join");
+    svc.send(&bob, text(&c, "b1", "one")).await.expect("send");
+    svc.send(&bob, text(&c, "b2", "two")).await.expect("send");
+    assert_eq!(svc.mark_read(&alice, c.id, 2).await.expect("read"), 2);
+    assert_eq!(
+        svc.mark_read(&alice, c.id, 1).await.expect("read"),
+        2,
+        "the watermark never goes down"
+    );
+    assert_eq!(a_rec.named("message_read").len(), 2);
+    assert_eq!(a_other.named("message_read")[0]["seq"], 2);
+    assert_eq!(
+        svc.mark_read(&alice, c.id, 3)
+            .await
+            .expect_err("beyond last")
+            .code(),
+        "invalid"
+    );
+    let listed = svc.conversations(&alice).await.expect("list");
+    assert_eq!(listed[0].unread, 0);
+}
+
+#[tokio::test]
+async fn history_pages_backwards_and_sync_returns_exactly_what_was_missed() {
+    let svc = service();
+    let alice = who("alice");
+    let c = group(&svc, &alice, &[]).await;
+    for i in 1..=7 {
+        svc.send(&alice, text(&c, &format!("h{i}"), &format!("m{i}")))
+            .await
+            .expect("send");
+    }
+    let page = svc
+        .history(&alice, c.id, None, Some(3))
+        .await
+        .expect("page");
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![5, 6, 7]
+    );
+    assert_eq!(page.next_before_seq, Some(5));
+    let page = svc
+        .history(&alice, c.id, Some(2), Some(3))
+        .await
+        .expect("page");
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert_eq!(page.next_before_seq, None);
+    assert_eq!(
+        svc.history(&alice, c.id, None, Some(101))
+            .await
+            .expect_err("limit")
+            .code(),
+        "invalid"
+    );
+    let synced = svc.sync(&alice, vec![(c.id, 4)]).await.expect("sync");
+    assert_eq!(
+        synced.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![5, 6, 7]
+    );
+    assert!(!synced.truncated);
+}
+
+#[tokio::test]
+async fn sync_reports_truncation_when_more_is_missing_than_it_returns() {
+    let svc = {
+        let s = service();
+        // A small budget shows the cut without sending hundreds of messages.
+        let mut settings = s.settings().clone();
+        settings.max_sync = 3;
+        let generous = Quota {
+            per_second: 1000,
+            burst: 1000,
+        };
+        ChatService::new(
+            Arc::new(MemoryStore::default()),
+            Arc::new(LocalBus::new()),
+            Arc::new(MemoryPresence::new()),
+            Arc::new(MemoryLimits::new(LimitSettings {
+                user_messages: generous,
+                connection_events: generous,
+                user_joins: generous,
+                address_connects: generous,
+            })),
+            settings,
+        )
+    };
+    let alice = who("alice");
+    let c = group(&svc, &alice, &[]).await;
+    for i in 1..=5 {
+        svc.send(&alice, text(&c, &format!("t{i}"), "x"))
+            .await
+            .expect("send");
+    }
+    let synced = svc.sync(&alice, vec![(c.id, 0)]).await.expect("sync");
+    assert_eq!(
+        synced.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(synced.truncated);
+}
+
+#[tokio::test]
+async fn oversize_empty_and_control_character_input_is_refused_with_its_code() {
+    let svc = service();
+    let alice = who("alice");
+    let c = group(&svc, &alice, &[]).await;
+    let big = "x".repeat(svc.settings().max_content_bytes + 1);
+    assert_eq!(
+        svc.send(&alice, text(&c, "big", &big))
+            .await
+            .expect_err("big")
+            .code(),
+        "too_large"
+    );
+    assert_eq!(
+        svc.send(&alice, text(&c, "empty", "  "))
+            .await
+            .expect_err("empty")
+            .code(),
+        "invalid"
+    );
+    assert_eq!(
+        svc.send(&alice, text(&c, "bad\nid", "x"))
+            .await
+            .expect_err("id")
+            .code(),
+        "invalid"
+    );
+    let err = svc
+        .create_conversation(
+            &alice,
+            CreateConversation {
+                kind: ConversationKind::Group,
+                title: Some("a\u{1b}[31mred".into()),
+                members: vec![],
+                department_id: None,
+            },
+        )
+        .await
+        .expect_err("title");
+    assert_eq!(err.code(), "invalid");
+    assert!(
+        svc.history(&alice, c.id, None, None)
+            .await
+            .expect("history")
+            .messages
+            .is_empty(),
+        "nothing was stored"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn typing_start_expires_after_five_seconds_without_renewal() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (b, b_rec) = connect(&svc, &bob).await;
+    svc.join(b, &bob, c.id).await.expect("join");
+    svc.typing_start(&alice, c.id).await.expect("typing");
+    assert_eq!(b_rec.named("user_typing")[0]["userName"], "alice!");
+    tokio::time::sleep(Duration::from_millis(4900)).await;
+    assert!(
+        b_rec.named("user_stopped_typing").is_empty(),
+        "still typing at 4.9 s"
+    );
+    assert!(svc.is_typing(c.id, "alice").await);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        b_rec.named("user_stopped_typing").len(),
+        1,
+        "expired at 5 s"
+    );
+    assert!(!svc.is_typing(c.id, "alice").await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewing_typing_pushes_the_expiry_back_and_stop_ends_it_once() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (b, b_rec) = connect(&svc, &bob).await;
+    svc.join(b, &bob, c.id).await.expect("join");
+    svc.typing_start(&alice, c.id).await.expect("typing");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    svc.typing_start(&alice, c.id).await.expect("renew");
+    assert_eq!(
+        b_rec.named("user_typing").len(),
+        1,
+        "a renewal is not a new start"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        b_rec.named("user_stopped_typing").is_empty(),
+        "7 s after the first start, 4 s after renewal"
+    );
+    svc.typing_stop(&alice, c.id).await.expect("stop");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        b_rec.named("user_stopped_typing").len(),
+        1,
+        "stopped once; the old expiry is void"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn presence_is_per_user_across_devices_with_a_grace_period_against_flapping() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    group(&svc, &alice, &["bob"]).await;
+    let (_, b_rec) = connect(&svc, &bob).await;
+    let (phone, _) = connect(&svc, &alice).await;
+    let (laptop, _) = connect(&svc, &alice).await;
+    assert_eq!(
+        b_rec.named("user_online").len(),
+        1,
+        "online once, not per device"
+    );
+    assert_eq!(b_rec.named("user_online")[0]["userId"], "alice");
+    svc.disconnect(phone).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        b_rec.named("user_offline").is_empty(),
+        "the laptop is still connected"
+    );
+    svc.disconnect(laptop).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A reconnect within the grace period: no offline, no second online.
+    let (again, _) = connect(&svc, &alice).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(b_rec.named("user_offline").is_empty());
+    assert_eq!(b_rec.named("user_online").len(), 1);
+    svc.disconnect(again).await;
+    tokio::time::sleep(Duration::from_millis(2900)).await;
+    assert!(
+        b_rec.named("user_offline").is_empty(),
+        "still within the grace period"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b_rec.named("user_offline").len(), 1);
+    let statuses = svc
+        .presence(vec!["alice".into(), "bob".into()])
+        .await
+        .expect("presence");
+    assert_eq!(statuses["alice"].status, model::Status::Offline);
+    assert!(statuses["alice"].last_seen.is_some());
+    assert_eq!(statuses["bob"].status, model::Status::Online);
+}
+
+#[tokio::test]
+async fn a_connection_whose_queue_is_full_is_closed_not_skipped() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (b, b_rec) = connect(&svc, &bob).await;
+    svc.join(b, &bob, c.id).await.expect("join");
+    b_rec.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    svc.send(&alice, text(&c, "x", "hello"))
+        .await
+        .expect("the send still succeeds");
+    assert!(
+        b_rec.closed.load(std::sync::atomic::Ordering::SeqCst),
+        "the slow reader is disconnected to resync"
+    );
+}
+
+#[tokio::test]
+async fn rate_limited_sends_say_when_to_retry() {
+    let limits = LimitSettings {
+        user_messages: Quota {
+            per_second: 1,
+            burst: 2,
+        },
+        connection_events: Quota {
+            per_second: 100,
+            burst: 100,
+        },
+        user_joins: Quota {
+            per_second: 100,
+            burst: 100,
+        },
+        address_connects: Quota {
+            per_second: 100,
+            burst: 100,
+        },
+    };
+    let svc = ChatService::new(
+        Arc::new(MemoryStore::default()),
+        Arc::new(LocalBus::new()),
+        Arc::new(MemoryPresence::new()),
+        Arc::new(MemoryLimits::new(limits)),
+        ChatSettings::default(),
+    );
+    let alice = who("alice");
+    let c = group(&svc, &alice, &[]).await;
+    svc.send(&alice, text(&c, "1", "a")).await.expect("1");
+    svc.send(&alice, text(&c, "2", "b")).await.expect("2");
+    match svc.send(&alice, text(&c, "3", "c")).await {
+        Err(ChatError::RateLimited { retry_after_ms }) => {
+            assert!(retry_after_ms > 0 && retry_after_ms <= 1000)
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+}

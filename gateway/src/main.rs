@@ -1,0 +1,155 @@
+//! `confab-gateway`: parse config → init logging → build the app → serve until a signal.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+use confab_gateway::app::{self, App};
+use confab_gateway::config::{Cli, Command, Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+/// One line naming the setting, instead of clap's multi-line report.
+fn setting_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let first = e
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned();
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return first;
+    };
+    let long = arg
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("--");
+    let env = Cli::command()
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()));
+    match env {
+        Some(env) => format!("invalid setting {env}: {first}"),
+        None => first,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn token(config: &Config, args: &confab_gateway::config::TokenArgs) -> Result<String, String> {
+    let (auth, _) = app::authenticator(config).map_err(|e| e.to_string())?;
+    let ttl = chrono::Duration::from_std(args.ttl).map_err(|e| format!("invalid --ttl: {e}"))?;
+    auth.mint(
+        &args.sub,
+        args.name.as_deref().unwrap_or(&args.sub),
+        args.roles.clone(),
+        args.departments.clone(),
+        ttl,
+    )
+    .ok_or_else(|| {
+        "cannot mint tokens with CONFAB_JWT_PUBLIC_KEY: set CONFAB_JWT_SECRET or use the dev secret"
+            .into()
+    })
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    config.validate().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "invalid setting CONFAB_LISTEN: cannot listen on {}: {e}",
+                config.listen
+            )
+        })?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let app = App::build(&config, local)
+        .await
+        .map_err(|e| e.to_string())?;
+    let host = if local.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        local.ip().to_string()
+    };
+    let url = format!("http://{host}:{}", local.port());
+    println!("Confab gateway listening on {url}");
+    if let Some(path) = &app.dev_secret_path {
+        let mint = |sub: &str, name: &str| {
+            app.gateway
+                .auth
+                .mint(sub, name, vec![], vec![], chrono::Duration::hours(24))
+                .unwrap_or_default()
+        };
+        println!(
+            "Dev mode: tokens are signed with the secret in {} (set CONFAB_JWT_SECRET in production).",
+            path.display()
+        );
+        println!("Dev token for alice (24h): {}", mint("alice", "Alice"));
+        println!("Dev token for bob   (24h): {}", mint("bob", "Bob"));
+        println!("More: confab-gateway token --sub carol --name Carol");
+    }
+    tracing::info!(%url, "serving");
+    app::serve(listener, app, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("confab-gateway: {}", setting_error(&e));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.config.log_format);
+    let result = match &cli.command {
+        Some(Command::Token(args)) => token(&cli.config, args).map(|t| println!("{t}")),
+        Some(Command::Serve) | None => serve(cli.config).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("confab-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

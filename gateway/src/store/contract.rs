@@ -1,0 +1,401 @@
+//! The contract every `Store` must meet, as one function over `&dyn Store`.
+//! Each implementation's tests call [`run`]; user ids are prefixed so a shared database works.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{Inserted, NewConversation, NewMessage, Store};
+use crate::chat::model::{ConversationKind, MemberRole, MessageKind};
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn text(conversation: uuid::Uuid, sender: &str, client_msg_id: &str, content: &str) -> NewMessage {
+    NewMessage {
+        conversation_id: conversation,
+        sender_id: sender.to_owned(),
+        sender_name: format!("{sender} name"),
+        client_msg_id: client_msg_id.to_owned(),
+        kind: MessageKind::Text,
+        content: content.to_owned(),
+    }
+}
+
+pub async fn run(store: &dyn Store) {
+    store.ping().await.expect("ping answers");
+    conversations_and_members(store).await;
+    messages_get_gap_free_sequence_numbers(store).await;
+    retry_with_same_client_msg_id_returns_original_message(store).await;
+    history_pages_backwards_and_sync_reads_forwards(store).await;
+    read_watermark_only_rises(store).await;
+    co_members_lists_everyone_sharing_a_conversation(store).await;
+    missing_conversation_is_reported(store).await;
+    // The well-known ids used by the reopen test of the file store.
+    let alice = "contract-alice";
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Open,
+            title: Some("contract lobby".into()),
+            department_id: None,
+            members: vec![(alice.into(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create");
+    store
+        .insert_message(text(c.id, alice, &unique("cm"), "persisted"))
+        .await
+        .expect("insert");
+}
+
+pub async fn run_concurrency(store: Arc<dyn Store>) {
+    concurrent_senders_get_distinct_gap_free_seqs(store).await;
+}
+
+async fn conversations_and_members(store: &dyn Store) {
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Group,
+            title: Some("Project".into()),
+            department_id: None,
+            members: vec![
+                (alice.clone(), MemberRole::Owner),
+                (bob.clone(), MemberRole::Member),
+            ],
+        })
+        .await
+        .expect("create group");
+    assert_eq!(c.kind, ConversationKind::Group);
+    assert_eq!(c.last_seq, 0);
+    let loaded = store
+        .conversation(c.id)
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(loaded.id, c.id);
+    assert_eq!(loaded.title.as_deref(), Some("Project"));
+    assert_eq!(loaded.kind, ConversationKind::Group);
+
+    let members = store.members(c.id).await.expect("members");
+    let ids: HashSet<_> = members.iter().map(|m| m.user_id.clone()).collect();
+    assert_eq!(ids, HashSet::from([alice.clone(), bob.clone()]));
+    let owner = store
+        .member(c.id, &alice)
+        .await
+        .expect("member")
+        .expect("alice is a member");
+    assert_eq!(owner.role, MemberRole::Owner);
+    assert_eq!(owner.last_read_seq, 0);
+
+    let carol = unique("carol");
+    assert!(store.member(c.id, &carol).await.expect("member").is_none());
+    assert!(
+        store
+            .add_member(c.id, &carol, MemberRole::Member)
+            .await
+            .expect("add")
+    );
+    assert!(
+        !store
+            .add_member(c.id, &carol, MemberRole::Agent)
+            .await
+            .expect("add again")
+    );
+    let carol_member = store
+        .member(c.id, &carol)
+        .await
+        .expect("member")
+        .expect("carol");
+    assert_eq!(
+        carol_member.role,
+        MemberRole::Member,
+        "re-adding keeps the role"
+    );
+
+    let listed = store.conversations_of(&carol).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].conversation.id, c.id);
+
+    assert!(store.remove_member(c.id, &carol).await.expect("remove"));
+    assert!(
+        !store
+            .remove_member(c.id, &carol)
+            .await
+            .expect("remove again")
+    );
+    assert!(
+        store
+            .conversations_of(&carol)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+async fn messages_get_gap_free_sequence_numbers(store: &dyn Store) {
+    let alice = unique("alice");
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Open,
+            title: None,
+            department_id: None,
+            members: vec![(alice.clone(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create");
+    let other = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Open,
+            title: None,
+            department_id: None,
+            members: vec![(alice.clone(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create other");
+    for i in 1..=5 {
+        let m = store
+            .insert_message(text(c.id, &alice, &unique("m"), &format!("hello {i}")))
+            .await
+            .expect("insert");
+        let Inserted::New(m) = m else {
+            panic!("a fresh client id inserts")
+        };
+        assert_eq!(m.seq, i);
+        assert_eq!(m.content, format!("hello {i}"));
+        assert_eq!(m.sender_name, format!("{alice} name"));
+    }
+    let Inserted::New(first_other) = store
+        .insert_message(text(other.id, &alice, &unique("m"), "elsewhere"))
+        .await
+        .expect("insert")
+    else {
+        panic!("fresh insert")
+    };
+    assert_eq!(first_other.seq, 1, "seq is per conversation");
+    let c = store
+        .conversation(c.id)
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(c.last_seq, 5);
+}
+
+async fn retry_with_same_client_msg_id_returns_original_message(store: &dyn Store) {
+    let alice = unique("alice");
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Open,
+            title: None,
+            department_id: None,
+            members: vec![(alice.clone(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create");
+    let key = unique("retry");
+    let Inserted::New(first) = store
+        .insert_message(text(c.id, &alice, &key, "once"))
+        .await
+        .expect("insert")
+    else {
+        panic!("first insert is new")
+    };
+    let again = store
+        .insert_message(text(c.id, &alice, &key, "a different body"))
+        .await
+        .expect("retry");
+    assert_eq!(again, Inserted::Existing(first.clone()));
+    assert_eq!(again.message().content, "once");
+    let c = store
+        .conversation(c.id)
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(c.last_seq, 1, "a retry consumes no seq");
+    // The same client id from another sender is a different message.
+    let bob = unique("bob");
+    let Inserted::New(bobs) = store
+        .insert_message(text(c.id, &bob, &key, "bob's"))
+        .await
+        .expect("insert")
+    else {
+        panic!("another sender's key is independent")
+    };
+    assert_eq!(bobs.seq, 2);
+}
+
+async fn history_pages_backwards_and_sync_reads_forwards(store: &dyn Store) {
+    let alice = unique("alice");
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Open,
+            title: None,
+            department_id: None,
+            members: vec![(alice.clone(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create");
+    for i in 1..=12 {
+        store
+            .insert_message(text(c.id, &alice, &unique("h"), &format!("m{i}")))
+            .await
+            .expect("insert");
+    }
+    let latest = store.messages_before(c.id, None, 5).await.expect("history");
+    assert_eq!(
+        latest.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![8, 9, 10, 11, 12]
+    );
+    let older = store
+        .messages_before(c.id, Some(8), 5)
+        .await
+        .expect("history");
+    assert_eq!(
+        older.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![3, 4, 5, 6, 7]
+    );
+    let oldest = store
+        .messages_before(c.id, Some(3), 5)
+        .await
+        .expect("history");
+    assert_eq!(oldest.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(oldest[0].content, "m1");
+
+    let after = store.messages_after(c.id, 9, 100).await.expect("sync");
+    assert_eq!(
+        after.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![10, 11, 12]
+    );
+    let capped = store.messages_after(c.id, 0, 4).await.expect("sync");
+    assert_eq!(
+        capped.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert!(
+        store
+            .messages_after(c.id, 12, 100)
+            .await
+            .expect("sync")
+            .is_empty()
+    );
+}
+
+async fn read_watermark_only_rises(store: &dyn Store) {
+    let alice = unique("alice");
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Group,
+            title: None,
+            department_id: None,
+            members: vec![(alice.clone(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create");
+    for _ in 0..4 {
+        store
+            .insert_message(text(c.id, &alice, &unique("r"), "x"))
+            .await
+            .expect("insert");
+    }
+    assert_eq!(
+        store.mark_read(c.id, &alice, 3).await.expect("read"),
+        Some(3)
+    );
+    assert_eq!(
+        store.mark_read(c.id, &alice, 1).await.expect("read"),
+        Some(3)
+    );
+    let listed = store.conversations_of(&alice).await.expect("list");
+    assert_eq!(listed[0].last_read_seq, 3);
+    assert_eq!(listed[0].unread, 1);
+    assert_eq!(
+        store
+            .mark_read(c.id, &unique("stranger"), 2)
+            .await
+            .expect("read"),
+        None
+    );
+}
+
+async fn co_members_lists_everyone_sharing_a_conversation(store: &dyn Store) {
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let carol = unique("carol");
+    let dave = unique("dave");
+    for pair in [[&alice, &bob], [&alice, &carol], [&carol, &dave]] {
+        store
+            .create_conversation(NewConversation {
+                kind: ConversationKind::Direct,
+                title: None,
+                department_id: None,
+                members: vec![
+                    (pair[0].clone(), MemberRole::Owner),
+                    (pair[1].clone(), MemberRole::Member),
+                ],
+            })
+            .await
+            .expect("create");
+    }
+    let mut others = store.co_members(&alice).await.expect("co-members");
+    others.sort();
+    let mut expected = vec![bob, carol];
+    expected.sort();
+    assert_eq!(others, expected);
+}
+
+async fn missing_conversation_is_reported(store: &dyn Store) {
+    let ghost = uuid::Uuid::now_v7();
+    assert!(store.conversation(ghost).await.expect("load").is_none());
+    assert!(
+        store
+            .add_member(ghost, "someone", MemberRole::Member)
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .insert_message(text(ghost, "someone", &unique("g"), "x"))
+            .await
+            .is_err()
+    );
+    assert!(store.members(ghost).await.expect("members").is_empty());
+}
+
+async fn concurrent_senders_get_distinct_gap_free_seqs(store: Arc<dyn Store>) {
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Open,
+            title: None,
+            department_id: None,
+            members: vec![],
+        })
+        .await
+        .expect("create");
+    let mut tasks = Vec::new();
+    for sender in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                let m = store
+                    .insert_message(text(
+                        c.id,
+                        &format!("s{sender}"),
+                        &format!("{}-{i}", c.id),
+                        "x",
+                    ))
+                    .await
+                    .expect("insert");
+                seqs.push(m.message().seq);
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all.sort();
+    assert_eq!(all, (1..=200).collect::<Vec<i64>>());
+}

@@ -1,0 +1,446 @@
+//! `SqliteStore`: the embedded default store, one SQLite file in WAL mode.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use uuid::Uuid;
+
+use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
+use crate::chat::model::{
+    Conversation, ConversationId, ConversationKind, ConversationSummary, Member, MemberRole,
+    Message, MessageKind, UserId,
+};
+
+/// Writes go through a single connection so SQLite never answers `SQLITE_BUSY` between our
+/// own writers; reads use a small pool, which WAL lets run beside the writer.
+pub struct SqliteStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value:?}"))
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| corrupt("timestamp", s))
+}
+
+fn parse_id(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s).map_err(|_| corrupt("uuid", s))
+}
+
+fn conversation_from(row: &SqliteRow) -> Result<Conversation, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    Ok(Conversation {
+        id: parse_id(row.try_get("id")?)?,
+        kind: ConversationKind::parse(&kind).ok_or_else(|| corrupt("conversation kind", &kind))?,
+        title: row.try_get("title")?,
+        department_id: row.try_get("department_id")?,
+        last_seq: row.try_get("last_seq")?,
+        created_at: parse_time(row.try_get("created_at")?)?,
+    })
+}
+
+fn member_from(row: &SqliteRow) -> Result<Member, StoreError> {
+    let role: String = row.try_get("role")?;
+    Ok(Member {
+        conversation_id: parse_id(row.try_get("conversation_id")?)?,
+        user_id: row.try_get("user_id")?,
+        role: MemberRole::parse(&role).ok_or_else(|| corrupt("member role", &role))?,
+        last_read_seq: row.try_get("last_read_seq")?,
+        joined_at: parse_time(row.try_get("joined_at")?)?,
+    })
+}
+
+fn message_from(row: &SqliteRow) -> Result<Message, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    Ok(Message {
+        id: parse_id(row.try_get("id")?)?,
+        conversation_id: parse_id(row.try_get("conversation_id")?)?,
+        seq: row.try_get("seq")?,
+        sender_id: row.try_get("sender_id")?,
+        sender_name: row.try_get("sender_name")?,
+        kind: MessageKind::parse(&kind).ok_or_else(|| corrupt("message kind", &kind))?,
+        content: row.try_get("content")?,
+        client_msg_id: row.try_get("client_msg_id")?,
+        created_at: parse_time(row.try_get("created_at")?)?,
+    })
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs the embedded migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode: a commit survives a crash of the process (kill -9); only a
+            // power loss can take the last commits back. Full fsync per message would cap sends.
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        Self::connect(options).await
+    }
+
+    /// A private in-memory database, for tests.
+    pub async fn in_memory() -> Result<Self, StoreError> {
+        let name = format!("file:confab-{}?mode=memory&cache=shared", Uuid::now_v7());
+        let options = SqliteConnectOptions::from_str(&name)?
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        Self::connect(options).await
+    }
+
+    async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        Ok(Self { writer, readers })
+    }
+
+    async fn message_by_client_id(
+        conn: &mut sqlx::SqliteConnection,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Message>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at \
+             FROM messages WHERE sender_id = ? AND client_msg_id = ?",
+        )
+        .bind(sender)
+        .bind(client_msg_id)
+        .fetch_optional(conn)
+        .await?;
+        row.as_ref().map(message_from).transpose()
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+
+    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation, StoreError> {
+        let conversation = Conversation {
+            id: Uuid::now_v7(),
+            kind: new.kind,
+            title: new.title,
+            department_id: new.department_id,
+            last_seq: 0,
+            created_at: crate::chat::model::now(),
+        };
+        let now = timestamp(conversation.created_at);
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO conversations (id, kind, title, department_id, last_seq, created_at) \
+             VALUES (?, ?, ?, ?, 0, ?)",
+        )
+        .bind(conversation.id.to_string())
+        .bind(conversation.kind.as_str())
+        .bind(&conversation.title)
+        .bind(&conversation.department_id)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        for (user, role) in &new.members {
+            sqlx::query(
+                "INSERT INTO conversation_members (conversation_id, user_id, role, last_read_seq, joined_at) \
+                 VALUES (?, ?, ?, 0, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(conversation.id.to_string())
+            .bind(user)
+            .bind(role.as_str())
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(conversation)
+    }
+
+    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, kind, title, department_id, last_seq, created_at FROM conversations WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.readers)
+        .await?;
+        row.as_ref().map(conversation_from).transpose()
+    }
+
+    async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq \
+             FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
+             WHERE m.user_id = ? ORDER BY c.last_seq DESC, c.created_at DESC",
+        )
+        .bind(user)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let conversation = conversation_from(row)?;
+                let last_read_seq: i64 = row.try_get("last_read_seq")?;
+                Ok(ConversationSummary {
+                    unread: (conversation.last_seq - last_read_seq).max(0),
+                    last_read_seq,
+                    conversation,
+                })
+            })
+            .collect()
+    }
+
+    async fn add_member(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        role: MemberRole,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO conversation_members (conversation_id, user_id, role, last_read_seq, joined_at) \
+             SELECT id, ?, ?, 0, ? FROM conversations WHERE id = ? ON CONFLICT DO NOTHING",
+        )
+        .bind(user)
+        .bind(role.as_str())
+        .bind(timestamp(crate::chat::model::now()))
+        .bind(conversation.to_string())
+        .execute(&self.writer)
+        .await?;
+        if result.rows_affected() == 1 {
+            return Ok(true);
+        }
+        match self.conversation(conversation).await? {
+            Some(_) => Ok(false),
+            None => Err(StoreError::NoSuchConversation(conversation)),
+        }
+    }
+
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+    ) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "DELETE FROM conversation_members WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(conversation.to_string())
+        .bind(user)
+        .execute(&self.writer)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn member(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+    ) -> Result<Option<Member>, StoreError> {
+        let row = sqlx::query(
+            "SELECT conversation_id, user_id, role, last_read_seq, joined_at \
+             FROM conversation_members WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(conversation.to_string())
+        .bind(user)
+        .fetch_optional(&self.readers)
+        .await?;
+        row.as_ref().map(member_from).transpose()
+    }
+
+    async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT conversation_id, user_id, role, last_read_seq, joined_at \
+             FROM conversation_members WHERE conversation_id = ? ORDER BY joined_at, user_id",
+        )
+        .bind(conversation.to_string())
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter().map(member_from).collect()
+    }
+
+    async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        if let Some(existing) =
+            Self::message_by_client_id(&mut tx, &new.sender_id, &new.client_msg_id).await?
+        {
+            return Ok(Inserted::Existing(existing));
+        }
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+        )
+        .bind(new.conversation_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let seq = seq.ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
+        let message = Message {
+            id: Uuid::now_v7(),
+            conversation_id: new.conversation_id,
+            seq,
+            sender_id: new.sender_id,
+            sender_name: new.sender_name,
+            kind: new.kind,
+            content: new.content,
+            client_msg_id: new.client_msg_id,
+            created_at: crate::chat::model::now(),
+        };
+        sqlx::query(
+            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(message.id.to_string())
+        .bind(message.conversation_id.to_string())
+        .bind(message.seq)
+        .bind(&message.sender_id)
+        .bind(&message.sender_name)
+        .bind(&message.client_msg_id)
+        .bind(message.kind.as_str())
+        .bind(&message.content)
+        .bind(timestamp(message.created_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Inserted::New(message))
+    }
+
+    async fn messages_before(
+        &self,
+        conversation: ConversationId,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at \
+             FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(conversation.to_string())
+        .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await?;
+        let mut messages = rows
+            .iter()
+            .map(message_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    async fn messages_after(
+        &self,
+        conversation: ConversationId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at \
+             FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?",
+        )
+        .bind(conversation.to_string())
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter().map(message_from).collect()
+    }
+
+    async fn mark_read(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        seq: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let watermark: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversation_members SET last_read_seq = MAX(last_read_seq, ?) \
+             WHERE conversation_id = ? AND user_id = ? RETURNING last_read_seq",
+        )
+        .bind(seq)
+        .bind(conversation.to_string())
+        .bind(user)
+        .fetch_optional(&self.writer)
+        .await?;
+        Ok(watermark)
+    }
+
+    async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT other.user_id FROM conversation_members mine \
+             JOIN conversation_members other ON other.conversation_id = mine.conversation_id \
+             WHERE mine.user_id = ? AND other.user_id <> ? ORDER BY other.user_id",
+        )
+        .bind(user)
+        .bind(user)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_in_memory_store_meets_the_store_contract() {
+        let store = SqliteStore::in_memory()
+            .await
+            .expect("in-memory sqlite opens");
+        crate::store::contract::run(&store).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_file_store_meets_the_store_contract_and_keeps_data_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("confab.db");
+        let store = SqliteStore::open(&path).await.expect("sqlite file opens");
+        crate::store::contract::run(&store).await;
+        let before = store
+            .conversations_of("contract-alice")
+            .await
+            .expect("list");
+        drop(store);
+        let reopened = SqliteStore::open(&path).await.expect("sqlite file reopens");
+        let after = reopened
+            .conversations_of("contract-alice")
+            .await
+            .expect("list");
+        assert_eq!(before, after);
+        assert!(!after.is_empty());
+    }
+
+    #[tokio::test]
+    async fn sqlite_concurrent_senders_get_distinct_gap_free_seqs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("c.db"))
+            .await
+            .expect("opens");
+        crate::store::contract::run_concurrency(std::sync::Arc::new(store)).await;
+    }
+}

@@ -1,0 +1,274 @@
+//! The HTTP API: conversations, members, history, health, and its generated OpenAPI document.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+use uuid::Uuid;
+
+use super::Gateway;
+use super::protocol::{
+    AddMemberBody, ConversationBody, ConversationList, CreateConversationBody, ErrorBody,
+    ErrorReply, MessagesPage,
+};
+use crate::chat::CreateConversation;
+use crate::chat::error::ChatError;
+use crate::chat::model::{
+    Conversation, ConversationKind, ConversationSummary, Identity, Member, MemberRole, Message,
+    MessageKind,
+};
+
+/// A failed request: the status and `{error: {code, message}}` of its `ChatError`.
+pub struct ApiError(pub ChatError);
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        Self(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(ErrorReply::from(&self.0))).into_response();
+        if let ChatError::RateLimited { retry_after_ms } = self.0 {
+            let secs = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(v) = secs.to_string().parse() {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+fn json_error(e: JsonRejection) -> ApiError {
+    match e {
+        JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError(ChatError::TooLarge("request body is too large".into()))
+        }
+        other => ApiError(ChatError::invalid(other.body_text())),
+    }
+}
+
+fn path_error(e: PathRejection) -> ApiError {
+    ApiError(ChatError::invalid(e.body_text()))
+}
+
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError(ChatError::invalid(e.body_text()))
+}
+
+/// The authenticated caller of an API request (`Authorization: Bearer <jwt>`).
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<Arc<Gateway>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        gw: &Arc<Gateway>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        gw.auth.verify(token).map(Caller).map_err(|e| {
+            tracing::info!(reason = e.reason(), "HTTP request refused");
+            ApiError(ChatError::Unauthorized(e.to_string()))
+        })
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Messages with a smaller seq; the newest page when absent.
+    pub before_seq: Option<i64>,
+    /// 1 to 100; default 50.
+    pub limit: Option<u32>,
+}
+
+#[utoipa::path(post, path = "/api/conversations", request_body = CreateConversationBody,
+    responses((status = 201, body = ConversationBody), (status = 401, body = ErrorReply), (status = 422, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn create_conversation(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    body: Result<Json<CreateConversationBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<ConversationBody>), ApiError> {
+    let Json(body) = body.map_err(json_error)?;
+    let conversation = gw
+        .service
+        .create_conversation(
+            &who,
+            CreateConversation {
+                kind: body.kind,
+                title: body.title,
+                members: body.members,
+                department_id: body.department_id,
+            },
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(ConversationBody { conversation })))
+}
+
+#[utoipa::path(get, path = "/api/conversations",
+    responses((status = 200, body = ConversationList), (status = 401, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn list_conversations(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+) -> Result<Json<ConversationList>, ApiError> {
+    let conversations = gw.service.conversations(&who).await?;
+    Ok(Json(ConversationList { conversations }))
+}
+
+#[utoipa::path(get, path = "/api/conversations/{id}", params(("id" = Uuid, Path)),
+    responses((status = 200, body = ConversationBody), (status = 403, body = ErrorReply), (status = 404, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn get_conversation(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> Result<Json<ConversationBody>, ApiError> {
+    let Path(id) = id.map_err(path_error)?;
+    let conversation = gw.service.conversation(&who, id).await?;
+    Ok(Json(ConversationBody { conversation }))
+}
+
+#[utoipa::path(post, path = "/api/conversations/{id}/members", params(("id" = Uuid, Path)),
+    request_body = AddMemberBody,
+    responses((status = 204), (status = 403, body = ErrorReply), (status = 404, body = ErrorReply), (status = 409, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn add_member(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+    body: Result<Json<AddMemberBody>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(id) = id.map_err(path_error)?;
+    let Json(body) = body.map_err(json_error)?;
+    gw.service.add_member(&who, id, &body.user_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/api/conversations/{id}/members/{userId}",
+    params(("id" = Uuid, Path), ("userId" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorReply), (status = 404, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn remove_member(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    path: Result<Path<(Uuid, String)>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path((id, user)) = path.map_err(path_error)?;
+    gw.service.remove_member(&who, id, &user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/conversations/{id}/messages", params(("id" = Uuid, Path), HistoryQuery),
+    responses((status = 200, body = MessagesPage), (status = 403, body = ErrorReply), (status = 422, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn messages(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Json<MessagesPage>, ApiError> {
+    let Path(id) = id.map_err(path_error)?;
+    let Query(q) = query.map_err(query_error)?;
+    let page = gw.service.history(&who, id, q.before_seq, q.limit).await?;
+    Ok(Json(MessagesPage {
+        messages: page.messages,
+        next_before_seq: page.next_before_seq,
+    }))
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "the process is alive")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "every backend answers"),
+    (status = 503, body = ErrorReply, description = "a backend is unreachable")))]
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.service.ready().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(why) => {
+            tracing::warn!(reason = %why, "not ready");
+            let body = ErrorReply {
+                error: ErrorBody {
+                    code: "unavailable".into(),
+                    message: why,
+                },
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Confab gateway HTTP API", description = "Conversations, members and history. Realtime events are on /socket.io/."),
+    paths(create_conversation, list_conversations, get_conversation, add_member, remove_member, messages, healthz, readyz),
+    components(schemas(Conversation, ConversationSummary, ConversationKind, Member, MemberRole, Message, MessageKind)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError(ChatError::not_found("no such route"))
+}
+
+pub fn routes() -> Router<Arc<Gateway>> {
+    Router::new()
+        .route(
+            "/api/conversations",
+            post(create_conversation).get(list_conversations),
+        )
+        .route("/api/conversations/{id}", get(get_conversation))
+        .route("/api/conversations/{id}/members", post(add_member))
+        .route(
+            "/api/conversations/{id}/members/{user_id}",
+            delete(remove_member),
+        )
+        .route("/api/conversations/{id}/messages", get(messages))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+}

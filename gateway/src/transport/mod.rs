@@ -1,0 +1,401 @@
+//! Transports: wire frames in, domain calls, domain events out. Shared by Socket.IO and HTTP.
+
+pub mod http;
+pub mod origin;
+pub mod protocol;
+pub mod socketio;
+pub mod web;
+pub mod ws;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::auth::Authenticator;
+use crate::chat::error::ChatError;
+use crate::chat::event::Outgoing;
+use crate::chat::hub::{ConnId, Outbound};
+use crate::chat::model::Identity;
+use crate::chat::{ChatService, Send};
+use crate::config::WsCompression;
+use crate::limits::LimitClass;
+use protocol::{
+    ConversationRequest, Delivered, HistoryRequest, JoinReply, MarkReadRequest, MessageError,
+    MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded, RefreshReply,
+    RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, TokenExpiring, parse,
+};
+
+/// Transport-level settings, from configuration.
+#[derive(Debug, Clone)]
+pub struct TransportSettings {
+    /// Exact `Origin` values allowed on upgrades and polling; requests without `Origin`
+    /// (non-browser clients) pass.
+    pub allowed_origins: Vec<String>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+    pub max_frame_bytes: usize,
+    /// Per-connection queue of outgoing packets; full past this → the connection is closed.
+    pub send_queue: usize,
+    /// `token_expiring` is sent this long before `exp`.
+    pub token_warning: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// `/ws`: how long a client without a token in the URL or header has to send `auth`.
+    pub auth_timeout: Duration,
+    /// `/ws`: how long frames may wait on a socket the client does not read before the
+    /// connection is closed.
+    pub send_deadline: Duration,
+    pub ws_compression: WsCompression,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
+            max_frame_bytes: 64 * 1024,
+            send_queue: 256,
+            token_warning: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            auth_timeout: Duration::from_secs(5),
+            send_deadline: Duration::from_secs(10),
+            ws_compression: WsCompression::Deflate,
+        }
+    }
+}
+
+/// Everything a transport needs, shared by all connections.
+pub struct Gateway {
+    pub service: Arc<ChatService>,
+    pub auth: Arc<Authenticator>,
+    pub settings: TransportSettings,
+}
+
+/// The client's address: the peer, or the first `X-Forwarded-For` hop when the peer is a
+/// trusted proxy.
+pub fn client_address(peer: Option<SocketAddr>, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    let peer_ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
+    if !trusted.contains(&peer_ip) {
+        return peer_ip;
+    }
+    headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer_ip)
+}
+
+/// One authenticated connection: who it is (renewable by `refresh_token`) and how to reach it.
+pub struct Session {
+    pub conn: ConnId,
+    identity: RwLock<Arc<Identity>>,
+    exp: watch::Sender<i64>,
+    pub out: Arc<dyn Outbound>,
+}
+
+impl Session {
+    pub fn new(conn: ConnId, identity: Identity, out: Arc<dyn Outbound>) -> Arc<Self> {
+        let (exp, _) = watch::channel(identity.exp);
+        Arc::new(Self {
+            conn,
+            identity: RwLock::new(Arc::new(identity)),
+            exp,
+            out,
+        })
+    }
+
+    pub fn identity(&self) -> Arc<Identity> {
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn renew(&self, identity: Identity) {
+        let exp = identity.exp;
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(identity);
+        self.exp.send_replace(exp);
+    }
+
+    /// Sends `token_expiring` ahead of `exp` and closes the connection at `exp`, unless a
+    /// `refresh_token` moved `exp` meanwhile. Ends when the connection does.
+    pub fn watch_expiry(
+        self: &Arc<Self>,
+        warning: Duration,
+        on_expired: impl FnOnce() + std::marker::Send + 'static,
+    ) {
+        let weak = Arc::downgrade(self);
+        let mut rx = self.exp.subscribe();
+        tokio::spawn(async move {
+            let mut warned_for = None;
+            loop {
+                let exp = *rx.borrow_and_update();
+                let left =
+                    Duration::from_secs((exp - chrono::Utc::now().timestamp()).max(0) as u64);
+                let (wait, is_warning) = if warned_for != Some(exp) && left > Duration::ZERO {
+                    (left.saturating_sub(warning), true)
+                } else {
+                    (left, false)
+                };
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() { return; }
+                        continue;
+                    }
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                let Some(session) = weak.upgrade() else {
+                    return;
+                };
+                if is_warning {
+                    warned_for = Some(exp);
+                    let seconds_left = (exp - chrono::Utc::now().timestamp()).max(0);
+                    ChatService::direct(
+                        session.out.as_ref(),
+                        &Outgoing::new("token_expiring", &TokenExpiring { exp, seconds_left }),
+                    );
+                } else {
+                    on_expired();
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Events a client may send on the main namespace.
+pub const EVENTS: &[&str] = &[
+    "join_conversation",
+    "leave_conversation",
+    "send_message",
+    "typing_start",
+    "typing_stop",
+    "mark_read",
+    "history",
+    "sync",
+    "presence",
+    "refresh_token",
+];
+
+fn to_value(v: impl serde::Serialize) -> Value {
+    serde_json::to_value(v).expect("replies are plain structs that always serialise")
+}
+
+/// Runs one client request and returns its ack payload. Companion events (`message_delivered`,
+/// `message_error`, `rate_limit_exceeded`) go straight to the session.
+pub async fn dispatch(
+    gw: &Gateway,
+    session: &Session,
+    event: &str,
+    payload: Value,
+) -> Result<Value, ChatError> {
+    let result = run(gw, session, event, payload).await;
+    if let Err(ChatError::RateLimited { retry_after_ms }) = &result {
+        ChatService::direct(
+            session.out.as_ref(),
+            &Outgoing::new(
+                "rate_limit_exceeded",
+                &RateLimitExceeded {
+                    retry_after_ms: *retry_after_ms,
+                },
+            ),
+        );
+    }
+    result
+}
+
+async fn run(
+    gw: &Gateway,
+    session: &Session,
+    event: &str,
+    payload: Value,
+) -> Result<Value, ChatError> {
+    let service = &gw.service;
+    service
+        .throttle(
+            LimitClass::ConnectionEvents,
+            &format!("conn:{}", session.conn),
+        )
+        .await?;
+    let who = session.identity();
+    match event {
+        "join_conversation" => {
+            let req: ConversationRequest = parse(event, payload)?;
+            let joined = service
+                .join(session.conn, &who, req.conversation_id)
+                .await?;
+            Ok(to_value(JoinReply {
+                conversation: joined.conversation,
+                last_seq: joined.last_seq,
+                members: joined.members,
+            }))
+        }
+        "leave_conversation" => {
+            let req: ConversationRequest = parse(event, payload)?;
+            service
+                .leave(session.conn, &who, req.conversation_id)
+                .await?;
+            Ok(json!({}))
+        }
+        "send_message" => send_message(gw, session, &who, payload).await,
+        "typing_start" => {
+            let req: ConversationRequest = parse(event, payload)?;
+            service.typing_start(&who, req.conversation_id).await?;
+            Ok(json!({}))
+        }
+        "typing_stop" => {
+            let req: ConversationRequest = parse(event, payload)?;
+            service.typing_stop(&who, req.conversation_id).await?;
+            Ok(json!({}))
+        }
+        "mark_read" => {
+            let req: MarkReadRequest = parse(event, payload)?;
+            service
+                .mark_read(&who, req.conversation_id, req.seq)
+                .await?;
+            Ok(json!({}))
+        }
+        "history" => {
+            let req: HistoryRequest = parse(event, payload)?;
+            let page = service
+                .history(&who, req.conversation_id, req.before_seq, req.limit)
+                .await?;
+            Ok(to_value(MessagesPage {
+                messages: page.messages,
+                next_before_seq: page.next_before_seq,
+            }))
+        }
+        "sync" => {
+            let req: SyncRequest = parse(event, payload)?;
+            let cursors = req
+                .conversations
+                .into_iter()
+                .map(|c| (c.conversation_id, c.after_seq))
+                .collect();
+            let synced = service.sync(&who, cursors).await?;
+            Ok(to_value(SyncReply {
+                messages: synced.messages,
+                truncated: synced.truncated,
+            }))
+        }
+        "presence" => {
+            let req: PresenceRequest = parse(event, payload)?;
+            let statuses = service.presence(req.user_ids).await?;
+            Ok(to_value(PresenceReply { statuses }))
+        }
+        "refresh_token" => {
+            let req: RefreshTokenRequest = parse(event, payload)?;
+            let renewed = gw
+                .auth
+                .verify(&req.token)
+                .map_err(|e| ChatError::Unauthorized(format!("refresh_token refused: {e}")))?;
+            if renewed.user_id != who.user_id {
+                return Err(ChatError::forbidden("the new token is for another user"));
+            }
+            let exp = renewed.exp;
+            session.renew(renewed);
+            Ok(to_value(RefreshReply { exp }))
+        }
+        other => Err(ChatError::invalid(format!(
+            "unknown event {:?}; expected one of {}",
+            other.chars().take(64).collect::<String>(),
+            EVENTS.join(", ")
+        ))),
+    }
+}
+
+async fn send_message(
+    gw: &Gateway,
+    session: &Session,
+    who: &Identity,
+    payload: Value,
+) -> Result<Value, ChatError> {
+    let client_msg_id = payload
+        .get("clientMsgId")
+        .and_then(Value::as_str)
+        .map(|s| s.chars().take(100).collect::<String>());
+    let result = async {
+        let req: SendMessageRequest = parse("send_message", payload)?;
+        gw.service
+            .send(
+                who,
+                Send {
+                    conversation_id: req.conversation_id,
+                    kind: req.kind,
+                    content: req.content,
+                    client_msg_id: req.client_msg_id,
+                },
+            )
+            .await
+    }
+    .await;
+    match result {
+        Ok(sent) => {
+            let m = &sent.message;
+            ChatService::direct(
+                session.out.as_ref(),
+                &Outgoing::new(
+                    "message_delivered",
+                    &Delivered {
+                        message_id: m.id,
+                        client_msg_id: m.client_msg_id.clone(),
+                        conversation_id: m.conversation_id,
+                        seq: m.seq,
+                    },
+                ),
+            );
+            Ok(to_value(MessageReply {
+                message: sent.message,
+            }))
+        }
+        Err(e) => {
+            ChatService::direct(
+                session.out.as_ref(),
+                &Outgoing::new(
+                    "message_error",
+                    &MessageError {
+                        client_msg_id,
+                        code: e.code(),
+                        message: e.to_string(),
+                    },
+                ),
+            );
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn x_forwarded_for_is_believed_only_from_a_trusted_proxy() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            "203.0.113.7, 10.0.0.1".parse().expect("header"),
+        );
+        let proxy: SocketAddr = "10.1.1.1:5000".parse().expect("addr");
+        let stranger: SocketAddr = "198.51.100.2:5000".parse().expect("addr");
+        let trusted = [proxy.ip()];
+        assert_eq!(
+            client_address(Some(proxy), &headers, &trusted),
+            "203.0.113.7".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_address(Some(stranger), &headers, &trusted),
+            stranger.ip()
+        );
+        assert_eq!(
+            client_address(Some(proxy), &HeaderMap::new(), &trusted),
+            proxy.ip()
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! Socket.IO v4 transport (socketioxide): handshake auth, events with acks, `/department`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ConnectInfo;
+use serde_json::Value;
+use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::layer::SocketIoLayer;
+use socketioxide::socket::DisconnectReason;
+use socketioxide::{SendError, SocketError, SocketIo};
+
+use super::protocol::ErrorReply;
+use super::{EVENTS, Gateway, Session, client_address, dispatch};
+use crate::chat::ChatService;
+use crate::chat::error::ChatError;
+use crate::chat::event::Outgoing;
+use crate::chat::hub::{ConnId, Outbound, SendFailure, TopicChange};
+use crate::chat::model::Identity;
+use crate::limits::LimitClass;
+
+/// A Socket.IO socket as the hub sees it.
+struct SocketOut(SocketRef);
+
+impl Outbound for SocketOut {
+    fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
+        match self.0.emit(event.name, &*event.payload) {
+            Ok(()) => Ok(()),
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(SendFailure::QueueFull),
+            Err(_) => Err(SendFailure::Closed),
+        }
+    }
+
+    fn close(&self, reason: &'static str) {
+        tracing::debug!(sid = %self.0.id, reason, "closing socket");
+        let _ = self.0.clone().disconnect();
+    }
+}
+
+/// The handshake was refused; the text reaches the client as `connect_error`'s message.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn token_of(s: &SocketRef, auth: &Result<Value, impl std::fmt::Debug>) -> Option<String> {
+    if let Ok(auth) = auth
+        && let Some(t) = auth.get("token").and_then(Value::as_str)
+    {
+        return Some(t.to_owned());
+    }
+    s.req_parts()
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
+/// Checks the token and the client address's connect budget before the socket joins a namespace:
+/// no event is processed before a valid token.
+async fn authenticate(
+    gw: &Gateway,
+    s: &SocketRef,
+    auth: Result<Value, impl std::fmt::Debug>,
+) -> Result<Identity, Refused> {
+    let parts = s.req_parts();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let address = client_address(peer, &parts.headers, &gw.settings.trusted_proxies);
+    if let Err(e) = gw
+        .service
+        .throttle(LimitClass::AddressConnects, &address.to_string())
+        .await
+    {
+        return Err(Refused(format!("rate_limited: {e}")));
+    }
+    let token = token_of(s, &auth).unwrap_or_default();
+    gw.auth.verify(&token).map_err(|e| {
+        tracing::info!(reason = e.reason(), %address, "socket.io handshake refused");
+        Refused(format!("unauthorized: {e}"))
+    })
+}
+
+fn reply(ack: AckSender, result: Result<Value, ChatError>) {
+    let _ = match result {
+        Ok(v) => ack.send(&v),
+        Err(e) => ack.send(&ErrorReply::from(&e)),
+    };
+}
+
+/// What the handshake middleware set up, for the connect handler to finish.
+#[derive(Clone)]
+struct Attached {
+    identity: Arc<Identity>,
+    conn: ConnId,
+    change: TopicChange,
+}
+
+/// Registers the connection and every event handler. Runs inside the handshake middleware,
+/// because socketioxide sends the client its CONNECT before it spawns the connect handler: an
+/// event the client emits at once would find no handler and be lost.
+fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached {
+    let out: Arc<dyn Outbound> = Arc::new(SocketOut(s.clone()));
+    let (conn, change) = gw.service.register(&identity, out.clone());
+    let session = Session::new(conn, (*identity).clone(), out);
+    let expiring = s.clone();
+    session.watch_expiry(gw.settings.token_warning, move || {
+        ChatService::direct(
+            &SocketOut(expiring.clone()),
+            &Outgoing::new(
+                "session_expired",
+                &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
+            ),
+        );
+        // socketioxide's disconnect can overtake packets still queued for the socket: give
+        // `session_expired` a moment to be written before the close.
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            let _ = expiring.disconnect();
+        });
+    });
+    for &name in EVENTS {
+        let gw = gw.clone();
+        let session = session.clone();
+        s.on(
+            name,
+            move |TryData(data): TryData<Value>, ack: AckSender| async move {
+                let result = match data {
+                    Ok(payload) => dispatch(&gw, &session, name, payload).await,
+                    Err(e) => Err(ChatError::invalid(format!("invalid {name} payload: {e}"))),
+                };
+                reply(ack, result);
+            },
+        );
+    }
+    {
+        let gw = gw.clone();
+        let session = session.clone();
+        s.on_fallback(move |Event(name): Event, ack: AckSender| async move {
+            reply(ack, dispatch(&gw, &session, &name, Value::Null).await);
+        });
+    }
+    let service = gw.service.clone();
+    s.on_disconnect(move |s: SocketRef, reason: DisconnectReason| async move {
+        tracing::info!(sid = %s.id, ?reason, "disconnected");
+        // Dropping the session ends its expiry watch.
+        drop(session);
+        service.disconnect(conn).await;
+    });
+    Attached {
+        identity,
+        conn,
+        change,
+    }
+}
+
+async fn on_connect(gw: Arc<Gateway>, s: SocketRef) {
+    let Some(attached) = s.extensions.get::<Attached>() else {
+        let _ = s.disconnect();
+        return;
+    };
+    let Attached {
+        identity,
+        conn,
+        change,
+    } = attached;
+    tracing::info!(user = %identity.user_id.escape_debug(), sid = %s.id, conn, "connected");
+    if let Err(e) = gw.service.connected(&identity, conn, change).await {
+        tracing::warn!(error = %e, "could not complete a connection");
+        let _ = s.disconnect();
+    }
+}
+
+/// The agents' inbox: registered in the middleware for the same reason as [`attach`].
+fn attach_agent(
+    gw: &Arc<Gateway>,
+    s: &SocketRef,
+    identity: &Identity,
+) -> Result<TopicChange, Refused> {
+    let out: Arc<dyn Outbound> = Arc::new(SocketOut(s.clone()));
+    let (conn, change) = gw
+        .service
+        .register_agent(identity, out)
+        .map_err(|e| Refused(format!("{}: {e}", e.code())))?;
+    s.on_fallback(|Event(name): Event, ack: AckSender| async move {
+        let e = ChatError::invalid(format!(
+            "the /department namespace only receives; {:?} is not an event here",
+            name.chars().take(64).collect::<String>()
+        ));
+        let _ = ack.send(&ErrorReply::from(&e));
+    });
+    let service = gw.service.clone();
+    s.on_disconnect(move || async move { service.disconnect_agent(conn).await });
+    Ok(change)
+}
+
+/// Builds the Socket.IO layer with the frame, payload and queue limits of `gw.settings`.
+pub fn layer(gw: Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
+    let st = &gw.settings;
+    let (layer, io) = SocketIo::builder()
+        .ping_interval(st.ping_interval)
+        .ping_timeout(st.ping_timeout)
+        // Polling bodies and WebSocket messages/frames share one cap: limit+1 bytes is refused.
+        .max_payload(st.max_frame_bytes as u64)
+        .ws_max_message_size(st.max_frame_bytes)
+        .ws_max_frame_size(st.max_frame_bytes)
+        // Small read buffers keep idle connections cheap; they grow on demand.
+        .ws_read_buffer_size(4096)
+        .max_buffer_size(st.send_queue)
+        .build_layer();
+
+    let main_gw = gw.clone();
+    let auth_gw = gw.clone();
+    io.ns(
+        "/",
+        (move |s: SocketRef| on_connect(main_gw.clone(), s)).with(
+            move |s: SocketRef, TryData(auth): TryData<Value>| {
+                let gw = auth_gw.clone();
+                async move {
+                    let who = authenticate(&gw, &s, auth).await?;
+                    let attached = attach(&gw, &s, Arc::new(who));
+                    s.extensions.insert(attached);
+                    Ok::<(), Refused>(())
+                }
+            },
+        ),
+    );
+
+    let dept_gw = gw.clone();
+    let dept_auth_gw = gw;
+    io.ns(
+        "/department",
+        (move |s: SocketRef| {
+            let gw = dept_gw.clone();
+            async move {
+                if let Some(change) = s.extensions.get::<TopicChange>() {
+                    gw.service.subscribe(change).await;
+                }
+            }
+        })
+        .with(move |s: SocketRef, TryData(auth): TryData<Value>| {
+            let gw = dept_auth_gw.clone();
+            async move {
+                let who = authenticate(&gw, &s, auth).await?;
+                let change = attach_agent(&gw, &s, &who)?;
+                s.extensions.insert(change);
+                Ok::<(), Refused>(())
+            }
+        }),
+    );
+    (layer, io)
+}

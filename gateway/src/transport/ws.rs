@@ -1,0 +1,799 @@
+//! Plain WebSocket transport `/ws` (yawc): JSON frames `{type, id?, payload}` carrying the same events as Socket.IO.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::{Instant, timeout};
+use yawc::close::CloseCode;
+use yawc::{CompressionLevel, DeflatePool, Frame, HttpStream, OpCode, Options, WebSocket};
+
+use super::protocol::{AuthRequest, ClientFrame, Connected, ErrorReply, ServerFrame, parse};
+use super::{Gateway, Session, client_address, dispatch};
+use crate::chat::error::ChatError;
+use crate::chat::event::Outgoing;
+use crate::chat::hub::{Outbound, SendFailure, TopicChange};
+use crate::chat::model::Identity;
+use crate::config::WsCompression;
+use crate::limits::LimitClass;
+
+/// Close codes this transport uses beyond RFC 6455's.
+pub mod close_code {
+    /// Bad, missing or expired token (the application range 4000–4999).
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const GOING_AWAY: u16 = 1001;
+    /// Binary frames are not part of the protocol.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// The client broke a rule: never read its socket, never answered pings.
+    pub const POLICY: u16 = 1008;
+    pub const INTERNAL: u16 = 1011;
+}
+
+/// Messages smaller than this go uncompressed: deflate costs more than it saves on them.
+const COMPRESSION_THRESHOLD: usize = 1024;
+/// Initial socket buffers: small so idle connections are cheap; yawc grows them for a large
+/// frame and shrinks them back afterwards.
+const READ_BUFFER: usize = 1024;
+const WRITE_BUFFER: usize = 1024;
+/// Requests read but not yet run, per connection. Past this, requests are refused with
+/// `rate_limited` instead of buffered without bound.
+const REQUESTS_IN_FLIGHT: usize = 32;
+/// Frames written to the socket before one flush: batching, without starving reads.
+const WRITE_BATCH: usize = 64;
+/// Deflate states kept for reuse between messages and connections.
+const DEFLATE_POOL: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WsError {
+    #[error("not a WebSocket upgrade: {0}")]
+    Upgrade(#[from] yawc::WebSocketError),
+    #[error("too many connections from this address: {0}")]
+    RateLimited(ChatError),
+}
+
+impl IntoResponse for WsError {
+    fn into_response(self) -> Response {
+        let (status, e) = match &self {
+            Self::Upgrade(_) => (
+                StatusCode::BAD_REQUEST,
+                ChatError::invalid(self.to_string()),
+            ),
+            Self::RateLimited(e) => (StatusCode::TOO_MANY_REQUESTS, e.clone()),
+        };
+        (status, axum::Json(ErrorReply::from(&e))).into_response()
+    }
+}
+
+/// The WebSocket settings shared by `/ws` and the conformance echo route.
+#[derive(Clone)]
+struct WsState {
+    gw: Arc<Gateway>,
+    options: Options,
+}
+
+/// yawc options from the transport settings: limits on every frame and on every reassembled
+/// or inflated message, UTF-8 checked (invalid text closes with 1007), deflate above 1 KiB.
+pub fn options(settings: &super::TransportSettings) -> Options {
+    // yawc's limits are exclusive: a message of exactly `max_frame_bytes` passes, one byte more
+    // is refused, also when it arrives in continuation frames or inflates from a small frame.
+    let limit = settings.max_frame_bytes + 1;
+    let options = Options::default()
+        .with_limits(limit, limit)
+        .with_utf8()
+        .with_no_delay()
+        .with_read_buffer_capacity(READ_BUFFER)
+        .with_write_buffer_capacity(WRITE_BUFFER);
+    match settings.ws_compression {
+        WsCompression::Off => options.without_compression(),
+        // No server context takeover: the deflate state goes back to the shared pool after each
+        // message, so an idle connection holds none.
+        WsCompression::Deflate => options
+            .with_compression_level(CompressionLevel::fast())
+            .with_compression_threshold(COMPRESSION_THRESHOLD)
+            .server_no_context_takeover()
+            .with_deflate_pool(DeflatePool::new(DEFLATE_POOL)),
+    }
+}
+
+/// `/ws`, and `/ws/echo` when `echo` is set (conformance testing only).
+pub fn routes(gw: Arc<Gateway>, echo: bool) -> Router {
+    let state = WsState {
+        options: options(&gw.settings),
+        gw,
+    };
+    let mut router = Router::new().route("/ws", get(upgrade));
+    if echo {
+        tracing::warn!("the /ws/echo conformance route is enabled");
+        router = router.route("/ws/echo", get(upgrade_echo));
+    }
+    router.with_state(state)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The token from `?token=` or `Authorization: Bearer`; `None` means "expect an `auth` frame".
+fn token_of(req: &Request) -> Option<String> {
+    let from_query = Query::<TokenQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.token);
+    from_query.or_else(|| bearer(req.headers()))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
+}
+
+/// Keeps only the first permessage-deflate offer. RFC 7692 lets a client list several offers
+/// in order of preference; yawc reads the header as one offer and would decline a list, so the
+/// server picks the client's first choice here.
+fn first_deflate_offer(headers: &mut HeaderMap) {
+    let offers: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|o| o.trim().to_owned())
+        .collect();
+    if offers.len() < 2 {
+        return;
+    }
+    headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    let first = offers
+        .iter()
+        .find(|o| o.split(';').next().map(str::trim) == Some("permessage-deflate"));
+    if let Some(v) = first.and_then(|o| header::HeaderValue::from_str(o).ok()) {
+        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
+    }
+}
+
+async fn upgrade(State(state): State<WsState>, mut req: Request) -> Result<Response, WsError> {
+    let gw = state.gw;
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let address = client_address(peer, req.headers(), &gw.settings.trusted_proxies);
+    gw.service
+        .throttle(LimitClass::AddressConnects, &address.to_string())
+        .await
+        .map_err(WsError::RateLimited)?;
+    let token = token_of(&req);
+    first_deflate_offer(req.headers_mut());
+    let (response, upgraded) = WebSocket::upgrade_with_options(&mut req, state.options)?;
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(ws) => serve(gw, ws, token, address).await,
+            Err(e) => tracing::debug!(error = %e, "/ws upgrade did not complete"),
+        }
+    });
+    Ok(response.map(Body::new))
+}
+
+/// Why a connection is being closed, and whether queued frames go out first.
+#[derive(Debug, Clone)]
+struct Closing {
+    code: u16,
+    reason: String,
+    flush_queued: bool,
+}
+
+/// A bounded queue of ready-made text frames for one connection. A `VecDeque` rather than a
+/// tokio channel: a channel allocates its first block of slots up front, while an idle
+/// connection's deque holds no allocation at all.
+struct FrameQueue {
+    items: Mutex<VecDeque<Bytes>>,
+    capacity: usize,
+    ready: Notify,
+    closed: AtomicBool,
+}
+
+impl FrameQueue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            items: Mutex::new(VecDeque::new()),
+            capacity,
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, frame: Bytes) -> Result<(), SendFailure> {
+        let mut items = self.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SendFailure::Closed);
+        }
+        if items.len() >= self.capacity {
+            return Err(SendFailure::QueueFull);
+        }
+        items.push_back(frame);
+        drop(items);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn try_pop(&self) -> Option<Bytes> {
+        let mut items = self.lock();
+        let frame = items.pop_front();
+        // Give back what a burst made the deque grow to.
+        if items.is_empty() && items.capacity() > 16 {
+            items.shrink_to_fit();
+        }
+        frame
+    }
+
+    /// The next frame. Cancel-safe: the queue is checked before every wait.
+    async fn pop(&self) -> Bytes {
+        loop {
+            if let Some(frame) = self.try_pop() {
+                return frame;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Refuses further frames and drops the queued ones: the connection is gone.
+    fn close(&self) {
+        let mut items = self.lock();
+        self.closed.store(true, Ordering::Release);
+        items.clear();
+        items.shrink_to_fit();
+    }
+}
+
+/// A `/ws` connection as the hub sees it: its frame queue, drained by the connection's own task,
+/// and a way to ask that task to close.
+struct WsOut {
+    frames: FrameQueue,
+    closing: watch::Sender<Option<Closing>>,
+}
+
+impl WsOut {
+    fn push(&self, frame: Bytes) -> Result<(), SendFailure> {
+        self.frames.push(frame)
+    }
+
+    fn close_with(&self, code: u16, reason: impl Into<String>, flush_queued: bool) {
+        // The first reason wins: it is the one the client should see.
+        self.closing.send_if_modified(|c| {
+            if c.is_some() {
+                return false;
+            }
+            *c = Some(Closing {
+                code,
+                reason: reason.into(),
+                flush_queued,
+            });
+            true
+        });
+    }
+}
+
+impl Outbound for WsOut {
+    fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
+        self.push(event.envelope())
+    }
+
+    fn close(&self, reason: &'static str) {
+        // The hub closes a connection for one reason of the client's making (it does not read);
+        // anything else is the server going away.
+        let code = if reason == "send queue full" {
+            close_code::POLICY
+        } else {
+            close_code::GOING_AWAY
+        };
+        self.close_with(code, reason, false);
+    }
+}
+
+type Ws = WebSocket<HttpStream>;
+
+/// Writes the frames yawc owes the peer and queued by itself: pongs, the answer to the client's
+/// close, or the close that ends a protocol error.
+async fn flush_owed(ws: &mut Ws) -> Result<(), yawc::WebSocketError> {
+    futures::future::poll_fn(|cx| ws.poll_ready_unpin(cx)).await?;
+    ws.flush().await
+}
+
+/// Ends a connection after a read error. yawc has already queued the close for errors it finds
+/// in a frame; invalid UTF-8 is found after reassembly, where closing is left to us.
+async fn fail(ws: &mut Ws, e: yawc::WebSocketError) {
+    let wait = Duration::from_secs(1);
+    match e {
+        yawc::WebSocketError::ConnectionClosed => {
+            let _ = timeout(wait, flush_owed(ws)).await;
+        }
+        yawc::WebSocketError::InvalidUTF8 => {
+            let frame = Frame::close(CloseCode::Invalid, "invalid UTF-8 in a text message");
+            let _ = timeout(wait, ws.send(frame)).await;
+        }
+        e => {
+            tracing::debug!(error = %e, "closing a /ws connection after a protocol error");
+            let _ = timeout(wait, flush_owed(ws)).await;
+        }
+    }
+}
+
+/// Sends a close frame and gives the client a moment to answer it.
+async fn close(ws: &mut Ws, code: u16, reason: &str, deadline: Duration) {
+    // Close reasons are limited to 123 bytes by RFC 6455.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = Frame::close(CloseCode::from(code), &reason[..end]);
+    let _ = timeout(deadline, async {
+        ws.send(frame).await?;
+        // Read until the client's close (or anything ending the stream) so the close is clean.
+        while ws.next().await.is_some() {}
+        Ok::<_, yawc::WebSocketError>(())
+    })
+    .await;
+}
+
+/// Why a connection ended before it was authenticated.
+enum Unauthenticated {
+    /// Refused with close 4001 and this reason.
+    Refused(String),
+    /// The client went away or broke the protocol; nothing more to say to it.
+    Gone,
+}
+
+impl From<String> for Unauthenticated {
+    fn from(reason: String) -> Self {
+        Self::Refused(reason)
+    }
+}
+
+/// Waits for `{"type":"auth","payload":{"token"}}` as the first data frame.
+async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<String, Unauthenticated> {
+    let until = Instant::now() + deadline;
+    loop {
+        let frame = match tokio::time::timeout_at(until, ws.next_frame()).await {
+            Err(_) => {
+                return Err(Unauthenticated::Refused(format!(
+                    "unauthorized: missing token (no ?token=, Authorization header or auth frame within {} ms)",
+                    deadline.as_millis()
+                )));
+            }
+            Ok(Err(e)) => {
+                fail(ws, e).await;
+                return Err(Unauthenticated::Gone);
+            }
+            Ok(Ok(frame)) => frame,
+        };
+        match frame.opcode() {
+            OpCode::Text => {}
+            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Close => {
+                let _ = timeout(Duration::from_secs(1), flush_owed(ws)).await;
+                return Err(Unauthenticated::Gone);
+            }
+            _ => {
+                return Err("unauthorized: the first frame must be auth"
+                    .to_owned()
+                    .into());
+            }
+        }
+        let frame =
+            ClientFrame::decode(frame.payload()).map_err(|(_, e)| format!("unauthorized: {e}"))?;
+        if frame.kind != "auth" {
+            return Err(format!(
+                "unauthorized: missing token; the first frame must be auth, not {:?}",
+                frame.kind.chars().take(64).collect::<String>()
+            )
+            .into());
+        }
+        let auth: AuthRequest =
+            parse("auth", frame.payload).map_err(|e| format!("unauthorized: {e}"))?;
+        return Ok(auth.token);
+    }
+}
+
+/// One `/ws` connection, from the upgrade to the end.
+async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpAddr) {
+    let st = &gw.settings;
+    let token = match token {
+        Some(t) => Ok(t),
+        None => Box::pin(auth_frame(&mut ws, st.auth_timeout)).await,
+    };
+    let identity = token.and_then(|t| {
+        gw.auth.verify(&t).map_err(|e| {
+            tracing::info!(reason = e.reason(), %address, "/ws handshake refused");
+            Unauthenticated::Refused(format!("unauthorized: {e}"))
+        })
+    });
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(Unauthenticated::Gone) => return,
+        Err(Unauthenticated::Refused(reason)) => {
+            Box::pin(close(
+                &mut ws,
+                close_code::UNAUTHORIZED,
+                &reason,
+                st.send_deadline,
+            ))
+            .await;
+            return;
+        }
+    };
+
+    let (closing_tx, closing) = watch::channel(None);
+    let out = Arc::new(WsOut {
+        frames: FrameQueue::new(st.send_queue),
+        closing: closing_tx,
+    });
+    let identity = Arc::new(identity);
+    // Registered before anything is read, so no event for this user is missed; `connected` is
+    // written by the connection task ahead of the queue, so it is always the first frame.
+    let (conn, change) = gw.service.register(&identity, out.clone());
+    let session = Session::new(conn, (*identity).clone(), out.clone());
+    {
+        let out = out.clone();
+        session.watch_expiry(st.token_warning, move || {
+            let _ = out.push(
+                Outgoing::new(
+                    "session_expired",
+                    &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
+                )
+                .envelope(),
+            );
+            out.close_with(
+                close_code::UNAUTHORIZED,
+                "unauthorized: token expired",
+                true,
+            );
+        });
+    }
+    tracing::info!(user = %identity.user_id.escape_debug(), conn, %address, "/ws connected");
+    let connected = Connected {
+        connection_id: format!("{}:{conn}", gw.service.settings().node_id),
+        server_id: gw.service.settings().node_id.clone(),
+    };
+    let hello = ServerFrame {
+        kind: "connected",
+        id: None,
+        payload: connected,
+    }
+    .encode();
+
+    let (requests_tx, requests) = mpsc::channel(REQUESTS_IN_FLIGHT);
+    let worker = tokio::spawn(run_requests(
+        gw.clone(),
+        session.clone(),
+        identity.clone(),
+        change,
+        out.clone(),
+        requests,
+    ));
+    let ending = pump(&gw, &mut ws, Bytes::from(hello), closing, requests_tx, &out).await;
+    if let Some(c) = ending {
+        Box::pin(close(&mut ws, c.code, &c.reason, Duration::from_secs(1))).await;
+    }
+    worker.abort();
+    out.frames.close();
+    drop(session);
+    Box::pin(gw.service.disconnect(conn)).await;
+    tracing::info!(conn, "/ws disconnected");
+}
+
+/// Runs the connection's requests one after another, in the order they arrived, so a client
+/// sees its own requests take effect in order.
+async fn run_requests(
+    gw: Arc<Gateway>,
+    session: Arc<Session>,
+    identity: Arc<Identity>,
+    change: TopicChange,
+    out: Arc<WsOut>,
+    mut requests: mpsc::Receiver<Box<ClientFrame>>,
+) {
+    // The big futures are boxed, so the task an idle connection keeps is only as large as its
+    // wait for the next request.
+    if let Err(e) = Box::pin(gw.service.connected(&identity, session.conn, change)).await {
+        tracing::warn!(error = %e, "could not complete a /ws connection");
+        out.close_with(
+            close_code::INTERNAL,
+            "unavailable: could not complete the connection",
+            false,
+        );
+        return;
+    }
+    while let Some(frame) = requests.recv().await {
+        let result = Box::pin(dispatch(&gw, &session, &frame.kind, frame.payload)).await;
+        let reply = match &result {
+            Ok(v) if frame.id.is_some() => ServerFrame::ack(frame.id.as_ref(), v).encode(),
+            Ok(_) => continue,
+            Err(e) => ServerFrame::error(frame.id.as_ref(), e).encode(),
+        };
+        answer(&out, reply);
+    }
+}
+
+/// Queues a reply frame; a client whose queue is full is closed, never left without its answer.
+fn answer(out: &WsOut, frame: Vec<u8>) {
+    if out.push(Bytes::from(frame)) == Err(SendFailure::QueueFull) {
+        out.close("send queue full");
+    }
+}
+
+/// The connection's IO loop: reads frames, writes queued frames in batches, pings. Returns how
+/// the connection should be closed, or `None` when it is already gone.
+async fn pump(
+    gw: &Gateway,
+    ws: &mut Ws,
+    hello: Bytes,
+    mut closing: watch::Receiver<Option<Closing>>,
+    requests: mpsc::Sender<Box<ClientFrame>>,
+    out: &WsOut,
+) -> Option<Closing> {
+    let st = &gw.settings;
+    let stalled = || Closing {
+        code: close_code::POLICY,
+        reason: "send deadline exceeded: the client does not read".into(),
+        flush_queued: false,
+    };
+    if timeout(st.send_deadline, ws.send(Frame::text(hello)))
+        .await
+        .ok()?
+        .is_err()
+    {
+        return None;
+    }
+    let mut ping = tokio::time::interval_at(Instant::now() + st.ping_interval, st.ping_interval);
+    let mut pong_due: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            changed = closing.changed() => {
+                let Ok(()) = changed else { return None };
+                let c = closing.borrow().clone()?;
+                if c.flush_queued {
+                    let _ = timeout(st.send_deadline, Box::pin(async {
+                        while let Some(f) = out.frames.try_pop() {
+                            ws.feed(Frame::text(f)).await?;
+                        }
+                        ws.flush().await
+                    })).await;
+                }
+                return Some(c);
+            }
+            _ = async { tokio::time::sleep_until(pong_due.unwrap_or_else(Instant::now)).await }, if pong_due.is_some() => {
+                return Some(Closing {
+                    code: close_code::POLICY,
+                    reason: format!("no pong within {} ms", st.ping_timeout.as_millis()),
+                    flush_queued: false,
+                });
+            }
+            _ = ping.tick() => {
+                if pong_due.is_none() {
+                    pong_due = Some(Instant::now() + st.ping_timeout);
+                }
+                match timeout(st.send_deadline, ws.send(Frame::ping(Bytes::new()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return None,
+                    Err(_) => return Some(stalled()),
+                }
+            }
+            first = out.frames.pop() => {
+                let written = timeout(st.send_deadline, Box::pin(async {
+                    ws.feed(Frame::text(first)).await?;
+                    for _ in 1..WRITE_BATCH {
+                        let Some(next) = out.frames.try_pop() else { break };
+                        ws.feed(Frame::text(next)).await?;
+                    }
+                    ws.flush().await
+                })).await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return None,
+                    Err(_) => return Some(stalled()),
+                }
+            }
+            frame = ws.next_frame() => {
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        Box::pin(fail(ws, e)).await;
+                        return None;
+                    }
+                };
+                match frame.opcode() {
+                    OpCode::Text => on_text(frame.payload(), &requests, out),
+                    OpCode::Binary => {
+                        return Some(Closing {
+                            code: close_code::UNSUPPORTED_DATA,
+                            reason: "binary frames are not part of the protocol; send JSON text".into(),
+                            flush_queued: true,
+                        });
+                    }
+                    OpCode::Pong => pong_due = None,
+                    // yawc answers pings and closes by itself.
+                    OpCode::Ping | OpCode::Continuation => {}
+                    OpCode::Close => {
+                        let _ = timeout(Duration::from_secs(1), flush_owed(ws)).await;
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A text frame: a request for the worker, or an `error` frame right away when it cannot be one.
+fn on_text(text: &[u8], requests: &mpsc::Sender<Box<ClientFrame>>, out: &WsOut) {
+    let refuse = |id, e: ChatError| answer(out, ServerFrame::error(id, &e).encode());
+    let frame = match ClientFrame::decode(text) {
+        Ok(f) => f,
+        Err((id, e)) => return refuse(id.as_ref(), e),
+    };
+    if frame.kind == "auth" {
+        let e = ChatError::invalid("already authenticated; use refresh_token to renew the token");
+        return refuse(frame.id.as_ref(), e);
+    }
+    // Boxed: the channel's slots are allocated up front, and a pointer is all they need to hold.
+    if let Err(mpsc::error::TrySendError::Full(frame)) = requests.try_send(Box::new(frame)) {
+        let e = ChatError::RateLimited {
+            retry_after_ms: 100,
+        };
+        refuse(frame.id.as_ref(), e);
+    }
+}
+
+/// `/ws/echo`: every text or binary message back as it came, over the same WebSocket settings
+/// as `/ws`. For the Autobahn|Testsuite; enabled only by `--ws-echo-route`.
+async fn upgrade_echo(State(state): State<WsState>, mut req: Request) -> Result<Response, WsError> {
+    first_deflate_offer(req.headers_mut());
+    let (response, upgraded) = WebSocket::upgrade_with_options(&mut req, state.options)?;
+    tokio::spawn(async move {
+        let Ok(mut ws) = upgraded.await else { return };
+        loop {
+            let frame = match ws.next_frame().await {
+                Ok(frame) => frame,
+                Err(e) => return fail(&mut ws, e).await,
+            };
+            let reply = match frame.opcode() {
+                OpCode::Text => Frame::text(frame.into_payload()),
+                OpCode::Binary => Frame::binary(frame.into_payload()),
+                OpCode::Close => {
+                    let _ = timeout(Duration::from_secs(1), flush_owed(&mut ws)).await;
+                    return;
+                }
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(response.map(Body::new))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(capacity: usize) -> (WsOut, watch::Receiver<Option<Closing>>) {
+        let (closing, closing_rx) = watch::channel(None);
+        let frames = FrameQueue::new(capacity);
+        (WsOut { frames, closing }, closing_rx)
+    }
+
+    #[test]
+    fn a_full_queue_is_reported_so_the_hub_closes_instead_of_dropping() {
+        let (ws, closing) = out(1);
+        let event = Outgoing::new("user_online", &serde_json::json!({"userId": "u"}));
+        assert_eq!(ws.send(&event), Ok(()));
+        assert_eq!(ws.send(&event), Err(SendFailure::QueueFull));
+        assert_eq!(
+            ws.frames.try_pop().expect("queued").as_ref(),
+            br#"{"type":"user_online","payload":{"userId":"u"}}"#
+        );
+        ws.close("send queue full");
+        ws.close("server shutting down");
+        let c = closing.borrow().clone().expect("closing");
+        assert_eq!(
+            (c.code, c.reason.as_str()),
+            (close_code::POLICY, "send queue full"),
+            "the first reason is the one the client sees"
+        );
+        assert_eq!(
+            ws.send(&event),
+            Ok(()),
+            "room again once the client has read"
+        );
+        ws.frames.close();
+        assert_eq!(ws.send(&event), Err(SendFailure::Closed));
+        assert_eq!(
+            ws.frames.try_pop(),
+            None,
+            "nothing kept for a closed connection"
+        );
+    }
+
+    #[test]
+    fn frames_decode_with_their_id_even_when_refused() {
+        let ok = ClientFrame::decode(br#"{"type":"sync","id":3,"payload":{"conversations":[]}}"#)
+            .expect("valid");
+        assert_eq!(ok.kind, "sync");
+        assert_eq!(ok.id, Some(super::super::protocol::RequestId::Number(3)));
+        let (id, e) = ClientFrame::decode(br#"{"type":"sync","id":"r1","payload":{},"x":1}"#)
+            .expect_err("unknown field");
+        assert_eq!(
+            id,
+            Some(super::super::protocol::RequestId::Text("r1".into()))
+        );
+        assert_eq!(e.code(), "invalid");
+        assert!(e.to_string().contains("unknown field `x`"), "{e}");
+        let (id, e) = ClientFrame::decode(b"{not json").expect_err("malformed");
+        assert_eq!(id, None);
+        assert!(e.to_string().starts_with("malformed frame"), "{e}");
+    }
+
+    #[test]
+    fn of_several_deflate_offers_the_first_is_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            "permessage-deflate; server_max_window_bits=9, permessage-deflate; client_max_window_bits"
+                .parse()
+                .expect("header"),
+        );
+        h.append(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            "x-other".parse().expect("header"),
+        );
+        first_deflate_offer(&mut h);
+        let kept: Vec<_> = h.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().collect();
+        assert_eq!(kept, ["permessage-deflate; server_max_window_bits=9"]);
+        let mut single = HeaderMap::new();
+        single.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            "permessage-deflate; client_max_window_bits"
+                .parse()
+                .expect("header"),
+        );
+        first_deflate_offer(&mut single);
+        assert_eq!(
+            single
+                .get(header::SEC_WEBSOCKET_EXTENSIONS)
+                .map(|v| v.as_bytes()),
+            Some(&b"permessage-deflate; client_max_window_bits"[..])
+        );
+    }
+
+    #[test]
+    fn limits_are_inclusive_of_the_configured_size_and_deflate_is_optional() {
+        let mut settings = super::super::TransportSettings::default();
+        let on = options(&settings);
+        assert_eq!(on.max_payload_read, Some(64 * 1024 + 1));
+        assert_eq!(on.max_read_buffer, Some(64 * 1024 + 1));
+        assert!(on.check_utf8);
+        let deflate = on.compression.expect("deflate on by default");
+        assert_eq!(deflate.compression_threshold, COMPRESSION_THRESHOLD);
+        assert!(deflate.server_no_context_takeover);
+        settings.ws_compression = WsCompression::Off;
+        assert!(options(&settings).compression.is_none());
+    }
+}

@@ -1,0 +1,818 @@
+// Confab web page: a small chat client on the gateway's protocol (Socket.IO events with acks,
+// HTTP API for the conversation list). Written to be read as an example of how a front end keeps
+// nothing lost: every send carries a clientMsgId (safe to resend), every conversation has a seq
+// cursor, and after any reconnect the page asks `sync` for what it missed.
+// All user-supplied text goes into the DOM through textContent, never innerHTML.
+
+const TOKEN_KEY = 'confab.token'; // sessionStorage: each tab may be a different user
+const ACK_TIMEOUT_MS = 10000;
+const TYPING_RENEW_MS = 3000; // the server forgets a typing_start after 5 s
+const TYPING_IDLE_MS = 4000;
+const HISTORY_PAGE = 50;
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, props = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === 'dataset') Object.assign(node.dataset, v);
+    else if (k in node) node[k] = v;
+    else node.setAttribute(k, v);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+};
+
+const state = {
+  token: null,
+  me: null, // {id, name}
+  socket: null,
+  generation: 0, // bumps on each connect: stale async work from a previous connection stops
+  devMode: false,
+  conversations: new Map(), // id → Conv
+  openId: null,
+  names: new Map(), // userId → display name, learned from messages and typing
+  presence: new Map(), // userId → 'online' | 'offline'
+  outbox: new Map(), // clientMsgId → {clientMsgId, conversationId, content, status, error}
+  acked: new Set(), // ids of messages this page sent (they start as "sent")
+  delivered: new Set(), // ids confirmed by message_delivered (it may arrive before the ack)
+  draining: false,
+  everConnected: false,
+  offline: !navigator.onLine,
+};
+
+/** A conversation as the page tracks it. `synced` is the sync cursor: every message up to it
+ * (from where this page started following the conversation) has been received. */
+function newConv(summary) {
+  return {
+    id: summary.id,
+    kind: summary.kind,
+    title: summary.title,
+    lastSeq: summary.lastSeq ?? 0,
+    lastReadSeq: summary.lastReadSeq ?? 0,
+    unread: summary.unread ?? 0,
+    synced: null,
+    messages: new Map(), // seq → message
+    nextBeforeSeq: undefined, // undefined: history not loaded yet; null: at the beginning
+    loadingHistory: false,
+    members: [], // user ids
+    readBy: new Map(), // userId → last read seq
+    typing: new Map(), // userId → userName
+  };
+}
+
+// ---- identity and HTTP ---------------------------------------------------------------------
+
+/** The claims of a JWT, read (not verified: the gateway does that) to show who is signed in. */
+function claimsOf(token) {
+  const part = token.split('.')[1];
+  if (!part) throw new Error('that is not a JWT');
+  const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const claims = JSON.parse(new TextDecoder().decode(bytes));
+  if (typeof claims.sub !== 'string') throw new Error('the token has no sub claim');
+  return claims;
+}
+
+async function api(method, path, body) {
+  const res = await fetch(path, {
+    method,
+    headers: {
+      authorization: `Bearer ${state.token}`,
+      ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+    },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (res.status === 401) {
+    signOut('Your session is no longer valid; sign in again.');
+    throw new Error('unauthorized');
+  }
+  const text = await res.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!res.ok) throw new Error(data?.error?.message ?? `HTTP ${res.status}`);
+  return data;
+}
+
+/** A Socket.IO request: resolves to the ack, rejects with the ack's {error} or on timeout. */
+async function request(event, payload) {
+  const reply = await state.socket.timeout(ACK_TIMEOUT_MS).emitWithAck(event, payload);
+  if (reply && reply.error) {
+    throw Object.assign(new Error(reply.error.message), { code: reply.error.code });
+  }
+  return reply;
+}
+
+async function devToken(userId, name) {
+  const res = await fetch('/api/dev/token', {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ userId, name }),
+  });
+  const data = await res.json();
+  if (!res.ok) throw new Error(data?.error?.message ?? `HTTP ${res.status}`);
+  return data.token;
+}
+
+// ---- sign-in -------------------------------------------------------------------------------
+
+function signIn(token) {
+  const claims = claimsOf(token);
+  state.token = token;
+  state.me = { id: claims.sub, name: claims.name ?? claims.sub };
+  state.names.set(state.me.id, state.me.name);
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $('signin').hidden = true;
+  $('chat').hidden = false;
+  $('sign-out').hidden = false;
+  $('me').textContent = `Signed in as ${state.me.name} (${state.me.id})`;
+  connect();
+}
+
+function signOut(reason = '') {
+  sessionStorage.removeItem(TOKEN_KEY);
+  if (state.socket) {
+    state.socket.removeAllListeners();
+    state.socket.disconnect();
+    state.socket = null;
+  }
+  Object.assign(state, { token: null, me: null, openId: null, draining: false });
+  state.conversations.clear();
+  state.outbox.clear();
+  state.acked.clear();
+  state.delivered.clear();
+  $('chat').hidden = true;
+  $('sign-out').hidden = true;
+  $('me').textContent = '';
+  $('signin').hidden = false;
+  $('signin-error').textContent = reason;
+  setBanner(null);
+  (state.devMode ? $('dev-user') : $('token-input')).focus();
+}
+
+/** Dev mode (the gateway's generated secret) offers one-click sign-in and renews tokens. */
+async function detectDevMode() {
+  try {
+    state.devMode = (await fetch('/api/dev')).ok;
+  } catch {
+    state.devMode = false;
+  }
+  $('dev-signin').hidden = !state.devMode;
+}
+
+function showSignIn() {
+  $('signin').hidden = false;
+  (state.devMode ? $('dev-user') : $('token-input')).focus();
+}
+
+$('dev-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  $('signin-error').textContent = '';
+  try {
+    signIn(await devToken($('dev-user').value.trim(), $('dev-name').value.trim()));
+  } catch (err) {
+    $('signin-error').textContent = `Sign-in failed: ${err.message}`;
+  }
+});
+
+$('token-form').addEventListener('submit', (e) => {
+  e.preventDefault();
+  $('signin-error').textContent = '';
+  try {
+    signIn($('token-input').value.trim());
+    $('token-input').value = '';
+  } catch (err) {
+    $('signin-error').textContent = `That token cannot be used: ${err.message}`;
+  }
+});
+
+$('sign-out').addEventListener('click', () => signOut());
+
+// ---- connection ----------------------------------------------------------------------------
+
+/** The banner: connecting, reconnecting, offline, draining; hidden while all is well. */
+function setBanner(kind, text) {
+  const banner = $('banner');
+  banner.dataset.state = kind ?? 'idle';
+  banner.hidden = !kind;
+  banner.textContent = text ?? '';
+}
+
+function showConnectionState() {
+  const s = state.socket;
+  if (!s) return;
+  if (state.offline) setBanner('offline', 'Offline: messages will be sent when the network is back.');
+  else if (state.draining) setBanner('draining', 'The server is restarting; moving to another one…');
+  else if (s.connected) setBanner(null);
+  else if (state.everConnected) setBanner('reconnecting', 'Connection lost: reconnecting…');
+  else setBanner('connecting', 'Connecting…');
+}
+
+function connect() {
+  state.everConnected = false;
+  // The auth callback runs on every (re)connect, so a refreshed token is used.
+  const socket = io({
+    auth: (cb) => cb({ token: state.token }),
+    reconnectionDelay: 500,
+    reconnectionDelayMax: 5000,
+  });
+  state.socket = socket;
+  showConnectionState();
+
+  socket.on('connect', () => {
+    state.everConnected = true;
+    state.draining = false;
+    showConnectionState();
+    onConnected(++state.generation).catch((err) => {
+      if (state.socket === socket) showError(`Could not load your conversations: ${err.message}`);
+    });
+  });
+  socket.on('disconnect', (reason) => {
+    showConnectionState();
+    // The server closed us on purpose (restart, shutdown): Socket.IO does not retry that by
+    // itself, but the server will be back (or another one behind the same address).
+    if (reason === 'io server disconnect') setTimeout(() => state.socket === socket && socket.connect(), 1000);
+  });
+  socket.on('connect_error', (err) => {
+    if (socket.active) return showConnectionState(); // transport trouble: Socket.IO retries
+    if (/^unauthorized/.test(err.message)) return signOut(`The gateway refused the token: ${err.message}`);
+    // Refused for another reason (rate limited): try again a little later.
+    showConnectionState();
+    setTimeout(() => state.socket === socket && socket.connect(), 2000);
+  });
+
+  socket.on('new_message', (m) => onMessage(m, { live: true }));
+  socket.on('message_delivered', onDelivered);
+  socket.on('message_error', (e) => {
+    const item = state.outbox.get(e.clientMsgId);
+    if (item) failOutbox(item, e.message);
+  });
+  socket.on('message_read', onRead);
+  socket.on('user_typing', (t) => {
+    if (t.userId === state.me.id) return;
+    state.names.set(t.userId, t.userName);
+    state.conversations.get(t.conversationId)?.typing.set(t.userId, t.userName);
+    if (t.conversationId === state.openId) renderTyping();
+  });
+  socket.on('user_stopped_typing', (t) => {
+    state.conversations.get(t.conversationId)?.typing.delete(t.userId);
+    if (t.conversationId === state.openId) renderTyping();
+  });
+  socket.on('user_joined', ({ conversationId, userId }) => {
+    const conv = state.conversations.get(conversationId);
+    if (conv && !conv.members.includes(userId)) {
+      conv.members.push(userId);
+      if (conversationId === state.openId) renderRoomHead();
+    }
+  });
+  socket.on('user_online', ({ userId }) => setPresence(userId, 'online'));
+  socket.on('user_offline', ({ userId }) => setPresence(userId, 'offline'));
+  socket.on('conversation_added', ({ conversation }) => {
+    if (!state.conversations.has(conversation.id)) followConversation(conversation).catch(showError);
+  });
+  socket.on('conversation_removed', ({ conversationId }) => {
+    state.conversations.delete(conversationId);
+    if (state.openId === conversationId) closeRoom();
+    renderList();
+  });
+  socket.on('rate_limit_exceeded', ({ retryAfterMs }) => {
+    showError(`Slow down: try again in ${Math.ceil(retryAfterMs / 1000)} s.`);
+  });
+  socket.on('token_expiring', async ({ secondsLeft }) => {
+    if (!state.devMode) {
+      showError(`Your session ends in ${secondsLeft} s; sign in again with a fresh token.`);
+      return;
+    }
+    try {
+      const token = await devToken(state.me.id, state.me.name);
+      await request('refresh_token', { token });
+      state.token = token;
+      sessionStorage.setItem(TOKEN_KEY, token);
+    } catch (err) {
+      showError(`Could not renew the session: ${err.message}`);
+    }
+  });
+  socket.on('session_expired', () => signOut('Your session expired; sign in again.'));
+  socket.on('server_draining', ({ reconnectAfterMs }) => {
+    // Leave when told (the server spreads clients over its drain window), then reconnect and
+    // sync like after any other reconnect.
+    state.draining = true;
+    showConnectionState();
+    setTimeout(() => {
+      if (state.socket !== socket) return;
+      socket.disconnect();
+      socket.connect();
+    }, reconnectAfterMs ?? 0);
+  });
+}
+
+window.addEventListener('offline', () => { state.offline = true; showConnectionState(); });
+window.addEventListener('online', () => {
+  state.offline = false;
+  if (state.socket && !state.socket.connected && !state.socket.active) state.socket.connect();
+  showConnectionState();
+});
+
+/** After every connect: refresh the list, rejoin rooms, fill gaps with `sync`, flush the outbox. */
+async function onConnected(generation) {
+  const { conversations } = await api('GET', '/api/conversations');
+  if (generation !== state.generation) return;
+  const listed = new Set(conversations.map((c) => c.id));
+  for (const id of [...state.conversations.keys()]) {
+    if (!listed.has(id)) state.conversations.delete(id);
+  }
+  for (const summary of conversations) {
+    const known = state.conversations.get(summary.id);
+    if (known) Object.assign(known, { unread: summary.unread, lastReadSeq: summary.lastReadSeq, title: summary.title });
+    else state.conversations.set(summary.id, newConv(summary));
+  }
+  renderList();
+  await Promise.all([...state.conversations.values()].map((c) => joinRoom(c, generation)));
+  if (generation !== state.generation) return;
+  await syncConversations([...state.conversations.values()], generation);
+  await refreshPresence();
+  if (state.openId && !state.conversations.has(state.openId)) closeRoom();
+  if (state.openId) {
+    await openRoom(state.openId, { focus: false });
+  } else if (!matchMedia('(max-width: 699px)').matches && state.conversations.size) {
+    await openRoom([...state.conversations.keys()][0], { focus: false });
+  }
+  flushOutbox();
+}
+
+async function joinRoom(conv, generation) {
+  const joined = await request('join_conversation', { conversationId: conv.id });
+  if (generation !== state.generation) return;
+  conv.members = joined.members.map((m) => m.userId);
+  for (const m of joined.members) conv.readBy.set(m.userId, Math.max(conv.readBy.get(m.userId) ?? 0, m.lastReadSeq));
+  conv.lastSeq = Math.max(conv.lastSeq, joined.lastSeq);
+  // First time: follow from here; older messages come from history when the room is opened.
+  if (conv.synced === null) conv.synced = joined.lastSeq;
+}
+
+/** Asks for every message after each conversation's cursor, page by page while truncated. */
+async function syncConversations(convs, generation) {
+  for (let round = 0; round < 50; round += 1) {
+    const cursors = convs.filter((c) => c.synced !== null).map((c) => ({ conversationId: c.id, afterSeq: c.synced }));
+    if (!cursors.length) return;
+    const before = cursors.map((c) => c.afterSeq).join();
+    const { messages, truncated } = await request('sync', { conversations: cursors });
+    if (generation !== state.generation) return;
+    for (const m of messages) addMessage(m, { live: false });
+    for (const conv of convs) afterMessages(conv);
+    const after = convs.filter((c) => c.synced !== null).map((c) => c.synced).join();
+    if (!truncated || before === after) return;
+  }
+}
+
+const pendingGapSync = new Set();
+/** A seq jumped: something was missed (e.g. a dropped broadcast). Sync that conversation. */
+function syncGap(conv) {
+  if (pendingGapSync.has(conv.id) || !state.socket?.connected) return;
+  pendingGapSync.add(conv.id);
+  syncConversations([conv], state.generation)
+    .catch(() => {})
+    .finally(() => pendingGapSync.delete(conv.id));
+}
+
+async function followConversation(conversation) {
+  const conv = newConv(conversation);
+  state.conversations.set(conv.id, conv);
+  renderList();
+  await joinRoom(conv, state.generation);
+  // Messages sent before the join are not live events: take the unread count from the server.
+  const { conversations } = await api('GET', '/api/conversations');
+  const summary = conversations.find((c) => c.id === conv.id);
+  if (summary) Object.assign(conv, { unread: summary.unread, lastReadSeq: summary.lastReadSeq });
+  await refreshPresence();
+  renderList();
+  return conv;
+}
+
+// ---- messages ------------------------------------------------------------------------------
+
+function onMessage(m, { live }) {
+  const conv = addMessage(m, { live });
+  if (conv) afterMessages(conv);
+}
+
+/** Records a message (idempotent: keyed by seq) and advances the sync cursor. */
+function addMessage(m, { live }) {
+  const conv = state.conversations.get(m.conversationId);
+  if (!conv) return null;
+  state.names.set(m.senderId, m.senderName);
+  const fresh = !conv.messages.has(m.seq);
+  conv.messages.set(m.seq, m);
+  conv.lastSeq = Math.max(conv.lastSeq, m.seq);
+  if (m.senderId === state.me.id) state.outbox.delete(m.clientMsgId);
+  conv.typing.delete(m.senderId);
+  if (conv.synced !== null) {
+    while (conv.messages.has(conv.synced + 1)) conv.synced += 1;
+    if (live && m.seq > conv.synced + 1) syncGap(conv);
+  }
+  const viewing = conv.id === state.openId && document.visibilityState === 'visible';
+  if (fresh && live && m.senderId !== state.me.id && !viewing && m.seq > conv.lastReadSeq) conv.unread += 1;
+  return conv;
+}
+
+/** Redraws after one or a batch of messages, and reports them read if they are on screen. */
+function afterMessages(conv, renderOptions) {
+  if (conv.id === state.openId) {
+    renderMessages(renderOptions);
+    renderTyping();
+    markRead(conv);
+  }
+  renderList();
+}
+
+function onDelivered({ messageId }) {
+  state.delivered.add(messageId);
+  if (state.openId) renderMessages();
+}
+
+function onRead({ conversationId, userId, seq }) {
+  const conv = state.conversations.get(conversationId);
+  if (!conv) return;
+  conv.readBy.set(userId, Math.max(conv.readBy.get(userId) ?? 0, seq));
+  if (userId === state.me.id) {
+    // Read on another of my devices: the watermark counts for all of them.
+    conv.lastReadSeq = Math.max(conv.lastReadSeq, seq);
+    if (seq >= conv.lastSeq) conv.unread = 0;
+    renderList();
+  }
+  if (conversationId === state.openId) renderMessages();
+}
+
+function markRead(conv) {
+  if (document.visibilityState !== 'visible' || !state.socket?.connected) return;
+  const top = Math.max(0, ...conv.messages.keys());
+  if (top <= conv.lastReadSeq) return;
+  conv.lastReadSeq = top;
+  conv.unread = 0;
+  renderList();
+  request('mark_read', { conversationId: conv.id, seq: top }).catch(() => {
+    conv.lastReadSeq = 0; // try again on the next render
+  });
+}
+
+document.addEventListener('visibilitychange', () => {
+  const conv = state.conversations.get(state.openId);
+  if (conv) markRead(conv);
+});
+
+/** Loads the page of history before the oldest loaded message (the newest page at first). */
+async function loadHistory(conv) {
+  if (conv.loadingHistory || conv.nextBeforeSeq === null) return;
+  conv.loadingHistory = true;
+  $('history-state').textContent = 'Loading earlier messages…';
+  try {
+    const beforeSeq = conv.nextBeforeSeq;
+    const page = await request('history', { conversationId: conv.id, limit: HISTORY_PAGE, ...(beforeSeq ? { beforeSeq } : {}) });
+    for (const m of page.messages) addMessage(m, { live: false });
+    conv.nextBeforeSeq = page.nextBeforeSeq ?? null;
+    afterMessages(conv, { keepOffset: true });
+  } finally {
+    conv.loadingHistory = false;
+    $('history-state').textContent = conv.nextBeforeSeq === null ? 'This is the beginning of the conversation.' : '';
+  }
+}
+
+// ---- sending -------------------------------------------------------------------------------
+
+function send(conversationId, content) {
+  const item = { clientMsgId: crypto.randomUUID(), conversationId, content, status: 'pending', error: '' };
+  state.outbox.set(item.clientMsgId, item);
+  renderMessages({ stick: true });
+  deliver(item);
+}
+
+/** Sends one outbox item. Safe to repeat: the server answers a repeated clientMsgId with the
+ * original message instead of storing it twice. */
+async function deliver(item) {
+  if (!state.socket?.connected || item.sending) return; // flushOutbox sends it after reconnect
+  item.sending = true;
+  try {
+    const { message } = await request('send_message', {
+      conversationId: item.conversationId,
+      content: item.content,
+      type: 'text',
+      clientMsgId: item.clientMsgId,
+    });
+    state.acked.add(message.id);
+    onMessage(message, { live: true });
+  } catch (err) {
+    // No ack (connection lost, timeout): stays pending and is resent on reconnect.
+    if (err.code && err.code !== 'unavailable') failOutbox(item, err.message);
+  } finally {
+    item.sending = false;
+    if (state.openId) renderMessages();
+  }
+}
+
+function failOutbox(item, message) {
+  if (!state.outbox.has(item.clientMsgId)) return;
+  item.status = 'failed';
+  item.error = message;
+  renderMessages();
+}
+
+function flushOutbox() {
+  for (const item of state.outbox.values()) {
+    if (item.status === 'pending') deliver(item);
+  }
+}
+
+// ---- typing --------------------------------------------------------------------------------
+
+const typing = { conversationId: null, sentAt: 0, idle: null };
+
+function typingActivity() {
+  const conversationId = state.openId;
+  if (!conversationId || !state.socket?.connected) return;
+  if ($('composer-input').value.trim() === '') return stopTyping();
+  const now = Date.now();
+  if (typing.conversationId !== conversationId || now - typing.sentAt > TYPING_RENEW_MS) {
+    if (typing.conversationId && typing.conversationId !== conversationId) stopTyping();
+    typing.conversationId = conversationId;
+    typing.sentAt = now;
+    request('typing_start', { conversationId }).catch(() => {});
+  }
+  clearTimeout(typing.idle);
+  typing.idle = setTimeout(stopTyping, TYPING_IDLE_MS);
+}
+
+function stopTyping() {
+  clearTimeout(typing.idle);
+  const { conversationId } = typing;
+  typing.conversationId = null;
+  typing.sentAt = 0;
+  if (conversationId && state.socket?.connected) request('typing_stop', { conversationId }).catch(() => {});
+}
+
+// ---- rendering -----------------------------------------------------------------------------
+
+function displayName(userId) {
+  return state.names.get(userId) ?? userId;
+}
+
+function convTitle(conv) {
+  if (conv.title) return conv.title;
+  if (conv.kind === 'direct') {
+    const other = conv.members.find((u) => u !== state.me.id);
+    if (other) return displayName(other);
+  }
+  return `${conv.kind} ${conv.id.slice(0, 8)}`;
+}
+
+function presenceDot(userId) {
+  const status = state.presence.get(userId) ?? 'offline';
+  return el('span', { className: 'dot', role: 'img', 'aria-label': status, title: status, dataset: { status } });
+}
+
+function renderList() {
+  const list = $('conversations');
+  const items = [...state.conversations.values()].map((conv) => {
+    const other = conv.kind === 'direct' ? conv.members.find((u) => u !== state.me.id) : null;
+    const button = el('button', { type: 'button', dataset: { conversationId: conv.id } },
+      other ? presenceDot(other) : null,
+      el('span', { className: 'name', textContent: convTitle(conv) }),
+      el('span', { className: 'kind', textContent: conv.kind }),
+      conv.unread > 0 ? el('span', { className: 'unread', textContent: String(conv.unread), 'aria-label': `${conv.unread} unread` }) : null);
+    button.setAttribute('aria-current', String(conv.id === state.openId));
+    button.addEventListener('click', () => openRoom(conv.id).catch(showError));
+    return el('li', {}, button);
+  });
+  list.replaceChildren(...items);
+  if (!items.length) list.append(el('li', { className: 'empty', textContent: 'No conversations yet: create one below.' }));
+}
+
+function renderRoomHead() {
+  const conv = state.conversations.get(state.openId);
+  $('room-title').textContent = conv ? convTitle(conv) : 'Pick a conversation';
+  $('room-id').textContent = conv ? `${conv.kind} · ${conv.id}` : '';
+  $('members').replaceChildren(...(conv?.members ?? []).map((u) =>
+    el('li', { dataset: { userId: u } }, presenceDot(u), el('span', { textContent: u === state.me.id ? `${displayName(u)} (you)` : displayName(u) }))));
+  $('add-member-form').hidden = !conv || conv.kind === 'direct';
+}
+
+function renderTyping() {
+  const conv = state.conversations.get(state.openId);
+  const names = conv ? [...conv.typing.values()] : [];
+  $('typing').textContent = names.length === 0 ? ''
+    : names.length === 1 ? `${names[0]} is typing…` : `${names.join(', ')} are typing…`;
+}
+
+function statusOf(conv, m) {
+  const readByOther = [...conv.readBy].some(([user, seq]) => user !== state.me.id && seq >= m.seq);
+  if (readByOther) return ['read', 'Read'];
+  if (state.acked.has(m.id) && !state.delivered.has(m.id)) return ['sent', 'Sent'];
+  return ['delivered', 'Delivered'];
+}
+
+function messageItem(conv, m) {
+  const mine = m.senderId === state.me.id;
+  const time = new Date(m.createdAt);
+  const li = el('li', { className: mine ? 'message mine' : 'message', dataset: { seq: String(m.seq), clientMsgId: m.clientMsgId, senderId: m.senderId } },
+    el('div', { className: 'meta' },
+      el('span', { className: 'sender', textContent: mine ? 'You' : m.senderName }),
+      el('time', { dateTime: m.createdAt, textContent: time.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) })),
+    el('p', { className: 'content', textContent: m.content }));
+  if (mine) {
+    const [status, label] = statusOf(conv, m);
+    li.append(el('span', { className: 'status', dataset: { status }, textContent: label }));
+  }
+  return li;
+}
+
+function pendingItem(item) {
+  const status = el('span', { className: 'status', dataset: { status: item.status },
+    textContent: item.status === 'failed' ? `Not sent: ${item.error}` : 'Sending…' });
+  if (item.status === 'failed') {
+    const retry = el('button', { type: 'button', textContent: 'Retry' });
+    retry.addEventListener('click', () => { item.status = 'pending'; item.error = ''; renderMessages(); deliver(item); });
+    status.append(retry);
+  }
+  return el('li', { className: 'message mine pending', dataset: { clientMsgId: item.clientMsgId } },
+    el('div', { className: 'meta' }, el('span', { className: 'sender', textContent: 'You' })),
+    el('p', { className: 'content', textContent: item.content }),
+    status);
+}
+
+/** Redraws the open conversation in seq order, pending sends last. Keeps the reader's place:
+ * at the bottom it follows new messages; after loading older ones it stays on what it showed. */
+function renderMessages({ keepOffset = false, stick = false } = {}) {
+  const list = $('messages');
+  const conv = state.conversations.get(state.openId);
+  if (!conv) return list.replaceChildren();
+  const atBottom = stick || list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const fromBottom = list.scrollHeight - list.scrollTop;
+  const seqs = [...conv.messages.keys()].sort((a, b) => a - b);
+  const items = seqs.map((s) => messageItem(conv, conv.messages.get(s)));
+  for (const item of state.outbox.values()) {
+    if (item.conversationId === conv.id) items.push(pendingItem(item));
+  }
+  list.replaceChildren(...items);
+  if (keepOffset && !atBottom) list.scrollTop = list.scrollHeight - fromBottom;
+  else if (atBottom || keepOffset) list.scrollTop = list.scrollHeight;
+}
+
+async function openRoom(id, { focus = true } = {}) {
+  const conv = state.conversations.get(id);
+  if (!conv) return;
+  if (state.openId !== id) stopTyping();
+  state.openId = id;
+  $('chat').classList.add('room-open');
+  $('composer-input').disabled = false;
+  $('send').disabled = false;
+  $('room-error').textContent = '';
+  renderList();
+  renderRoomHead();
+  renderTyping();
+  renderMessages({ stick: true });
+  if (focus) $('composer-input').focus();
+  if (conv.nextBeforeSeq === undefined) await loadHistory(conv);
+  else $('history-state').textContent = conv.nextBeforeSeq === null ? 'This is the beginning of the conversation.' : '';
+  // Fill the view: keep loading while there is no scrollbar and more history exists.
+  const list = $('messages');
+  while (state.openId === id && conv.nextBeforeSeq && list.scrollHeight <= list.clientHeight) await loadHistory(conv);
+  markRead(conv);
+}
+
+function closeRoom() {
+  stopTyping();
+  state.openId = null;
+  $('chat').classList.remove('room-open');
+  $('composer-input').disabled = true;
+  $('send').disabled = true;
+  renderRoomHead();
+  renderMessages();
+  renderTyping();
+  renderList();
+}
+
+function setPresence(userId, status) {
+  state.presence.set(userId, status);
+  renderList();
+  if (state.openId) renderRoomHead();
+}
+
+async function refreshPresence() {
+  const users = new Set();
+  for (const conv of state.conversations.values()) conv.members.forEach((u) => users.add(u));
+  const ids = [...users].slice(0, 100); // the server answers at most 100 per request
+  if (!ids.length) return;
+  const { statuses } = await request('presence', { userIds: ids });
+  for (const [userId, s] of Object.entries(statuses)) state.presence.set(userId, s.status);
+  renderList();
+  if (state.openId) renderRoomHead();
+}
+
+function showError(err) {
+  $('room-error').textContent = typeof err === 'string' ? err : err.message;
+}
+
+// ---- forms ---------------------------------------------------------------------------------
+
+$('composer').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const input = $('composer-input');
+  const content = input.value;
+  if (!state.openId || content.trim() === '') return;
+  input.value = '';
+  stopTyping();
+  send(state.openId, content);
+  input.focus();
+});
+
+$('composer-input').addEventListener('keydown', (e) => {
+  // Enter sends; Shift+Enter keeps the newline. Not while an IME is composing a character.
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $('composer').requestSubmit();
+  }
+});
+$('composer-input').addEventListener('input', typingActivity);
+$('composer-input').addEventListener('blur', stopTyping);
+
+// A reader at the bottom stays there when the list changes size (rotation, resize, keyboard).
+let followingBottom = true;
+new ResizeObserver(() => {
+  const list = $('messages');
+  if (followingBottom) list.scrollTop = list.scrollHeight;
+}).observe($('messages'));
+
+$('messages').addEventListener('scroll', () => {
+  const list = $('messages');
+  followingBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  const conv = state.conversations.get(state.openId);
+  if (conv && $('messages').scrollTop < 60) loadHistory(conv).catch(showError);
+});
+
+$('back').addEventListener('click', () => {
+  closeRoom();
+  $('conversations').querySelector('button')?.focus();
+});
+
+$('create-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  $('create-error').textContent = '';
+  const members = $('create-members').value.split(',').map((s) => s.trim()).filter(Boolean);
+  const title = $('create-title').value.trim();
+  try {
+    const { conversation } = await api('POST', '/api/conversations', {
+      kind: $('create-kind').value,
+      members,
+      ...(title ? { title } : {}),
+    });
+    // conversation_added may have arrived first; either way follow it once.
+    if (!state.conversations.has(conversation.id)) await followConversation(conversation);
+    $('create-title').value = '';
+    $('create-members').value = '';
+    $('new-conversation').open = false;
+    await openRoom(conversation.id);
+  } catch (err) {
+    $('create-error').textContent = `Could not create it: ${err.message}`;
+  }
+});
+
+$('join-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  $('create-error').textContent = '';
+  const conversationId = $('join-id').value.trim();
+  try {
+    const { conversation } = await request('join_conversation', { conversationId });
+    if (!state.conversations.has(conversation.id)) await followConversation(conversation);
+    $('join-id').value = '';
+    await openRoom(conversation.id);
+  } catch (err) {
+    $('create-error').textContent = `Could not join: ${err.message}`;
+  }
+});
+
+$('add-member-form').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const userId = $('add-member-id').value.trim();
+  if (!state.openId || !userId) return;
+  try {
+    await api('POST', `/api/conversations/${state.openId}/members`, { userId });
+    $('add-member-id').value = '';
+    const conv = state.conversations.get(state.openId);
+    if (conv && !conv.members.includes(userId)) conv.members.push(userId);
+    renderRoomHead();
+  } catch (err) {
+    showError(`Could not add ${userId}: ${err.message}`);
+  }
+});
+
+// ---- start ---------------------------------------------------------------------------------
+
+await detectDevMode();
+const saved = sessionStorage.getItem(TOKEN_KEY);
+if (saved) {
+  try {
+    signIn(saved);
+  } catch {
+    sessionStorage.removeItem(TOKEN_KEY);
+    showSignIn();
+  }
+} else {
+  showSignIn();
+}

@@ -1,0 +1,161 @@
+//! The gateway's ConfigMap: every non-secret `CONFAB_*` setting.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use super::{
+    BuildError, Component, GATEWAY_DATA_DIR, GATEWAY_PORT, ManagedKind, child_meta, gateway_name,
+};
+use crate::crd::ChatCluster;
+
+/// Which bus the gateways use to reach each other: RabbitMQ when configured, else Redis
+/// pub/sub, else the in-process bus (one pod only; the CRD refuses more without a bus).
+pub fn bus(cc: &ChatCluster) -> &'static str {
+    if cc.spec.rabbitmq.is_some() {
+        "rabbitmq"
+    } else if cc.spec.redis.is_some() {
+        "redis"
+    } else {
+        "local"
+    }
+}
+
+/// The settings, as the gateway reads them from its environment.
+pub fn settings(cc: &ChatCluster) -> BTreeMap<String, String> {
+    let spec = &cc.spec;
+    let mut data = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        data.insert(k.to_owned(), v);
+    };
+    set("CONFAB_LISTEN", format!("0.0.0.0:{GATEWAY_PORT}"));
+    set("CONFAB_BUS", bus(cc).to_owned());
+    set("CONFAB_LOG_FORMAT", "json".to_owned());
+    set("CONFAB_DATA_DIR", GATEWAY_DATA_DIR.to_owned());
+    set(
+        "CONFAB_DRAIN_SECONDS",
+        spec.rollout.drain_seconds.to_string(),
+    );
+    set(
+        "CONFAB_MAX_CONNECTIONS",
+        spec.gateway.max_connections_per_pod.to_string(),
+    );
+    set(
+        "CONFAB_MAX_FRAME_BYTES",
+        spec.limits.max_frame_bytes.to_string(),
+    );
+    set(
+        "CONFAB_MESSAGES_PER_SECOND",
+        spec.limits.messages_per_second.to_string(),
+    );
+    set("CONFAB_MESSAGE_BURST", spec.limits.burst.to_string());
+    if !spec.gateway.allowed_origins.is_empty() {
+        set(
+            "CONFAB_ALLOWED_ORIGINS",
+            spec.gateway.allowed_origins.join(","),
+        );
+    }
+    if let Some(endpoint) = spec
+        .telemetry
+        .as_ref()
+        .and_then(|t| t.otlp_endpoint.clone())
+    {
+        set("CONFAB_OTLP_ENDPOINT", endpoint);
+    }
+    // Managed backends are reached through their Service; external ones come from Secrets
+    // (see the Deployment), so no credential ever lands in a ConfigMap.
+    if ManagedKind::Redis.managed(cc).is_some() {
+        set("CONFAB_REDIS_URL", ManagedKind::Redis.url(cc));
+    }
+    if ManagedKind::RabbitMq.managed(cc).is_some() {
+        set("CONFAB_AMQP_URL", ManagedKind::RabbitMq.url(cc));
+    }
+    data
+}
+
+pub fn configmap(cc: &ChatCluster) -> Result<ConfigMap, BuildError> {
+    Ok(ConfigMap {
+        metadata: child_meta(cc, gateway_name(cc), Component::Gateway)?,
+        data: Some(settings(cc)),
+        ..ConfigMap::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{BackendSpec, ExternalBackend, SecretKeyRef};
+    use crate::resources::testing::sample;
+
+    #[test]
+    fn configmap_carries_gateway_settings_for_kubernetes() {
+        let cm = configmap(&sample()).expect("builds");
+        let data = cm.data.expect("has data");
+        assert_eq!(data["CONFAB_LISTEN"], "0.0.0.0:8080");
+        assert_eq!(data["CONFAB_LOG_FORMAT"], "json");
+        assert_eq!(data["CONFAB_DATA_DIR"], "/var/lib/confab");
+        assert_eq!(data["CONFAB_BUS"], "rabbitmq");
+        assert_eq!(data["CONFAB_DRAIN_SECONDS"], "60");
+        assert_eq!(data["CONFAB_MAX_CONNECTIONS"], "10000");
+        assert_eq!(data["CONFAB_MAX_FRAME_BYTES"], "65536");
+        assert_eq!(data["CONFAB_MESSAGES_PER_SECOND"], "10");
+        assert_eq!(data["CONFAB_MESSAGE_BURST"], "20");
+        assert_eq!(
+            data["CONFAB_ALLOWED_ORIGINS"],
+            "https://chat.example.com,https://app.example.com"
+        );
+        assert_eq!(
+            data["CONFAB_OTLP_ENDPOINT"],
+            "http://otel-collector.observability:4317"
+        );
+        assert_eq!(data["CONFAB_REDIS_URL"], "redis://demo-redis:6379");
+        assert_eq!(
+            data["CONFAB_AMQP_URL"],
+            "amqp://guest:guest@demo-rabbitmq:5672/%2f"
+        );
+    }
+
+    #[test]
+    fn configmap_is_named_labelled_and_owned() {
+        let cm = configmap(&sample()).expect("builds");
+        assert_eq!(cm.metadata.name.as_deref(), Some("demo-gateway"));
+        assert_eq!(cm.metadata.namespace.as_deref(), Some("chat"));
+        let labels = cm.metadata.labels.expect("labels");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "confab-operator");
+        assert_eq!(labels["app.kubernetes.io/instance"], "demo");
+        let owners = cm.metadata.owner_references.expect("owner refs");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].name, "demo");
+    }
+
+    #[test]
+    fn external_backend_urls_stay_out_of_the_configmap() {
+        let mut cc = sample();
+        let external = BackendSpec {
+            managed: None,
+            external: Some(ExternalBackend {
+                url_secret_ref: SecretKeyRef {
+                    name: "r".into(),
+                    key: "url".into(),
+                },
+            }),
+        };
+        cc.spec.redis = Some(external.clone());
+        cc.spec.rabbitmq = Some(external);
+        cc.spec.telemetry = None;
+        let data = settings(&cc);
+        assert!(!data.contains_key("CONFAB_REDIS_URL"));
+        assert!(!data.contains_key("CONFAB_AMQP_URL"));
+        assert!(!data.contains_key("CONFAB_OTLP_ENDPOINT"));
+    }
+
+    #[test]
+    fn bus_follows_the_configured_backends() {
+        let mut cc = sample();
+        assert_eq!(bus(&cc), "rabbitmq");
+        cc.spec.rabbitmq = None;
+        assert_eq!(bus(&cc), "redis");
+        cc.spec.redis = None;
+        assert_eq!(bus(&cc), "local");
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Benchmarks: Confab beside a Node Socket.IO peer and a bare tokio-tungstenite broadcaster, one
+# invocation (S1–S5, see BENCHMARKS.md). --quick: fewer rate steps; --smoke: seconds, small numbers
+# (run by scripts/test.sh so the harness cannot rot). Other arguments go to `confab-bench run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/confab-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+mode=full
+args=()
+for a in "$@"; do
+  case "$a" in
+    --quick) mode=quick ;;
+    --smoke) mode=smoke ;;
+    *) args+=("$a") ;;
+  esac
+done
+
+# Postgres (S2) and RabbitMQ (S5), when installed; scenarios that need a missing one say so.
+bash scripts/services.sh
+if command -v psql >/dev/null && psql -h 127.0.0.1 -U postgres -tAc 'select 1' >/dev/null 2>&1; then
+  # Fresh databases every run: results must not depend on what earlier runs left behind.
+  for db in confab_bench confab_bench_s5; do
+    psql -h 127.0.0.1 -U postgres -qc "drop database if exists $db with (force)" &&
+      psql -h 127.0.0.1 -U postgres -qc "create database $db"
+  done
+fi
+
+echo "== installing the Node peer (npm ci in bench/peers/node)"
+peer=bench/peers/node
+if [ ! -f "$peer/node_modules/.installed" ] || [ "$peer/package-lock.json" -nt "$peer/node_modules/.installed" ]; then
+  (cd "$peer" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed)
+fi
+
+# The smoke run uses the debug build the test command already has; measurements need release.
+profile=release
+[ "$mode" = smoke ] && profile=debug
+echo "== building ($profile)"
+if [ "$profile" = release ]; then
+  cargo build --release -p confab-gateway -p confab-bench
+else
+  cargo build -p confab-gateway -p confab-bench
+fi
+bin="$CARGO_TARGET_DIR/$profile"
+
+ulimit -n 20000 2>/dev/null || true
+echo "== confab-bench run --mode $mode (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+CONFAB_GATEWAY_BIN="$bin/confab-gateway" CONFAB_BARE_BIN="$bin/confab-bare" \
+  "$bin/confab-bench" run --mode "$mode" --out "artifacts/bench/$mode" ${args[@]+"${args[@]}"}

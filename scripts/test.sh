@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: starts the local services it needs, installs the
+# test clients, builds, then runs the Rust tests and the end-to-end suites with real clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/confab-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+bash scripts/services.sh
+
+echo "== installing test clients (npm ci in tests/js)"
+(cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+
+echo "== building"
+cargo build --workspace --bins
+export CONFAB_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/confab-gateway"
+
+echo "== Rust tests (unit, contract, end-to-end)"
+cargo nextest run --workspace --no-fail-fast
+
+# The web page's browser test drives Debian's Chromium; without it that test fails (never skips).
+if [ ! -x /usr/bin/chromium ]; then
+  echo "== installing chromium for the browser test"
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    sudo -n env DEBIAN_FRONTEND=noninteractive apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  fi || echo "!! could not install chromium; tests/js/browser.test.mjs will fail"
+fi
+
+echo "== end-to-end with real clients (node --test)"
+# The three-gateway cluster suite runs on its own: it shares Postgres, Redis and RabbitMQ and its
+# outage timings are the most sensitive to a second suite competing for the 2 cores.
+node --test --test-concurrency=2 --test-timeout=300000 $(ls tests/js/*.test.mjs | grep -v cluster.test.mjs)
+node --test --test-timeout=300000 tests/js/cluster.test.mjs
+
+echo "== Autobahn|Testsuite against the /ws WebSocket settings"
+bash scripts/autobahn.sh
+
+if [ -f scripts/test-operator.sh ]; then
+  echo "== operator: chart, manifests, binary against an API emulator"
+  bash scripts/test-operator.sh
+fi
