@@ -1,12 +1,16 @@
 // A TCP fault proxy for outage tests: sits between a gateway and a shared service and can cut
-// (reset every connection and refuse new ones) and restore, without touching the service.
+// (drop every connection and refuse new ones) and restore, without touching the service.
+// Connections are closed with destroy(), not resetAndDestroy(): on Node 20 a reset of a piped
+// socket with a write in flight leaves a libuv request that never completes, and the test
+// process then spins forever in its exit cleanup (seen as cluster.test.mjs timing out in CI
+// after every test had passed).
 import net from 'node:net';
 
 export async function startFaultProxy(targetPort, targetHost = '127.0.0.1') {
   let cut = false;
   const sockets = new Set();
   const server = net.createServer((client) => {
-    if (cut) { client.resetAndDestroy(); return; }
+    if (cut) { client.destroy(); return; }
     const upstream = net.connect(targetPort, targetHost);
     sockets.add(client); sockets.add(upstream);
     const drop = () => {
@@ -20,10 +24,10 @@ export async function startFaultProxy(targetPort, targetHost = '127.0.0.1') {
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
   return {
     port: server.address().port,
-    /** Resets every open connection and refuses new ones until restore(). */
+    /** Closes every open connection and refuses new ones until restore(). */
     cut() {
       cut = true;
-      for (const s of sockets) s.resetAndDestroy();
+      for (const s of sockets) s.destroy();
       sockets.clear();
     },
     restore() { cut = false; },
