@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use crate::auth::{Authenticator, KeyError};
 use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
 use crate::chat::{ChatService, ChatSettings};
+use crate::drain::{Drain, DrainState};
 use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
@@ -88,7 +89,6 @@ pub struct App {
     pub gateway: Arc<Gateway>,
     /// Set when running on the generated dev secret: tokens may be minted for the newcomer.
     pub dev_secret_path: Option<std::path::PathBuf>,
-    pub drain: Duration,
 }
 
 /// Reads the dev secret, generating it on first start.
@@ -233,9 +233,15 @@ impl App {
                 allowed_origins.push(format!("http://{local}"));
             }
         }
+        let drain = Drain::new(Duration::from_secs(config.drain_seconds));
+        tokio::spawn(crate::drain::run(drain.clone(), service.clone()));
+        if let Some(path) = &config.drain_annotation_file {
+            tokio::spawn(crate::drain::watch_annotation_file(path.clone(), drain.clone()));
+        }
         let gateway = Arc::new(Gateway {
             service,
             auth: Arc::new(auth),
+            drain,
             settings: TransportSettings {
                 allowed_origins: allowed_origins.clone(),
                 trusted_proxies: config.trusted_proxies.clone(),
@@ -259,27 +265,44 @@ impl App {
             .merge(ws::routes(gateway.clone(), config.ws_echo_route))
             .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize))
             .layer(sio_layer)
+            .layer(axum::middleware::from_fn_with_state(
+                gateway.clone(),
+                http::refuse_while_draining,
+            ))
             .layer(axum::middleware::from_fn_with_state(policy, origin::check));
         Ok(Self {
             router,
             io,
             gateway,
             dev_secret_path,
-            drain: Duration::from_secs(config.drain_seconds),
         })
     }
 }
 
-/// Serves until `shutdown` resolves, then disconnects every socket (clients reconnect
-/// elsewhere and `sync`) and waits at most the drain time for requests in flight.
+/// Serves until the drain has handed every connection over (or `stop` resolves: a second
+/// signal), then stops accepting and waits at most a few seconds for requests in flight.
+/// `drain_on` starts the drain (SIGTERM); `POST /admin/drain` and the annotation can also.
 pub async fn serve(
     listener: TcpListener,
     app: App,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain_on: impl Future<Output = ()> + Send + 'static,
+    stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let io = app.io.clone();
     let gateway = app.gateway.clone();
-    let drain = app.drain;
+    let drain = gateway.drain.clone();
+    let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let drain = drain.clone();
+        let signalled = signalled.clone();
+        tokio::spawn(async move {
+            drain_on.await;
+            signalled.store(true, std::sync::atomic::Ordering::Release);
+            if !drain.begin("signal") && drain.state() == DrainState::Drained {
+                tracing::info!("already drained: exiting");
+            }
+        });
+    }
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(
         listener,
@@ -287,10 +310,18 @@ pub async fn serve(
             .into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: closing realtime connections");
+        // A drain asked over HTTP or by the annotation leaves the process up, not ready and
+        // empty, until its signal: exiting would only have the container restarted.
+        tokio::select! {
+            _ = async {
+                drain.reached(DrainState::Drained).await;
+                while !signalled.load(std::sync::atomic::Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            } => tracing::info!("drained: shutting down"),
+            _ = stop => tracing::warn!("second signal: shutting down without finishing the drain"),
+        }
         io.close().await;
-        // Plain WebSocket connections are not hyper's to close: each gets a close frame.
         for out in gateway.service.hub().all() {
             out.close("server shutting down");
         }
@@ -300,9 +331,9 @@ pub async fn serve(
         result = server => result,
         _ = async {
             let _ = stopped_rx.await;
-            tokio::time::sleep(drain).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
         } => {
-            tracing::warn!("requests still in flight after the drain time; exiting anyway");
+            tracing::warn!("requests still in flight 5 s after the drain; exiting anyway");
             Ok(())
         }
     }

@@ -28,6 +28,21 @@ pub enum Command {
     Serve,
     /// Print a token signed with the configured secret (or the embedded dev secret).
     Token(TokenArgs),
+    /// Ask a running gateway to drain (the Kubernetes preStop hook), optionally until it has.
+    Drain(DrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The gateway's address; defaults to CONFAB_LISTEN on this host.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// An admin token; by default one is minted with the configured secret.
+    #[arg(long, env = "CONFAB_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Return only once every connection has been handed over.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -166,14 +181,16 @@ pub struct Config {
         global = true
     )]
     pub trusted_proxies: Vec<IpAddr>,
-    /// Seconds to finish in-flight work on shutdown.
-    #[arg(
-        long,
-        env = "CONFAB_DRAIN_SECONDS",
-        default_value_t = 30,
-        global = true
-    )]
+    /// The drain window, in seconds: on SIGTERM, `POST /admin/drain` or the drain annotation,
+    /// clients are told to reconnect elsewhere at moments spread over this window; whatever is
+    /// left at its end is closed (1012).
+    #[arg(long, env = "CONFAB_DRAIN_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600), global = true)]
     pub drain_seconds: u64,
+    /// A downward-API file of the pod's annotations; the gateway drains when it holds
+    /// `confab.dev/drain="true"`.
+    #[arg(long, env = "CONFAB_DRAIN_ANNOTATION_FILE", global = true)]
+    pub drain_annotation_file: Option<PathBuf>,
     /// Largest WebSocket frame/message and polling body, in bytes.
     #[arg(long, env = "CONFAB_MAX_FRAME_BYTES", default_value_t = 65536,
           value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024), global = true)]

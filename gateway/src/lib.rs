@@ -16,6 +16,7 @@ pub mod auth;
 pub mod bus;
 pub mod chat;
 pub mod config;
+pub mod drain;
 pub mod limits;
 pub mod presence;
 pub mod redis;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use confab_gateway::app::{self, App};
-use confab_gateway::config::{Cli, Command, Config, LogFormat};
+use confab_gateway::config::{Cli, Command, Config, DrainArgs, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 /// One line naming the setting, instead of clap's multi-line report.
@@ -117,9 +117,94 @@ async fn serve(config: Config) -> Result<(), String> {
         println!("More: confab-gateway token --sub carol --name Carol");
     }
     tracing::info!(%url, "serving");
-    app::serve(listener, app, shutdown_signal())
+    // The first signal starts the drain; a second one stops at once.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = first_tx.send(());
+        shutdown_signal().await;
+        let _ = second_tx.send(());
+    });
+    app::serve(
+        listener,
+        app,
+        async move {
+            let _ = first_rx.await;
+        },
+        async move {
+            let _ = second_rx.await;
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// `confab-gateway drain`: asks the gateway to drain and, with `--wait`, waits until it has.
+async fn drain(config: &Config, args: &DrainArgs) -> Result<(), String> {
+    let url = args.url.clone().unwrap_or_else(|| {
+        let listen = config.listen;
+        let host = if listen.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            listen.ip().to_string()
+        };
+        format!("http://{host}:{}", listen.port())
+    });
+    let url = url.trim_end_matches('/').to_owned();
+    let token = match &args.token {
+        Some(t) => t.clone(),
+        None => {
+            let (auth, _) = app::authenticator(config).map_err(|e| e.to_string())?;
+            auth.mint(
+                "confab-drain",
+                "confab-gateway drain",
+                vec!["admin".into()],
+                vec![],
+                chrono::Duration::minutes(10),
+            )
+            .ok_or_else(|| {
+                "cannot mint an admin token with CONFAB_JWT_PUBLIC_KEY: pass --token or set CONFAB_ADMIN_TOKEN".to_owned()
+            })?
+        }
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let started = client
+        .post(format!("{url}/admin/drain"))
+        .bearer_auth(&token)
+        .send()
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("cannot reach the gateway at {url}: {e}"))?;
+    let status = started.status();
+    let body = started.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(format!("{url} refused the drain: {status}: {body}"));
+    }
+    println!("{body}");
+    if !args.wait {
+        return Ok(());
+    }
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let Ok(response) = client
+            .get(format!("{url}/admin/drain"))
+            .bearer_auth(&token)
+            .send()
+            .await
+        else {
+            // Gone: the gateway finished and exited.
+            return Ok(());
+        };
+        let body = response.text().await.unwrap_or_default();
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if state["state"] == "drained" {
+            println!("{body}");
+            return Ok(());
+        }
+    }
 }
 
 #[tokio::main]
@@ -143,6 +228,7 @@ async fn main() -> ExitCode {
     init_logging(cli.config.log_format);
     let result = match &cli.command {
         Some(Command::Token(args)) => token(&cli.config, args).map(|t| println!("{t}")),
+        Some(Command::Drain(args)) => drain(&cli.config, args).await,
         Some(Command::Serve) | None => serve(cli.config).await,
     };
     match result {

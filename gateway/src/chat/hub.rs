@@ -24,6 +24,11 @@ pub trait Outbound: Send + Sync {
     fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure>;
     /// Ends the connection; the client is expected to reconnect and `sync`.
     fn close(&self, reason: &'static str);
+    /// Ends the connection because the server is draining, once the requests it already sent
+    /// are answered (1012 where the transport has close codes).
+    fn drain_close(&self) {
+        self.close("server restarting");
+    }
 }
 
 struct Conn {

@@ -9,9 +9,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 use uuid::Uuid;
 
 use super::Gateway;
@@ -20,6 +20,7 @@ use super::protocol::{
     ErrorReply, MessagesPage,
 };
 use crate::chat::CreateConversation;
+use crate::drain::DrainState;
 use crate::chat::error::ChatError;
 use crate::chat::model::{
     Conversation, ConversationKind, ConversationSummary, Identity, Member, MemberRole, Message,
@@ -205,6 +206,15 @@ async fn healthz() -> &'static str {
     (status = 200, description = "every backend answers"),
     (status = 503, body = ErrorReply, description = "a backend is unreachable")))]
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.drain.is_draining() {
+        let body = ErrorReply {
+            error: ErrorBody {
+                code: "unavailable".into(),
+                message: "draining: this gateway is handing its connections to the others".into(),
+            },
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     match gw.service.ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(why) => {
@@ -218,6 +228,96 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
         }
     }
+}
+
+/// Where a drain stands.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainStatus {
+    /// `serving`, `draining` or `drained`.
+    pub state: String,
+    /// Connections still open on this gateway.
+    pub connections: usize,
+    /// The drain window, in seconds.
+    pub window_seconds: f64,
+}
+
+fn drain_status(gw: &Gateway) -> DrainStatus {
+    let state = match gw.drain.state() {
+        DrainState::Serving => "serving",
+        DrainState::Draining => "draining",
+        DrainState::Drained => "drained",
+    };
+    DrainStatus {
+        state: state.into(),
+        connections: gw.service.hub().connection_count(),
+        window_seconds: gw.drain.window().as_secs_f64(),
+    }
+}
+
+fn require_admin(who: &Identity) -> Result<(), ApiError> {
+    if who.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError(ChatError::Forbidden(
+            "the admin role is required".into(),
+        )))
+    }
+}
+
+#[utoipa::path(post, path = "/admin/drain", responses(
+    (status = 202, body = DrainStatus, description = "the drain has started (or was already under way)"),
+    (status = 401, body = ErrorReply), (status = 403, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn start_drain(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+) -> Result<(StatusCode, Json<DrainStatus>), ApiError> {
+    require_admin(&who)?;
+    if gw.drain.begin("POST /admin/drain") {
+        tracing::info!(target: "audit", admin = %who.user_id.escape_debug(), "drain requested");
+    }
+    Ok((StatusCode::ACCEPTED, Json(drain_status(&gw))))
+}
+
+#[utoipa::path(get, path = "/admin/drain", responses(
+    (status = 200, body = DrainStatus), (status = 401, body = ErrorReply), (status = 403, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn get_drain(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+) -> Result<Json<DrainStatus>, ApiError> {
+    require_admin(&who)?;
+    Ok(Json(drain_status(&gw)))
+}
+
+/// While draining, new realtime connections are refused with 503 + `Retry-After`: a Socket.IO
+/// handshake (no `sid` yet) or a `/ws` upgrade. Sessions already open go on until their slot.
+pub async fn refuse_while_draining(
+    State(gw): State<Arc<Gateway>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if gw.drain.is_draining() {
+        let path = req.uri().path();
+        let query = req.uri().query().unwrap_or_default();
+        let new_socketio = path.starts_with("/socket.io")
+            && !query.split('&').any(|kv| kv.starts_with("sid="));
+        if new_socketio || path == "/ws" {
+            let body = ErrorReply {
+                error: ErrorBody {
+                    code: "unavailable".into(),
+                    message: "this gateway is draining; connect to another one".into(),
+                },
+            };
+            let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return response;
+        }
+    }
+    next.run(req).await
 }
 
 struct BearerAuth;
@@ -240,7 +340,7 @@ impl Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Confab gateway HTTP API", description = "Conversations, members and history. Realtime events are on /socket.io/."),
-    paths(create_conversation, list_conversations, get_conversation, add_member, remove_member, messages, healthz, readyz),
+    paths(create_conversation, list_conversations, get_conversation, add_member, remove_member, messages, healthz, readyz, start_drain, get_drain),
     components(schemas(Conversation, ConversationSummary, ConversationKind, Member, MemberRole, Message, MessageKind)),
     modifiers(&BearerAuth)
 )]
@@ -269,6 +369,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/api/conversations/{id}/messages", get(messages))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/admin/drain", post(start_drain).get(get_drain))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
 }

@@ -74,6 +74,7 @@ pub struct Gateway {
     pub service: Arc<ChatService>,
     pub auth: Arc<Authenticator>,
     pub settings: TransportSettings,
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 /// The client's address: the peer, or the first `X-Forwarded-For` hop when the peer is a

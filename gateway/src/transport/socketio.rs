@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::extract::ConnectInfo;
 use serde_json::Value;
@@ -10,6 +11,7 @@ use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::DisconnectReason;
 use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::sync::Notify;
 
 use super::protocol::ErrorReply;
 use super::{EVENTS, Gateway, Session, client_address, dispatch};
@@ -20,12 +22,60 @@ use crate::chat::hub::{ConnId, Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
 use crate::limits::LimitClass;
 
+/// Requests a socket is running; a drain closes the socket only once they are answered.
+#[derive(Default)]
+struct InFlight {
+    running: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one running request for as long as it lives.
+struct Running(Arc<InFlight>);
+
+impl InFlight {
+    fn start(self: &Arc<Self>) -> Running {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        Running(self.clone())
+    }
+
+    /// Resolves once no request is running (checked before every wait: cancel-safe).
+    async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// A Socket.IO socket as the hub sees it.
-struct SocketOut(SocketRef);
+struct SocketOut {
+    socket: SocketRef,
+    in_flight: Arc<InFlight>,
+}
+
+impl SocketOut {
+    fn new(socket: SocketRef) -> Self {
+        Self {
+            socket,
+            in_flight: Arc::default(),
+        }
+    }
+}
 
 impl Outbound for SocketOut {
     fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
-        match self.0.emit(event.name, &*event.payload) {
+        match self.socket.emit(event.name, &*event.payload) {
             Ok(()) => Ok(()),
             Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(SendFailure::QueueFull),
             Err(_) => Err(SendFailure::Closed),
@@ -33,8 +83,29 @@ impl Outbound for SocketOut {
     }
 
     fn close(&self, reason: &'static str) {
-        tracing::debug!(sid = %self.0.id, reason, "closing socket");
-        let _ = self.0.clone().disconnect();
+        tracing::debug!(sid = %self.socket.id, reason, "closing socket");
+        let _ = self.socket.clone().disconnect();
+    }
+
+    fn drain_close(&self) {
+        let socket = self.socket.clone();
+        let in_flight = self.in_flight.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + crate::drain::IN_FLIGHT_DEADLINE;
+            // Answered, then a moment for the acks to be written (socketioxide's disconnect
+            // can overtake queued packets); a request that slipped in meanwhile gets its turn.
+            loop {
+                let _ = tokio::time::timeout_at(deadline, in_flight.settled()).await;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                if in_flight.running.load(Ordering::Acquire) == 0
+                    || tokio::time::Instant::now() >= deadline
+                {
+                    break;
+                }
+            }
+            tracing::debug!(sid = %socket.id, "closing socket: drain");
+            let _ = socket.disconnect();
+        });
     }
 }
 
@@ -108,13 +179,15 @@ struct Attached {
 /// because socketioxide sends the client its CONNECT before it spawns the connect handler: an
 /// event the client emits at once would find no handler and be lost.
 fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached {
-    let out: Arc<dyn Outbound> = Arc::new(SocketOut(s.clone()));
+    let socket_out = Arc::new(SocketOut::new(s.clone()));
+    let in_flight = socket_out.in_flight.clone();
+    let out: Arc<dyn Outbound> = socket_out;
     let (conn, change) = gw.service.register(&identity, out.clone());
     let session = Session::new(conn, (*identity).clone(), out);
     let expiring = s.clone();
     session.watch_expiry(gw.settings.token_warning, move || {
         ChatService::direct(
-            &SocketOut(expiring.clone()),
+            &SocketOut::new(expiring.clone()),
             &Outgoing::new(
                 "session_expired",
                 &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
@@ -130,9 +203,11 @@ fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached
     for &name in EVENTS {
         let gw = gw.clone();
         let session = session.clone();
+        let in_flight = in_flight.clone();
         s.on(
             name,
             move |TryData(data): TryData<Value>, ack: AckSender| async move {
+                let _running = in_flight.start();
                 let result = match data {
                     Ok(payload) => dispatch(&gw, &session, name, payload).await,
                     Err(e) => Err(ChatError::invalid(format!("invalid {name} payload: {e}"))),
@@ -185,7 +260,7 @@ fn attach_agent(
     s: &SocketRef,
     identity: &Identity,
 ) -> Result<TopicChange, Refused> {
-    let out: Arc<dyn Outbound> = Arc::new(SocketOut(s.clone()));
+    let out: Arc<dyn Outbound> = Arc::new(SocketOut::new(s.clone()));
     let (conn, change) = gw
         .service
         .register_agent(identity, out)

@@ -39,6 +39,8 @@ pub mod close_code {
     /// The client broke a rule: never read its socket, never answered pings.
     pub const POLICY: u16 = 1008;
     pub const INTERNAL: u16 = 1011;
+    /// The server is restarting (a drain): reconnect, to another node, and `sync`.
+    pub const SERVICE_RESTART: u16 = 1012;
 }
 
 /// Messages smaller than this go uncompressed: deflate costs more than it saves on them.
@@ -194,6 +196,8 @@ struct Closing {
     code: u16,
     reason: String,
     flush_queued: bool,
+    /// A drain: stop reading, let the requests already read be answered, then flush and close.
+    settle: bool,
 }
 
 /// A bounded queue of ready-made text frames for one connection. A `VecDeque` rather than a
@@ -285,6 +289,7 @@ impl WsOut {
                 code,
                 reason: reason.into(),
                 flush_queued,
+                settle: false,
             });
             true
         });
@@ -305,6 +310,21 @@ impl Outbound for WsOut {
             close_code::GOING_AWAY
         };
         self.close_with(code, reason, false);
+    }
+
+    fn drain_close(&self) {
+        self.closing.send_if_modified(|c| {
+            if c.is_some() {
+                return false;
+            }
+            *c = Some(Closing {
+                code: close_code::SERVICE_RESTART,
+                reason: "server restarting: reconnect and sync".into(),
+                flush_queued: true,
+                settle: true,
+            });
+            true
+        });
     }
 }
 
@@ -480,7 +500,7 @@ async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpA
     .encode();
 
     let (requests_tx, requests) = mpsc::channel(REQUESTS_IN_FLIGHT);
-    let worker = tokio::spawn(run_requests(
+    let mut worker = tokio::spawn(run_requests(
         gw.clone(),
         session.clone(),
         identity.clone(),
@@ -490,6 +510,12 @@ async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpA
     ));
     let ending = pump(&gw, &mut ws, Bytes::from(hello), closing, requests_tx, &out).await;
     if let Some(c) = ending {
+        if c.settle {
+            // The request channel closed with the pump: the worker answers what was already
+            // read and ends; its answers go out before the close.
+            let _ = timeout(crate::drain::IN_FLIGHT_DEADLINE, &mut worker).await;
+            let _ = timeout(st.send_deadline, Box::pin(flush_queue(&mut ws, &out))).await;
+        }
         Box::pin(close(&mut ws, c.code, &c.reason, Duration::from_secs(1))).await;
     }
     worker.abort();
@@ -553,6 +579,7 @@ async fn pump(
         code: close_code::POLICY,
         reason: "send deadline exceeded: the client does not read".into(),
         flush_queued: false,
+        settle: false,
     };
     if timeout(st.send_deadline, ws.send(Frame::text(hello)))
         .await
@@ -569,13 +596,8 @@ async fn pump(
             changed = closing.changed() => {
                 let Ok(()) = changed else { return None };
                 let c = closing.borrow().clone()?;
-                if c.flush_queued {
-                    let _ = timeout(st.send_deadline, Box::pin(async {
-                        while let Some(f) = out.frames.try_pop() {
-                            ws.feed(Frame::text(f)).await?;
-                        }
-                        ws.flush().await
-                    })).await;
+                if c.flush_queued && !c.settle {
+                    let _ = timeout(st.send_deadline, Box::pin(flush_queue(ws, out))).await;
                 }
                 return Some(c);
             }
@@ -584,6 +606,7 @@ async fn pump(
                     code: close_code::POLICY,
                     reason: format!("no pong within {} ms", st.ping_timeout.as_millis()),
                     flush_queued: false,
+                    settle: false,
                 });
             }
             _ = ping.tick() => {
@@ -626,6 +649,7 @@ async fn pump(
                             code: close_code::UNSUPPORTED_DATA,
                             reason: "binary frames are not part of the protocol; send JSON text".into(),
                             flush_queued: true,
+                            settle: false,
                         });
                     }
                     OpCode::Pong => pong_due = None,
@@ -639,6 +663,14 @@ async fn pump(
             }
         }
     }
+}
+
+/// Writes every queued frame.
+async fn flush_queue(ws: &mut Ws, out: &WsOut) -> Result<(), yawc::WebSocketError> {
+    while let Some(f) = out.frames.try_pop() {
+        ws.feed(Frame::text(f)).await?;
+    }
+    ws.flush().await
 }
 
 /// A text frame: a request for the worker, or an `error` frame right away when it cannot be one.

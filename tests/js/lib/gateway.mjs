@@ -44,6 +44,8 @@ export async function startGateway(options = {}) {
     CONFAB_DATA_DIR: dataDir,
     CONFAB_JWT_SECRET: SECRET,
     CONFAB_PRESENCE_GRACE_MS: '300',
+    // A SIGTERM drains: keep the window short so stopping a gateway in a test stays quick.
+    CONFAB_DRAIN_SECONDS: '2',
     ...options.env,
   };
   const proc = spawn(gatewayBin(), options.args ?? [], { env, stdio: ['ignore', 'pipe', 'pipe'] });
