@@ -26,6 +26,7 @@ RESOURCES: dict[str, tuple[str, bool]] = {
     "v1/services": ("Service", True),
     "v1/secrets": ("Secret", True),
     "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True),
+    "v1/pods": ("Pod", True),
     "apps/v1/deployments": ("Deployment", True),
     "apps/v1/statefulsets": ("StatefulSet", True),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True),

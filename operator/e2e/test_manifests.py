@@ -112,6 +112,9 @@ def test_rbac_is_least_privilege() -> None:
     rules = next(o for o in objects if o["kind"] == "ClusterRole")["rules"]
     secrets = [r for r in rules if "secrets" in r["resources"]]
     assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    # Gateway pods: listed for their connections, patched for their deletion cost; no more.
+    pods = [r for r in rules if "pods" in r["resources"]]
+    assert pods == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]}]
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
     resources = {res for r in rules for res in r["resources"]}
     assert {"chatclusters", "chatclusters/status", "chatclusters/finalizers", "events", "deployments",

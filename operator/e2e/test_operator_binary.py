@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import kmock
 import pytest
 import yaml
@@ -46,10 +47,63 @@ def get(emulator: kube_emulator.StampingEmulator, path: str, name: str, ns: str 
     return emulator.current(kmock.resource(path), ns, name)
 
 
+# What each stand-in gateway pod's /metrics answers: OpenTelemetry-style pages (HELP/TYPE,
+# scope labels, escaped label values) and one page of garbage.
+GATEWAY_PAGES = {
+    "demo-gateway-7d9f-a": (
+        "# HELP confab_connections Open client connections on this gateway\n"
+        "# TYPE confab_connections gauge\n"
+        'confab_connections{otel_scope_name="confab-gateway",transport="socketio"} 9000\n'
+        'confab_connections{otel_scope_name="confab-gateway",transport="ws"} 3000\n'
+        "# TYPE confab_draining gauge\n"
+        'confab_draining{otel_scope_name="confab-gateway"} 0\n'
+        'target_info{service_name="confab-gateway",note="a \\"quoted\\" value"} 1\n'
+    ),
+    "demo-gateway-7d9f-b": (
+        "# TYPE confab_connections gauge\n"
+        'confab_connections{otel_scope_name="confab-gateway",transport="ws"} 2500\n'
+        'confab_draining{otel_scope_name="confab-gateway"} 0\n'
+    ),
+    "demo-gateway-7d9f-c": "<html><body>502 Bad Gateway</body></html>",
+}
+
+
+async def serve_gateway_pages() -> tuple[list[aiohttp.web.AppRunner], dict[str, int]]:
+    """One local HTTP server per stand-in pod; the pods' `http` port points at it."""
+    runners, ports = [], {}
+    for name, page in GATEWAY_PAGES.items():
+        app = aiohttp.web.Application()
+        async def metrics(_request: aiohttp.web.Request, page: str = page) -> aiohttp.web.Response:
+            return aiohttp.web.Response(text=page)
+
+        app.router.add_get("/metrics", metrics)
+        runner = aiohttp.web.AppRunner(app)
+        await runner.setup()
+        site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports[name] = runner.addresses[0][1]
+    return runners, ports
+
+
+def gateway_pod(name: str, port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS,
+                     "labels": {"app.kubernetes.io/name": "confab-gateway", "app.kubernetes.io/instance": "demo"}},
+        "spec": {"containers": [{"name": "gateway", "image": "confab-gateway:dev",
+                                 "ports": [{"name": "http", "containerPort": port}]}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
 async def scenario(tmp: pathlib.Path) -> None:
     emulator, server = await kube_emulator.start()
     operator = None
+    runners, ports = await serve_gateway_pages()
     try:
+        for name, port in ports.items():
+            emulator.seed("v1/pods", gateway_pod(name, port))
         for name, key in [("confab-auth", "jwt-secret"), ("confab-postgres", "url")]:
             emulator.seed("v1/secrets", {
                 "apiVersion": "v1", "kind": "Secret",
@@ -111,6 +165,30 @@ async def scenario(tmp: pathlib.Path) -> None:
             types = {c["type"]: c["status"] for c in status()["conditions"]}
             assert types == {"Ready": "False", "Progressing": "True", "Degraded": "False"}, types
 
+            # Connection-draining rollout: the pods' /metrics were read; the page of garbage
+            # leaves its pod unknown (not 0).
+            assert status()["connections"] == 9000 + 3000 + 2500, status()
+            assert status()["rollout"] == {"updatedReplicas": 0, "podsDrainingAtOnce": 2, "connectionsPerPod": 12000,
+                                           "drainingPods": 0, "podsWithoutCounts": 1}, status()
+            progressing = next(c for c in status()["conditions"] if c["type"] == "Progressing")
+            assert progressing["message"].startswith("rolling: 0 of 3 pods on the current revision, 2 draining at once"), progressing
+            # 500 reconnects/s × 60 s ÷ 12 000 connections on the fullest pod = 2 pods at once.
+            assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 2, "maxUnavailable": 0}}, deployment["spec"]["strategy"]
+            pod_spec = deployment["spec"]["template"]["spec"]
+            assert pod_spec["terminationGracePeriodSeconds"] == 75
+            assert container["lifecycle"]["preStop"] == {"exec": {"command": ["/usr/local/bin/confab-gateway", "drain", "--wait"]}}
+            assert config["CONFAB_DRAIN_SECONDS"] == "60"
+            assert config["CONFAB_DRAIN_ANNOTATION_FILE"] == "/etc/confab/podinfo/annotations"
+            podinfo = next(v for v in pod_spec["volumes"] if v["name"] == "podinfo")
+            assert podinfo["downwardAPI"]["items"] == [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
+
+            def costs() -> dict[str, str | None]:
+                return {name: (get(emulator, "v1/pods", name)["metadata"].get("annotations") or {})
+                        .get("controller.kubernetes.io/pod-deletion-cost") for name in GATEWAY_PAGES}
+
+            await eventually("deletion costs on the pods", lambda: costs()["demo-gateway-7d9f-b"] is not None)
+            assert costs() == {"demo-gateway-7d9f-a": "12000", "demo-gateway-7d9f-b": "2500", "demo-gateway-7d9f-c": None}, costs()
+
             # The pods come up: the Deployment's and StatefulSets' status change wakes the
             # operator through its watches, and the cluster turns Ready.
             for path, name, body in [
@@ -146,6 +224,8 @@ async def scenario(tmp: pathlib.Path) -> None:
                     text = await resp.text()
             assert "confab_operator_reconciles_total" in text and "confab_operator_reconcile_duration_seconds_bucket" in text, text
             assert "confab_operator_leader 1" in text, text
+            assert 'confab_operator_fleet_errors_total{error="parse"}' in text, text
+            assert "confab_operator_deletion_cost_patches_total 2" in text, text
 
             # Deletion runs the finalizer: volume claims are deleted, then the object goes.
             async with http.delete(f"/apis/confab.dev/v1alpha1/namespaces/{NS}/chatclusters/demo") as resp:
@@ -167,6 +247,8 @@ async def scenario(tmp: pathlib.Path) -> None:
             operator.kill()
             await operator.wait()
         await kube_emulator.stop(emulator, server)
+        for runner in runners:
+            await runner.cleanup()
 
 
 def test_operator_binary_reconciles_a_chatcluster_end_to_end() -> None:

@@ -1,4 +1,5 @@
-//! The ChatCluster reconciler: applies children, reports status and conditions, cleans up.
+//! The ChatCluster reconciler: applies children, keeps gateway pods' deletion costs, reports
+//! status (connections, rollout progress) and conditions, cleans up.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -23,17 +24,20 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use crate::crd::{ChatCluster, ChatClusterStatus, Phase, SecretKeyRef};
+use crate::crd::{ChatCluster, ChatClusterStatus, Phase, RolloutStatus, SecretKeyRef};
 use crate::error::{Error, Result};
+use crate::fleet::{self, ConnectionSource, FleetMemory, Observation};
 use crate::metrics::Metrics;
 use crate::resources::{self, ManagedKind, configmap, deployment, hpa, pdb, service, statefulset};
+use crate::rollout::Plan;
 
 /// The finalizer that lets the operator delete what owner references do not cover.
 pub const FINALIZER: &str = "confab.dev/cleanup";
 /// The one field manager every server-side apply uses.
 pub const FIELD_MANAGER: &str = "confab-operator";
-/// How often a healthy cluster is looked at again even without a change.
-pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often a healthy cluster is looked at again even without a change: the pods' connection
+/// counts, `status.connections` and the deletion costs are only as fresh as this.
+pub const RESYNC: Duration = Duration::from_secs(30);
 /// How soon a cluster that is rolling out or waiting for a Secret is looked at again.
 pub const RECHECK: Duration = Duration::from_secs(15);
 /// First and last delay of the per-object exponential backoff after errors.
@@ -45,12 +49,21 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// Where live connections per gateway pod come from (HTTP in production).
+    pub connections: Arc<dyn ConnectionSource>,
+    /// Last known counts and deletion-cost patch times per pod.
+    pub fleet: FleetMemory,
     /// Consecutive failures per object, for the backoff; cleared by a success.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+        connections: Arc<dyn ConnectionSource>,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
             instance,
@@ -59,6 +72,8 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            connections,
+            fleet: FleetMemory::default(),
             failures: Mutex::default(),
         }
     }
@@ -352,7 +367,16 @@ async fn apply(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
             }
         }
     }
-    let desired = deployment::deployment(cc, None)?;
+    let observation = fleet::observe(
+        client,
+        ctx.connections.as_ref(),
+        &ctx.fleet,
+        &ctx.metrics,
+        cc,
+    )
+    .await;
+    let plan = deployment::rollout_plan(cc, observation.connections_per_pod());
+    let desired = deployment::deployment(cc, observation.connections_per_pod())?;
     let applied = apply_child(client, &ns, &desired).await?;
     apply_child(client, &ns, &pdb::pdb(cc)?).await?;
     match hpa::hpa(cc)? {
@@ -365,7 +389,9 @@ async fn apply(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         }
     }
 
-    let status = gateway_status(cc, &applied, backends_ready);
+    fleet::update_deletion_costs(client, &ctx.fleet, &ctx.metrics, cc, &observation).await;
+
+    let status = gateway_status(cc, &applied, backends_ready, &observation, plan);
     let phase = status.phase;
     patch_status(ctx, cc, &status).await?;
 
@@ -387,7 +413,8 @@ async fn apply(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    info!(chatcluster = %object_key(cc), phase = ?phase, ready = status.ready_replicas, "reconciled");
+    info!(chatcluster = %object_key(cc), phase = ?phase, ready = status.ready_replicas,
+        connections = ?status.connections, "reconciled");
     Ok(Action::requeue(if phase == Some(Phase::Ready) {
         RESYNC
     } else {
@@ -395,11 +422,14 @@ async fn apply(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     }))
 }
 
-/// The status a reconcile reports, from the Deployment as the API server returned it.
+/// The status a reconcile reports, from the Deployment as the API server returned it, the
+/// gateway pods as observed and the rollout plan the Deployment was given.
 pub fn gateway_status(
     cc: &ChatCluster,
     deployment: &Deployment,
     backends_ready: bool,
+    observation: &Observation,
+    plan: Plan,
 ) -> ChatClusterStatus {
     let generation = cc.metadata.generation;
     let previous = previous_conditions(cc);
@@ -432,11 +462,18 @@ pub fn gateway_status(
             format!("{ready}/{want} gateway pods ready, {updated} updated"),
         )
     };
+    let at_once = plan.pods_at_once;
+    let draining = observation.draining_pods();
     let progressing_message = if rolled_out {
-        "rollout complete".to_owned()
+        format!("rollout complete: {updated} of {want} pods on the current revision")
     } else {
-        format!("rolling out: {updated}/{want} updated, {ready} ready")
+        format!(
+            "rolling: {updated} of {want} pods on the current revision, {at_once} draining at once \
+             ({draining} draining now, {ready} ready, {per_pod} connections per pod)",
+            per_pod = plan.connections_per_pod
+        )
     };
+    let previous_connections = cc.status.as_ref().and_then(|s| s.connections);
     let template = serde_json::to_vec(&deployment.spec.template).unwrap_or_default();
     ChatClusterStatus {
         phase: Some(if is_ready {
@@ -447,9 +484,17 @@ pub fn gateway_status(
         observed_generation: generation,
         replicas: total,
         ready_replicas: ready,
-        connections: cc.status.as_ref().and_then(|s| s.connections),
+        // Unknown (pods not listed, none answered): keep the last known total.
+        connections: observation.connections().or(previous_connections),
         selector: Some(resources::selector_string(cc)),
         current_revision: Some(resources::stable_hash(&template)),
+        rollout: Some(RolloutStatus {
+            updated_replicas: updated,
+            pods_draining_at_once: at_once,
+            connections_per_pod: plan.connections_per_pod,
+            draining_pods: draining,
+            pods_without_counts: observation.unknown_pods(),
+        }),
         conditions: vec![
             condition(
                 previous,
@@ -487,6 +532,7 @@ pub fn gateway_status(
 /// the StatefulSets' volume claims are not owned, so they are deleted here.
 async fn cleanup(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
     let ns = cc.namespace().ok_or(Error::MissingField("namespace"))?;
+    ctx.fleet.forget(&fleet::cluster_key(cc));
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!(
         "app.kubernetes.io/instance={},app.kubernetes.io/part-of=confab",

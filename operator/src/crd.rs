@@ -307,9 +307,34 @@ pub struct ChatClusterStatus {
     /// Hash of the gateway pod template the fleet is rolling to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_revision: Option<String>,
+    /// The connection-draining rollout: budget, progress and what it was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// How the gateway fleet rolls, as of the last reconcile.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Gateway pods on the current pod template.
+    #[serde(default)]
+    pub updated_replicas: i32,
+    /// Pods that may drain at once (the Deployment's maxSurge; maxUnavailable is 0).
+    #[serde(default)]
+    pub pods_draining_at_once: i32,
+    /// Connections per pod the budget was computed with: the fullest pod's, or
+    /// spec.gateway.maxConnectionsPerPod while no pod has reported.
+    #[serde(default)]
+    pub connections_per_pod: i64,
+    /// Pods draining now (terminating, or reporting confab_draining).
+    #[serde(default)]
+    pub draining_pods: i32,
+    /// Pods whose connection count the operator has not been able to read yet.
+    #[serde(default)]
+    pub pods_without_counts: i32,
 }
 
 /// The one-word summary `kubectl get chatclusters` shows.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context as _, bail};
 use confab_operator::controller::{self, Context};
 use confab_operator::crd;
+use confab_operator::fleet::{self, HttpConnectionSource};
 use confab_operator::metrics::{self, Metrics};
 use confab_operator::resources::{
     ManagedKind, configmap, deployment, hpa, pdb, service, statefulset,
@@ -132,7 +133,13 @@ async fn run() -> anyhow::Result<()> {
     });
 
     let pod = std::env::var("POD_NAME").ok();
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), pod.clone()));
+    let connections = Arc::new(HttpConnectionSource::new(fleet::SCRAPE_TIMEOUT));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        pod.clone(),
+        connections,
+    ));
 
     // A stop flag shared by the signal handler and the controller's shutdown trigger.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -1,4 +1,5 @@
-//! Operator metrics (reconciles, errors by kind, duration) and the HTTP server for them.
+//! Operator metrics (reconciles, errors by kind, duration, gateway pod reads) and the HTTP
+//! server for them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,9 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Histogram,
     pub leader: Gauge,
+    /// Failed reads of gateway pods' connections and failed pod patches, by kind.
+    pub fleet_errors: Family<ErrorLabels, Counter>,
+    pub deletion_cost_patches: Counter,
 }
 
 impl Default for Metrics {
@@ -39,6 +43,8 @@ impl Default for Metrics {
         // 1 ms .. ~16 s: a reconcile is a handful of API calls.
         let duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let leader = Gauge::default();
+        let fleet_errors = Family::<ErrorLabels, Counter>::default();
+        let deletion_cost_patches = Counter::default();
         registry.register("reconciles", "Reconciliations started", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -55,12 +61,24 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        registry.register(
+            "fleet_errors",
+            "Failures to list gateway pods, read their connections or patch them, by kind",
+            fleet_errors.clone(),
+        );
+        registry.register(
+            "deletion_cost_patches",
+            "Gateway pods whose pod-deletion-cost annotation was updated",
+            deletion_cost_patches.clone(),
+        );
         Self {
             registry,
             reconciles,
             errors,
             duration,
             leader,
+            fleet_errors,
+            deletion_cost_patches,
         }
     }
 }
@@ -91,6 +109,14 @@ impl Metrics {
 
     pub fn record_error(&self, label: &str) {
         self.errors
+            .get_or_create(&ErrorLabels {
+                error: label.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn record_fleet_error(&self, label: &str) {
+        self.fleet_errors
             .get_or_create(&ErrorLabels {
                 error: label.to_owned(),
             })
@@ -153,6 +179,8 @@ mod tests {
         }
         metrics.record_error("kube");
         metrics.record_error("kube");
+        metrics.record_fleet_error("timeout");
+        metrics.deletion_cost_patches.inc();
         let text = metrics.encode().expect("encodes");
         assert!(
             text.contains("confab_operator_reconciles_total 1"),
@@ -164,6 +192,14 @@ mod tests {
         );
         assert!(
             text.contains("confab_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"confab_operator_fleet_errors_total{error="timeout"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("confab_operator_deletion_cost_patches_total 1"),
             "{text}"
         );
     }

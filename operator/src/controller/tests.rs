@@ -1,5 +1,6 @@
 //! Reconcile tests against a tower-test mock API server (the controller-rs `fixtures.rs` way).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::exposition::GatewayMetrics;
 use crate::sample::sample_cluster;
 
 /// What the mock API server holds and how it answers.
@@ -23,6 +25,11 @@ enum Scenario {
     FirstApply,
     /// As `FirstApply`, but the Deployment and StatefulSets report every pod ready.
     ReadyFleet,
+    /// A new image on a fleet with live connections: the rollout has begun, one pod of three
+    /// is on the new template, one old pod is draining.
+    BusyFleet,
+    /// The operator may not list pods (an old chart's RBAC).
+    PodsForbidden,
     /// The Postgres URL Secret does not exist.
     SecretMissing,
     /// The spec names both a JWT secret and a public key.
@@ -37,6 +44,7 @@ struct Seen {
     method: Method,
     path: String,
     query: String,
+    content_type: String,
     body: Value,
 }
 
@@ -53,13 +61,46 @@ fn with_finalizer(mut cc: ChatCluster) -> ChatCluster {
     cc
 }
 
+/// A gateway pod as the API server lists it.
+fn pod(name: &str, phase: &str, ready: bool, cost: Option<&str>, terminating: bool) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "chat", "uid": format!("uid-{name}"),
+                     "labels": {"app.kubernetes.io/name": "confab-gateway", "app.kubernetes.io/instance": "demo"},
+                     "annotations": {}},
+        "spec": {"containers": [{"name": "gateway", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": phase, "podIP": "10.0.0.1",
+                   "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+    });
+    if let Some(cost) = cost {
+        pod["metadata"]["annotations"][fleet::DELETION_COST_ANNOTATION] = json!(cost);
+    }
+    if terminating {
+        pod["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    }
+    pod
+}
+
+/// What the mock API server stores; pod patches change it, as a real one would.
+struct Stored {
+    cluster: ChatCluster,
+    pods: Vec<Value>,
+}
+
 impl Scenario {
     fn cluster(self) -> ChatCluster {
         let cc = sample_cluster();
         match self {
             Scenario::FinalizerCreation => cc,
-            Scenario::FirstApply | Scenario::ReadyFleet | Scenario::SecretMissing => {
-                with_finalizer(cc)
+            Scenario::FirstApply
+            | Scenario::ReadyFleet
+            | Scenario::PodsForbidden
+            | Scenario::SecretMissing => with_finalizer(cc),
+            Scenario::BusyFleet => {
+                let mut cc = with_finalizer(cc);
+                cc.spec.gateway.image = "ghcr.io/confab/confab-gateway:0.2.0".to_owned();
+                cc.metadata.generation = Some(2);
+                cc
             }
             Scenario::InvalidSpec => {
                 let mut cc = with_finalizer(cc);
@@ -77,8 +118,32 @@ impl Scenario {
         }
     }
 
+    fn pods(self) -> Vec<Value> {
+        match self {
+            Scenario::BusyFleet => vec![
+                // On the old template, full, never given a cost.
+                pod("gw-a", "Running", true, None, false),
+                // Its cost is current.
+                pod("gw-b", "Running", true, Some("4000"), false),
+                // Its cost is 1 000 connections behind.
+                pod("gw-c", "Running", true, Some("2000"), false),
+                // Old, deleted by the rollout, draining.
+                pod("gw-d", "Running", false, Some("9000"), true),
+                // New, starting.
+                pod("gw-e", "Pending", false, None, false),
+                // New, ready, but its /metrics does not answer.
+                pod("gw-f", "Running", true, None, false),
+            ],
+            Scenario::ReadyFleet => vec![
+                pod("gw-a", "Running", true, Some("10"), false),
+                pod("gw-b", "Running", true, Some("20"), false),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
     /// The answer of the mock API server to one request.
-    fn respond(self, cc: &ChatCluster, seen: &Seen) -> (StatusCode, Value) {
+    fn respond(self, stored: &mut Stored, seen: &Seen) -> (StatusCode, Value) {
         let not_found = || {
             (
                 StatusCode::NOT_FOUND,
@@ -101,11 +166,43 @@ impl Scenario {
                 json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "chat"}, "data": {key: "c2VjcmV0"}}),
             );
         }
+        if path == "/api/v1/namespaces/chat/pods" && seen.method == Method::GET {
+            if self == Scenario::PodsForbidden {
+                return (
+                    StatusCode::FORBIDDEN,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "pods is forbidden"}),
+                );
+            }
+            return (
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "7"}, "items": stored.pods}),
+            );
+        }
+        if let Some(name) = path.strip_prefix("/api/v1/namespaces/chat/pods/") {
+            assert_eq!(seen.method, Method::PATCH, "{seen:?}");
+            let Some(pod) = stored
+                .pods
+                .iter_mut()
+                .find(|p| p["metadata"]["name"] == name)
+            else {
+                return not_found();
+            };
+            for (key, value) in seen.body["metadata"]["annotations"]
+                .as_object()
+                .expect("annotations patch")
+            {
+                pod["metadata"]["annotations"][key] = value.clone();
+            }
+            return (StatusCode::OK, pod.clone());
+        }
+        if seen.method == Method::PATCH && path.ends_with("/chatclusters/demo/status") {
+            // Kept, so that the next reconcile sees what this one reported.
+            stored.cluster.status =
+                Some(serde_json::from_value(seen.body["status"].clone()).expect("a status"));
+        }
+        let cc = &stored.cluster;
         if path.ends_with("/chatclusters/demo") || path.ends_with("/chatclusters/demo/status") {
             let mut stored = serde_json::to_value(cc).expect("serializes");
-            if seen.method == Method::PATCH && path.ends_with("/status") {
-                stored["status"] = seen.body["status"].clone();
-            }
             if seen.method == Method::PATCH && !path.ends_with("/status") {
                 // A JSON patch of the finalizers: answer with the list it leaves.
                 stored["metadata"]["finalizers"] = if self == Scenario::Cleanup {
@@ -119,6 +216,16 @@ impl Scenario {
         if path.ends_with("/events") && seen.method == Method::POST {
             return (StatusCode::CREATED, seen.body.clone());
         }
+        if path.contains("/events/") && seen.method == Method::PATCH {
+            // The recorder counts a repeated event into the series of the first one.
+            let name = path.rsplit('/').next().unwrap_or_default();
+            return (
+                StatusCode::OK,
+                json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+                       "metadata": {"name": name, "namespace": "chat"},
+                       "eventTime": "2026-01-01T00:00:00.000000Z"}),
+            );
+        }
         if path.ends_with("/persistentvolumeclaims") && seen.method == Method::DELETE {
             return (
                 StatusCode::OK,
@@ -127,13 +234,20 @@ impl Scenario {
         }
         if seen.is_apply() {
             let mut applied = seen.body.clone();
-            applied["metadata"]["generation"] = json!(1);
-            if self == Scenario::ReadyFleet {
-                if path.contains("/deployments/") {
+            applied["metadata"]["generation"] = json!(cc.metadata.generation.unwrap_or(1));
+            match self {
+                Scenario::ReadyFleet if path.contains("/deployments/") => {
                     applied["status"] = json!({"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2});
-                } else if path.contains("/statefulsets/") {
+                }
+                Scenario::BusyFleet if path.contains("/deployments/") => {
+                    // The HPA holds the fleet at three; the rollout has surged.
+                    applied["spec"]["replicas"] = json!(3);
+                    applied["status"] = json!({"observedGeneration": 2, "replicas": 5, "readyReplicas": 4, "updatedReplicas": 1});
+                }
+                Scenario::ReadyFleet | Scenario::BusyFleet if path.contains("/statefulsets/") => {
                     applied["status"] = json!({"replicas": 1, "readyReplicas": 1});
                 }
+                _ => {}
             }
             return (StatusCode::OK, applied);
         }
@@ -147,48 +261,145 @@ impl Scenario {
     }
 }
 
+/// Connection counts injected per pod name; a pod without one does not answer.
+#[derive(Default)]
+struct InjectedConnections {
+    counts: Mutex<HashMap<String, GatewayMetrics>>,
+    reads: Mutex<Vec<String>>,
+}
+
+impl InjectedConnections {
+    fn set(&self, counts: &[(&str, i64, bool)]) {
+        let mut map = self.counts.lock().expect("not poisoned");
+        map.clear();
+        for &(pod, connections, draining) in counts {
+            map.insert(
+                pod.to_owned(),
+                GatewayMetrics {
+                    connections,
+                    draining,
+                },
+            );
+        }
+    }
+
+    fn take_reads(&self) -> Vec<String> {
+        let mut reads = std::mem::take(&mut *self.reads.lock().expect("not poisoned"));
+        reads.sort();
+        reads
+    }
+}
+
+impl ConnectionSource for InjectedConnections {
+    fn read<'a>(
+        &'a self,
+        pod: &'a fleet::PodTarget,
+    ) -> futures::future::BoxFuture<'a, Result<GatewayMetrics, fleet::ScrapeError>> {
+        self.reads
+            .lock()
+            .expect("not poisoned")
+            .push(pod.name.clone());
+        let answer = self
+            .counts
+            .lock()
+            .expect("not poisoned")
+            .get(&pod.name)
+            .copied()
+            .ok_or(fleet::ScrapeError::Timeout(fleet::SCRAPE_TIMEOUT));
+        Box::pin(async move { answer })
+    }
+}
+
+/// A mock API server holding one scenario, and a Context talking to it; several reconciles
+/// share its memory, as in the running operator.
+struct Mock {
+    ctx: Arc<Context>,
+    source: Arc<InjectedConnections>,
+    stored: Arc<Mutex<Stored>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Mock {
+    fn new(scenario: Scenario) -> Mock {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let source = Arc::new(InjectedConnections::default());
+        let ctx = Arc::new(Context::new(
+            client,
+            Arc::new(Metrics::default()),
+            Some("test".into()),
+            source.clone(),
+        ));
+        let stored = Arc::new(Mutex::new(Stored {
+            cluster: scenario.cluster(),
+            pods: scenario.pods(),
+        }));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (server_seen, server_stored) = (seen.clone(), stored.clone());
+        let server = tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect_bytes().await.expect("request body");
+                let seen = Seen {
+                    method: parts.method,
+                    path: parts.uri.path().to_owned(),
+                    query: parts.uri.query().unwrap_or_default().to_owned(),
+                    content_type: parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                };
+                let (status, answer) = {
+                    let mut stored = server_stored.lock().expect("not poisoned");
+                    scenario.respond(&mut stored, &seen)
+                };
+                server_seen.lock().expect("not poisoned").push(seen);
+                let response = Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&answer).expect("serializes")))
+                    .expect("valid response");
+                send.send_response(response);
+            }
+        });
+        Mock {
+            ctx,
+            source,
+            stored,
+            seen,
+            server,
+        }
+    }
+
+    /// One reconcile; returns its outcome and the requests it made, in order.
+    async fn reconcile(&self) -> (Result<Action>, Vec<Seen>) {
+        let cc = self.stored.lock().expect("not poisoned").cluster.clone();
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            reconcile(Arc::new(cc), self.ctx.clone()),
+        )
+        .await
+        .expect("reconcile finished in time");
+        let seen = std::mem::take(&mut *self.seen.lock().expect("not poisoned"));
+        (result, seen)
+    }
+}
+
 /// Runs one reconcile of the scenario's ChatCluster against the mock API server and returns
 /// its outcome with every request the operator made, in order.
 async fn run(scenario: Scenario) -> (Result<Action>, Vec<Seen>, Arc<Context>) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
-    let ctx = Arc::new(Context::new(
-        client,
-        Arc::new(Metrics::default()),
-        Some("test".into()),
-    ));
-    let cc = scenario.cluster();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let server_seen = seen.clone();
-    let server_cc = cc.clone();
-    let server = tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect_bytes().await.expect("request body");
-            let seen = Seen {
-                method: parts.method,
-                path: parts.uri.path().to_owned(),
-                query: parts.uri.query().unwrap_or_default().to_owned(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
-            let (status, answer) = scenario.respond(&server_cc, &seen);
-            server_seen.lock().expect("not poisoned").push(seen);
-            let response = Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&answer).expect("serializes")))
-                .expect("valid response");
-            send.send_response(response);
-        }
-    });
-    let result = tokio::time::timeout(
-        Duration::from_secs(10),
-        reconcile(Arc::new(cc), ctx.clone()),
-    )
-    .await
-    .expect("reconcile finished in time");
-    server.abort();
-    let seen = seen.lock().expect("not poisoned").clone();
-    (result, seen, ctx)
+    let mock = Mock::new(scenario);
+    let (result, seen) = mock.reconcile().await;
+    (result, seen, mock.ctx.clone())
 }
 
 fn applied<'a>(seen: &'a [Seen], kind: &str) -> Vec<&'a Seen> {
@@ -287,6 +498,8 @@ async fn status_patch_reports_progressing_with_observed_generation() {
     assert_eq!(condition_of(status, "Ready")["status"], "False");
     assert_eq!(condition_of(status, "Degraded")["status"], "False");
     assert_eq!(condition_of(status, "Ready")["observedGeneration"], 1);
+    // No gateway pod exists yet: none has connections.
+    assert_eq!(status["connections"], 0);
     let event = seen
         .iter()
         .find(|s| s.method == Method::POST && s.path.ends_with("/events"))
@@ -296,9 +509,10 @@ async fn status_patch_reports_progressing_with_observed_generation() {
 }
 
 #[tokio::test]
-async fn a_ready_fleet_reports_ready_and_resyncs_slowly() {
+async fn a_ready_fleet_reports_ready_and_resyncs_often_enough_to_keep_counts_fresh() {
     let (result, seen, _) = run(Scenario::ReadyFleet).await;
     assert_eq!(result.expect("reconcile succeeds"), Action::requeue(RESYNC));
+    assert!(RESYNC <= Duration::from_secs(30));
     let status = &status_patch(&seen).body["status"];
     assert_eq!(status["phase"], "Ready");
     assert_eq!(status["readyReplicas"], 2);
@@ -421,6 +635,260 @@ async fn errors_are_counted_by_kind_and_retried_with_growing_delays() {
     let text = ctx.metrics.encode().expect("encodes");
     assert!(
         text.contains(r#"confab_operator_reconcile_errors_total{error="missing_field"} 2"#),
+        "{text}"
+    );
+}
+
+fn deployment_of(seen: &[Seen]) -> &Value {
+    let deployments = applied(seen, "Deployment");
+    assert_eq!(deployments.len(), 1, "{seen:#?}");
+    &deployments[0].body
+}
+
+fn pod_patches(seen: &[Seen]) -> Vec<(String, Value)> {
+    seen.iter()
+        .filter(|s| {
+            s.method == Method::PATCH && s.path.starts_with("/api/v1/namespaces/chat/pods/")
+        })
+        .map(|s| {
+            assert_eq!(s.content_type, "application/merge-patch+json");
+            assert!(
+                s.query.contains("fieldManager=confab-operator"),
+                "{}",
+                s.query
+            );
+            (
+                s.path.rsplit('/').next().unwrap_or_default().to_owned(),
+                s.body["metadata"]["annotations"][fleet::DELETION_COST_ANNOTATION].clone(),
+            )
+        })
+        .collect()
+}
+
+/// The counts of `Scenario::BusyFleet`: gw-e is starting, gw-f does not answer.
+fn busy_counts(source: &InjectedConnections) {
+    source.set(&[
+        ("gw-a", 6_000, false),
+        ("gw-b", 4_000, false),
+        ("gw-c", 3_000, false),
+        ("gw-d", 500, true),
+    ]);
+}
+
+#[tokio::test]
+async fn a_template_change_rolls_with_the_surge_the_connections_allow() {
+    let mock = Mock::new(Scenario::BusyFleet);
+    busy_counts(&mock.source);
+    let (result, seen) = mock.reconcile().await;
+    assert_eq!(
+        result.expect("reconcile succeeds"),
+        Action::requeue(RECHECK)
+    );
+    // Ready pods and the draining one are read; the starting one is not.
+    assert_eq!(
+        mock.source.take_reads(),
+        ["gw-a", "gw-b", "gw-c", "gw-d", "gw-f"]
+    );
+    let list = seen
+        .iter()
+        .position(|s| s.method == Method::GET && s.path == "/api/v1/namespaces/chat/pods")
+        .expect("pods listed");
+    assert!(
+        seen[list].query.contains(
+            "labelSelector=app.kubernetes.io%2Finstance%3Ddemo%2Capp.kubernetes.io%2Fname%3Dconfab-gateway"
+        ),
+        "by the Deployment's selector: {}",
+        seen[list].query
+    );
+    let deployment = deployment_of(&seen);
+    let apply = seen
+        .iter()
+        .position(|s| s.is_apply() && s.body["kind"] == "Deployment")
+        .expect("applied");
+    assert!(list < apply, "counts are read before the surge is set");
+
+    // The fullest pod not yet going away has 6 000: 500/s × 60 s ÷ 6 000 = 5 pods at once.
+    let strategy = &deployment["spec"]["strategy"];
+    assert_eq!(strategy["type"], "RollingUpdate");
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 5);
+    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["terminationGracePeriodSeconds"], 75);
+    let container = &pod["containers"][0];
+    assert_eq!(container["image"], "ghcr.io/confab/confab-gateway:0.2.0");
+    assert_eq!(
+        container["lifecycle"]["preStop"],
+        json!({"exec": {"command": ["/usr/local/bin/confab-gateway", "drain", "--wait"]}})
+    );
+    assert_eq!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == "podinfo")
+            .expect("podinfo volume")["downwardAPI"],
+        json!({"items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]})
+    );
+    assert!(
+        container["volumeMounts"]
+            .as_array()
+            .expect("mounts")
+            .contains(
+                &json!({"name": "podinfo", "mountPath": "/etc/confab/podinfo", "readOnly": true})
+            ),
+        "{container:#}"
+    );
+    assert_eq!(
+        container["envFrom"][0]["configMapRef"]["name"],
+        "demo-gateway"
+    );
+    let config = &applied(&seen, "ConfigMap")[0].body["data"];
+    assert_eq!(config["CONFAB_DRAIN_SECONDS"], "60");
+    assert_eq!(
+        config["CONFAB_DRAIN_ANNOTATION_FILE"],
+        "/etc/confab/podinfo/annotations"
+    );
+}
+
+#[tokio::test]
+async fn deletion_costs_follow_the_connection_counts() {
+    let mock = Mock::new(Scenario::BusyFleet);
+    busy_counts(&mock.source);
+    let (_, seen) = mock.reconcile().await;
+    // gw-a had no cost, gw-c's was 1 000 behind; gw-b's is current, gw-d is going away, gw-e
+    // and gw-f have no count.
+    assert_eq!(
+        pod_patches(&seen),
+        [
+            ("gw-a".to_owned(), json!("6000")),
+            ("gw-c".to_owned(), json!("3000"))
+        ]
+    );
+    let text = mock.ctx.metrics.encode().expect("encodes");
+    assert!(
+        text.contains("confab_operator_deletion_cost_patches_total 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"confab_operator_fleet_errors_total{error="timeout"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn status_reports_the_connections_and_the_rollout_progress() {
+    let mock = Mock::new(Scenario::BusyFleet);
+    busy_counts(&mock.source);
+    let (_, seen) = mock.reconcile().await;
+    let status = &status_patch(&seen).body["status"];
+    // Every known count, the draining pod's included.
+    assert_eq!(status["connections"], 13_500);
+    assert_eq!(
+        status["rollout"],
+        json!({"updatedReplicas": 1, "podsDrainingAtOnce": 5, "connectionsPerPod": 6000,
+               "drainingPods": 1, "podsWithoutCounts": 2})
+    );
+    assert_eq!(status["phase"], "Progressing");
+    let progressing = condition_of(status, "Progressing");
+    assert_eq!(progressing["status"], "True");
+    assert_eq!(
+        progressing["message"],
+        "rolling: 1 of 3 pods on the current revision, 5 draining at once \
+         (1 draining now, 4 ready, 6000 connections per pod)"
+    );
+    assert_eq!(status["observedGeneration"], 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn deletion_cost_patches_are_rate_bound_and_unknown_counts_are_kept() {
+    let mock = Mock::new(Scenario::BusyFleet);
+    busy_counts(&mock.source);
+    let (_, first) = mock.reconcile().await;
+    assert_eq!(pod_patches(&first).len(), 2);
+
+    // gw-a empties at once; gw-b stops answering.
+    mock.source.set(&[
+        ("gw-a", 100, false),
+        ("gw-c", 3_000, false),
+        ("gw-d", 400, true),
+    ]);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let (_, second) = mock.reconcile().await;
+    assert_eq!(pod_patches(&second), [], "gw-a was patched 10 s ago");
+    let status = &status_patch(&second).body["status"];
+    // gw-b's last known 4 000 still counts, and is now the fullest pod: 30 000 ÷ 4 000 = 7.
+    assert_eq!(status["connections"], 100 + 4_000 + 3_000 + 400);
+    assert_eq!(status["rollout"]["connectionsPerPod"], 4_000);
+    assert_eq!(
+        deployment_of(&second)["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
+        7
+    );
+
+    tokio::time::advance(Duration::from_secs(21)).await;
+    let (_, third) = mock.reconcile().await;
+    // 31 s after its last patch gw-a gets its new cost; gw-b's stale count is never written.
+    assert_eq!(pod_patches(&third), [("gw-a".to_owned(), json!("100"))]);
+    let stored = mock.stored.lock().expect("not poisoned");
+    let costs: Vec<_> = stored
+        .pods
+        .iter()
+        .map(|p| p["metadata"]["annotations"][fleet::DELETION_COST_ANNOTATION].clone())
+        .collect();
+    assert_eq!(
+        costs,
+        [
+            json!("100"),
+            json!("4000"),
+            json!("3000"),
+            json!("9000"),
+            Value::Null,
+            Value::Null
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pods_that_never_answered_have_unknown_connections_not_zero() {
+    let (result, seen, ctx) = run(Scenario::ReadyFleet).await;
+    assert!(result.is_ok());
+    let status = &status_patch(&seen).body["status"];
+    assert!(status.get("connections").is_none(), "{status:#}");
+    assert_eq!(status["rollout"]["podsWithoutCounts"], 2);
+    // Planned as full pods: 500/s × 60 s ÷ 10 000.
+    assert_eq!(status["rollout"]["connectionsPerPod"], 10_000);
+    assert_eq!(
+        deployment_of(&seen)["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
+        3
+    );
+    assert_eq!(pod_patches(&seen), []);
+    assert!(
+        ctx.metrics
+            .encode()
+            .expect("encodes")
+            .contains(r#"confab_operator_fleet_errors_total{error="timeout"} 2"#)
+    );
+}
+
+#[tokio::test]
+async fn a_forbidden_pod_list_is_logged_not_a_failed_reconcile() {
+    let (result, seen, ctx) = run(Scenario::PodsForbidden).await;
+    assert_eq!(
+        result.expect("reconcile succeeds"),
+        Action::requeue(RECHECK)
+    );
+    assert_eq!(
+        deployment_of(&seen)["spec"]["strategy"]["rollingUpdate"]["maxSurge"],
+        3
+    );
+    let status = &status_patch(&seen).body["status"];
+    assert!(status.get("connections").is_none(), "{status:#}");
+    let text = ctx.metrics.encode().expect("encodes");
+    assert!(
+        text.contains(r#"confab_operator_fleet_errors_total{error="list_pods"} 1"#),
+        "{text}"
+    );
+    assert!(
+        !text.contains("confab_operator_reconcile_errors_total{"),
         "{text}"
     );
 }

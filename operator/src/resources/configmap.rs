@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::{
-    BuildError, Component, GATEWAY_DATA_DIR, GATEWAY_PORT, ManagedKind, child_meta, gateway_name,
+    BuildError, Component, DRAIN_ANNOTATION_FILE, GATEWAY_DATA_DIR, GATEWAY_PORT, ManagedKind,
+    child_meta, gateway_name,
 };
 use crate::crd::ChatCluster;
 
@@ -35,6 +36,11 @@ pub fn settings(cc: &ChatCluster) -> BTreeMap<String, String> {
     set(
         "CONFAB_DRAIN_SECONDS",
         spec.rollout.drain_seconds.to_string(),
+    );
+    // The Deployment mounts the pod's annotations there (downward API).
+    set(
+        "CONFAB_DRAIN_ANNOTATION_FILE",
+        DRAIN_ANNOTATION_FILE.to_owned(),
     );
     set(
         "CONFAB_MAX_CONNECTIONS",
@@ -96,6 +102,10 @@ mod tests {
         assert_eq!(data["CONFAB_DATA_DIR"], "/var/lib/confab");
         assert_eq!(data["CONFAB_BUS"], "rabbitmq");
         assert_eq!(data["CONFAB_DRAIN_SECONDS"], "60");
+        assert_eq!(
+            data["CONFAB_DRAIN_ANNOTATION_FILE"],
+            "/etc/confab/podinfo/annotations"
+        );
         assert_eq!(data["CONFAB_MAX_CONNECTIONS"], "10000");
         assert_eq!(data["CONFAB_MAX_FRAME_BYTES"], "65536");
         assert_eq!(data["CONFAB_MESSAGES_PER_SECOND"], "10");

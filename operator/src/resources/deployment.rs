@@ -7,17 +7,17 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, DownwardAPIVolumeFile,
-    DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource,
+    DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ExecAction,
     HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, SleepAction,
-    Volume, VolumeMount,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    BuildError, Component, GATEWAY_DATA_DIR, GATEWAY_PORT, child_meta, configmap, gateway_name,
-    labels, selector_labels, stable_hash,
+    BuildError, Component, GATEWAY_BINARY, GATEWAY_DATA_DIR, GATEWAY_PORT, PODINFO_DIR, child_meta,
+    configmap, gateway_name, labels, selector_labels, stable_hash,
 };
 use crate::crd::{ChatCluster, SecretKeyRef};
 use crate::rollout;
@@ -26,9 +26,18 @@ use crate::rollout;
 pub const CONFIG_HASH_ANNOTATION: &str = "confab.dev/config-hash";
 /// UID of the non-root user the gateway image runs as (distroless `nonroot`).
 pub const GATEWAY_UID: i64 = 65532;
-/// Seconds the pod keeps serving after it is told to stop, so that endpoints controllers and
-/// load balancers stop sending new clients before the gateway starts draining on SIGTERM.
-pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+/// The preStop hook: the gateway drains (readiness 503, new upgrades refused with
+/// `Retry-After`, clients told to reconnect elsewhere spread over `CONFAB_DRAIN_SECONDS`) and
+/// the hook returns when the drain is done; SIGTERM follows. The exec inherits the container's
+/// environment, so the command finds the gateway as the server does. Load balancers that still
+/// send a client during their endpoint update get the 503 and retry on another pod.
+pub fn pre_stop_command() -> Vec<String> {
+    vec![
+        GATEWAY_BINARY.to_owned(),
+        "drain".to_owned(),
+        "--wait".to_owned(),
+    ]
+}
 
 fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
     EnvVar {
@@ -89,14 +98,23 @@ pub fn config_hash(cc: &ChatCluster) -> String {
     stable_hash(flat.as_bytes())
 }
 
-/// How many pods may drain at once, assuming pods are full unless told otherwise.
-pub fn max_surge(cc: &ChatCluster, observed_connections_per_pod: Option<i64>) -> i32 {
-    let per_pod =
-        observed_connections_per_pod.unwrap_or(i64::from(cc.spec.gateway.max_connections_per_pod));
-    rollout::pods_draining_at_once(
+/// The most pods the fleet can have: the surge is capped there.
+pub fn fleet_ceiling(cc: &ChatCluster) -> i32 {
+    match &cc.spec.gateway.autoscaling {
+        Some(autoscaling) => autoscaling.max_replicas,
+        None => cc.spec.gateway.replicas,
+    }
+}
+
+/// How many pods may drain at once (the Deployment's `maxSurge`), from the connections per pod
+/// observed (the fullest pod's), assuming full pods (`maxConnectionsPerPod`) while unknown.
+pub fn rollout_plan(cc: &ChatCluster, observed_connections_per_pod: Option<i64>) -> rollout::Plan {
+    rollout::plan(
         cc.spec.rollout.max_reconnects_per_second,
         cc.spec.rollout.drain_seconds,
-        per_pod,
+        observed_connections_per_pod,
+        i64::from(cc.spec.gateway.max_connections_per_pod),
+        fleet_ceiling(cc),
     )
 }
 
@@ -128,8 +146,8 @@ pub fn deployment(
         startup_probe: Some(http_probe("/healthz", 2, 30)),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
-                sleep: Some(SleepAction {
-                    seconds: PRE_STOP_SLEEP_SECONDS,
+                exec: Some(ExecAction {
+                    command: Some(pre_stop_command()),
                 }),
                 ..LifecycleHandler::default()
             }),
@@ -160,7 +178,7 @@ pub fn deployment(
             },
             VolumeMount {
                 name: "podinfo".to_owned(),
-                mount_path: "/etc/podinfo".to_owned(),
+                mount_path: PODINFO_DIR.to_owned(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
@@ -170,6 +188,7 @@ pub fn deployment(
     let pod = PodSpec {
         containers: vec![container],
         automount_service_account_token: Some(false),
+        // The preStop drain and the SIGTERM that follows both run inside this period.
         termination_grace_period_seconds: Some(rollout::termination_grace_seconds(
             cc.spec.rollout.drain_seconds,
         )),
@@ -195,7 +214,9 @@ pub fn deployment(
                 ..Volume::default()
             },
             Volume {
-                // The `confab.dev/drain` annotation reaches the gateway through this file.
+                // The `confab.dev/drain` annotation reaches the gateway through this file
+                // (CONFAB_DRAIN_ANNOTATION_FILE in the ConfigMap); the kubelet refreshes it
+                // when the annotations change, without restarting the container.
                 name: "podinfo".to_owned(),
                 downward_api: Some(DownwardAPIVolumeSource {
                     items: Some(vec![DownwardAPIVolumeFile {
@@ -229,11 +250,12 @@ pub fn deployment(
             },
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".to_owned()),
+                // New pods first, then as many old ones drain together as the reconnect
+                // budget allows; never fewer serving pods than asked for.
                 rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(max_surge(
-                        cc,
-                        observed_connections_per_pod,
-                    ))),
+                    max_surge: Some(IntOrString::Int(
+                        rollout_plan(cc, observed_connections_per_pod).pods_at_once,
+                    )),
                     max_unavailable: Some(IntOrString::Int(0)),
                 }),
             }),
@@ -429,28 +451,135 @@ mod tests {
         );
     }
 
+    fn rolling_update(d: &Deployment) -> &RollingUpdateDeployment {
+        d.spec
+            .strategy
+            .as_ref()
+            .and_then(|s| s.rolling_update.as_ref())
+            .expect("rolling update")
+    }
+
     #[test]
     fn rollout_surges_by_the_drain_budget_and_never_goes_unavailable() {
         let cc = sample();
         let d = deployment(&cc, None).expect("builds");
-        let spec = &d.spec;
-        let ru = spec
-            .strategy
-            .as_ref()
-            .and_then(|s| s.rolling_update.as_ref())
-            .expect("rolling update");
-        // 500 reconnects/s × 60 s ÷ 10 000 connections per full pod = 3 pods at once.
+        let ru = rolling_update(&d);
+        // Unknown counts: 500 reconnects/s × 60 s ÷ 10 000 connections per full pod = 3.
         assert_eq!(ru.max_surge, Some(IntOrString::Int(3)));
         assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
-        let pod = spec.template.spec.as_ref().expect("pod");
-        assert_eq!(pod.termination_grace_period_seconds, Some(75));
+        assert_eq!(
+            d.spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
+            Some("RollingUpdate")
+        );
+        let d = deployment(&cc, Some(6_000)).expect("builds");
+        assert_eq!(rolling_update(&d).max_surge, Some(IntOrString::Int(5)));
+        // 30 pods' worth of budget, but the fleet never exceeds autoscaling.maxReplicas.
         let d = deployment(&cc, Some(1_000)).expect("builds");
-        let ru = d
-            .spec
-            .strategy
-            .and_then(|s| s.rolling_update)
-            .expect("rolling update");
-        assert_eq!(ru.max_surge, Some(IntOrString::Int(30)));
+        assert_eq!(rolling_update(&d).max_surge, Some(IntOrString::Int(10)));
+    }
+
+    #[test]
+    fn a_fixed_fleet_caps_the_surge_at_its_replicas() {
+        let mut cc = sample();
+        cc.spec.gateway.autoscaling = None;
+        cc.spec.gateway.replicas = 4;
+        let d = deployment(&cc, Some(10)).expect("builds");
+        assert_eq!(rolling_update(&d).max_surge, Some(IntOrString::Int(4)));
+        let plan = rollout_plan(&cc, Some(100_000));
+        assert_eq!(
+            plan,
+            rollout::Plan {
+                connections_per_pod: 100_000,
+                pods_at_once: 1
+            }
+        );
+    }
+
+    #[test]
+    fn pods_get_the_drain_window_plus_margin_to_terminate() {
+        let mut cc = sample();
+        let pod = |cc: &ChatCluster| {
+            deployment(cc, None)
+                .expect("builds")
+                .spec
+                .template
+                .spec
+                .expect("pod")
+        };
+        assert_eq!(pod(&cc).termination_grace_period_seconds, Some(75));
+        cc.spec.rollout.drain_seconds = 0;
+        assert_eq!(pod(&cc).termination_grace_period_seconds, Some(15));
+    }
+
+    #[test]
+    fn the_pre_stop_hook_starts_the_drain_and_waits_for_it() {
+        let d = deployment(&sample(), None).expect("builds");
+        let hook = container(&d)
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .expect("preStop");
+        assert_eq!(
+            hook.exec.as_ref().and_then(|e| e.command.clone()),
+            Some(vec![
+                "/usr/local/bin/confab-gateway".to_owned(),
+                "drain".to_owned(),
+                "--wait".to_owned()
+            ])
+        );
+        assert!(hook.sleep.is_none() && hook.http_get.is_none());
+    }
+
+    #[test]
+    fn the_gateway_binary_path_is_where_its_dockerfile_installs_it() {
+        let dockerfile = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../gateway/Dockerfile"
+        ))
+        .expect("gateway/Dockerfile");
+        assert!(
+            dockerfile.contains(&format!(" {GATEWAY_BINARY}\n"))
+                && dockerfile.contains(&format!("ENTRYPOINT [\"{GATEWAY_BINARY}\"]")),
+            "gateway/Dockerfile no longer installs {GATEWAY_BINARY}"
+        );
+    }
+
+    #[test]
+    fn the_pod_sees_its_own_annotations_in_a_file() {
+        let d = deployment(&sample(), None).expect("builds");
+        let pod = d.spec.template.spec.as_ref().expect("pod");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "podinfo")
+            .expect("podinfo volume");
+        let items = volume
+            .downward_api
+            .as_ref()
+            .and_then(|d| d.items.as_ref())
+            .expect("downward API items");
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].path, "annotations");
+        assert_eq!(
+            items[0].field_ref.as_ref().map(|f| f.field_path.as_str()),
+            Some("metadata.annotations")
+        );
+        let mount = container(&d)
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "podinfo")
+            .expect("podinfo mount");
+        assert_eq!(mount.mount_path, "/etc/confab/podinfo");
+        assert_eq!(mount.read_only, Some(true));
+        // The gateway is told where the file is, and how long to drain, by the ConfigMap.
+        let settings = configmap::settings(&sample());
+        assert_eq!(
+            settings["CONFAB_DRAIN_ANNOTATION_FILE"],
+            format!("{}/{}", mount.mount_path, items[0].path)
+        );
+        assert_eq!(settings["CONFAB_DRAIN_SECONDS"], "60");
     }
 
     #[test]

@@ -18,6 +18,12 @@ use crate::crd::{BackendSpec, ChatCluster, ManagedBackend};
 pub const GATEWAY_PORT: i32 = 8080;
 /// Where the gateway keeps its files; an emptyDir because the root filesystem is read-only.
 pub const GATEWAY_DATA_DIR: &str = "/var/lib/confab";
+/// Where the gateway image installs its binary (gateway/Dockerfile); the preStop hook runs it.
+pub const GATEWAY_BINARY: &str = "/usr/local/bin/confab-gateway";
+/// Where the downward-API volume with the pod's own annotations is mounted.
+pub const PODINFO_DIR: &str = "/etc/confab/podinfo";
+/// The file in it the gateway watches for `confab.dev/drain: "true"`.
+pub const DRAIN_ANNOTATION_FILE: &str = "/etc/confab/podinfo/annotations";
 /// Label value of `app.kubernetes.io/managed-by` on every child.
 pub const MANAGED_BY: &str = "confab-operator";
 
