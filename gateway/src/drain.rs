@@ -140,17 +140,24 @@ pub async fn run(drain: Arc<Drain>, service: Arc<ChatService>) {
         "draining: announcing reconnect slots"
     );
     let mut slots = Vec::with_capacity(outs.len());
+    let mut unsent = 0usize;
     for (out, delay) in outs.into_iter().zip(delays) {
-        ChatService::direct(
-            out.as_ref(),
-            &Outgoing::new(
-                "server_draining",
-                &ServerDraining {
-                    reconnect_after_ms: delay.as_millis() as u64,
-                },
-            ),
-        );
+        let told = out.send(&Outgoing::new(
+            "server_draining",
+            &ServerDraining {
+                reconnect_after_ms: delay.as_millis() as u64,
+            },
+        ));
+        if told.is_err() {
+            // Gone, or its queue is full: closing it is the best it can get.
+            unsent += 1;
+            out.drain_close();
+            continue;
+        }
         slots.push((started + (delay + SLOT_GRACE).min(window), out));
+    }
+    if unsent > 0 {
+        tracing::info!(unsent, "draining: connections that could not be told were closed");
     }
     // Slots are in stratum order already; closes follow them.
     let closer = tokio::spawn(async move {

@@ -67,7 +67,7 @@ describe('draining gateways of a busy fleet', () => {
         this.conversationId = conversations[user.conv];
         this.seen = new Map(); // seq → id
         this.liveIds = new Set();
-        this.moves = 0; this.gateway = null; this.client = null; this.ready = null;
+        this.moves = 0; this.drainings = 0; this.gateway = null; this.client = null; this.ready = null;
         this.kind = index % 4 === 3 ? ws : socketio; // a quarter on the plain WebSocket
       }
       record(m) {
@@ -79,6 +79,7 @@ describe('draining gateways of a busy fleet', () => {
       contiguous() { let s = 0; while (this.seen.has(s + 1)) s += 1; return s; }
       async connect(gateway) {
         const client = await this.kind(gateway.url, this.tok);
+        this.connectedAt = Date.now();
         this.client = client; this.gateway = gateway;
         client.socket.on?.('new_message', (m) => this.onLive(client, m));
         if (client.transport === 'ws') client.socket.on('message', (data) => {
@@ -103,6 +104,7 @@ describe('draining gateways of a busy fleet', () => {
       }
       onDraining(client, { reconnectAfterMs }) {
         if (client !== this.client) return;
+        this.drainings += 1;
         this.ready = (async () => {
           await sleep(reconnectAfterMs);
           const old = this.client;
@@ -121,7 +123,8 @@ describe('draining gateways of a busy fleet', () => {
               await sleep(200);
             }
           }
-          if (phase) stats.reconnects.push({ at: Date.now() - phase.t0, from: phase.drained });
+          // The reconnect is the new connection's handshake; join and sync follow it.
+          if (phase) stats.reconnects.push({ at: this.connectedAt - phase.t0, from: phase.drained });
         })();
       }
       async request(event, payload) {
@@ -167,17 +170,26 @@ describe('draining gateways of a busy fleet', () => {
       stats.reconnects = [];
       phase = { drained: g, t0: Date.now() };
       const movesBefore = devices.map((d) => d.moves);
+      const mine = devices.filter((d) => d.gateway === g);
+      const told = mine.map((d) => d.drainings);
       if (how === 'SIGTERM') g.proc.kill('SIGTERM');
       else assert.equal((await api(g.url, token(uid('ops'), { roles: ['admin'] }), 'POST', '/admin/drain')).status, 202);
+      for (let waited = 0; mine.some((d, i) => d.drainings === told[i]); waited += 50) {
+        const silent = mine.filter((d, i) => d.drainings === told[i]);
+        if (waited >= 5000) console.log(g.stderr().split('\n').filter((l) => /drain/.test(l)).slice(0, 5).join('\n'), 'expected', mine.length);
+        assert.ok(waited < 5000, `drain #${report.length + 1} (${how}): ${silent.length} clients never got server_draining: ${JSON.stringify(silent.map((d) => ({ t: d.client?.transport, rec: d.client?.of('server_draining').length, connected: d.client?.socket.connected ?? d.client?.socket.readyState, events: d.client?.events.events.slice(-3).map((e) => e.name) })))}`);
+        await sleep(50);
+      }
+      await Promise.all(mine.map((d) => d.ready));
       const exit = how === 'SIGTERM' ? await g.exited : null;
       if (exit) assert.equal(exit.code, 0, g.stderr());
-      await Promise.all(devices.map((d) => d.ready));
       const elapsed = Date.now() - phase.t0;
-      const perSecond = [];
-      for (const r of stats.reconnects) perSecond[Math.floor(r.at / 1000)] = (perSecond[Math.floor(r.at / 1000)] ?? 0) + 1;
-      const peak = Math.max(0, ...perSecond.map((x) => x ?? 0));
+      const perSecond = Array.from({ length: Math.ceil(elapsed / 1000) + 1 }, () => 0);
+      for (const r of stats.reconnects) perSecond[Math.floor(r.at / 1000)] += 1;
+      const peak = Math.max(...perSecond);
+      if (peak > BUDGET * 1.2) console.log(`# warnings:\n${gateways.map((x) => x.stderr().split('\n').filter((l) => /WARN|ERROR/.test(l)).slice(-5).join('\n')).join('\n')}`);
       const moved = devices.filter((d, i) => d.moves !== movesBefore[i]);
-      report.push({ how, clients: n, reconnected: stats.reconnects.length, peakPerSecond: peak, budget: BUDGET, elapsedMs: elapsed, perSecond: perSecond.map((x) => x ?? 0).join(' ') });
+      report.push({ how, clients: n, reconnected: stats.reconnects.length, peakPerSecond: peak, budget: BUDGET, elapsedMs: elapsed, perSecond: perSecond.join(' ') });
       assert.equal(moved.length, n, 'every client of the drained gateway moved');
       assert.ok(moved.every((d, i) => d.moves === movesBefore[devices.indexOf(d)] + 1), 'each exactly once');
       assert.equal(stats.reconnects.length, n);
@@ -204,11 +216,16 @@ describe('draining gateways of a busy fleet', () => {
     const lastSeq = new Map();
     for (const m of acked.values()) lastSeq.set(m.conversationId, Math.max(lastSeq.get(m.conversationId) ?? 0, m.seq));
     let lost = 0;
+    const losses = [];
     for (const d of devices) {
+      const missing = [];
       for (const m of acked.values()) {
-        if (m.conversationId === d.conversationId && d.seen.get(m.seq) !== m.id) lost += 1;
+        if (m.conversationId === d.conversationId && d.seen.get(m.seq) !== m.id) missing.push(m.seq);
       }
+      lost += missing.length;
+      if (missing.length) losses.push({ device: d.index, transport: d.client?.transport, moves: d.moves, gateway: gateways.indexOf(d.gateway), missing: missing.sort((a, b) => a - b).join(','), last: lastSeq.get(d.conversationId), contiguous: d.contiguous() });
     }
+    if (losses.length) console.log(`# losses: ${JSON.stringify(losses.slice(0, 10))}`);
     // Duplicates in the store: one message per clientMsgId, seqs 1..n with no repeats.
     let storeDuplicates = 0;
     for (const [c, conversationId] of conversations.entries()) {

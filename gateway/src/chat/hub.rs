@@ -266,6 +266,16 @@ impl Hub {
         delivered
     }
 
+    /// Whether a local connection still needs `topic` from the bus.
+    pub fn wants(&self, topic: &Topic) -> bool {
+        let inner = self.read();
+        match topic {
+            Topic::Conversation(id) => inner.rooms.contains_key(id),
+            Topic::User(id) => inner.users.contains_key(id),
+            Topic::Department(id) => inner.departments.contains_key(id),
+        }
+    }
+
     /// Every local connection, for drain and shutdown.
     pub fn all(&self) -> Vec<Arc<dyn Outbound>> {
         self.read().conns.values().map(|c| c.out.clone()).collect()

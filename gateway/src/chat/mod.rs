@@ -110,6 +110,8 @@ pub struct ChatService {
     /// Users whose last connection closed and whose `user_offline` waits out the grace period.
     offline_pending: Mutex<HashMap<UserId, u64>>,
     pending_generation: Mutex<u64>,
+    /// Serialises bus (un)binding: see [`ChatService::apply`].
+    topics: tokio::sync::Mutex<()>,
     settings: ChatSettings,
 }
 
@@ -172,6 +174,7 @@ impl ChatService {
             hub: Hub::default(),
             offline_pending: Mutex::default(),
             pending_generation: Mutex::new(0),
+            topics: tokio::sync::Mutex::new(()),
             settings,
         });
         let weak: Weak<Self> = Arc::downgrade(&service);
@@ -418,15 +421,24 @@ impl ChatService {
 
     /// Binds and unbinds bus topics as local interest changes. Failures are logged: the bus
     /// reports not-ready and clients recover with `sync`.
+    ///
+    /// Changes are computed under the hub's lock but applied later, so two of them can reach
+    /// the bus out of order (a last member leaving and a new one joining the same
+    /// conversation): one at a time, each topic is bound or unbound after what the hub wants
+    /// *now*, so the bus always ends up as the hub is.
     async fn apply(&self, change: TopicChange) {
-        for topic in change.acquired {
-            if let Err(e) = self.bus.subscribe(topic).await {
-                tracing::warn!(error = %e, "bus subscribe failed");
-            }
+        if change.acquired.is_empty() && change.released.is_empty() {
+            return;
         }
-        for topic in change.released {
-            if let Err(e) = self.bus.unsubscribe(topic).await {
-                tracing::warn!(error = %e, "bus unsubscribe failed");
+        let _one_at_a_time = self.topics.lock().await;
+        for topic in change.acquired.into_iter().chain(change.released) {
+            let result = if self.hub.wants(&topic) {
+                self.bus.subscribe(topic).await
+            } else {
+                self.bus.unsubscribe(topic).await
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "bus binding failed");
             }
         }
     }
@@ -448,19 +460,15 @@ impl ChatService {
     }
 
     /// An envelope arrived from the bus: apply its side effects here, then fan it out locally.
-    fn receive(&self, envelope: &Envelope) {
+    fn receive(self: &Arc<Self>, envelope: &Envelope) {
         if let (Event::ConversationRemoved(removed), Route::Users { ids }) =
             (&envelope.event, &envelope.route)
         {
             for user in ids {
                 let change = self.hub.evict(user, removed.conversation_id);
                 if !change.released.is_empty() {
-                    let bus = self.bus.clone();
-                    tokio::spawn(async move {
-                        for topic in change.released {
-                            let _ = bus.unsubscribe(topic).await;
-                        }
-                    });
+                    let service = self.clone();
+                    tokio::spawn(async move { service.apply(change).await });
                 }
             }
         }
