@@ -25,7 +25,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use tracing::Subscriber;
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
@@ -132,7 +132,7 @@ pub fn otlp_tracer_provider(
 }
 
 /// The process's log subscriber: `format` lines to `writer`, filtered by `filter`
-/// (`RUST_LOG`), and, with a `tracer`, INFO-and-above spans exported through it.
+/// (`RUST_LOG`), and, with a `tracer`, this crate's INFO-and-above spans exported through it.
 ///
 /// Text lines print user-controlled values Debug-quoted (`?field`, or `escape_debug()`), so a
 /// value with a newline or another control character cannot start a line of its own; JSON lines
@@ -152,14 +152,56 @@ where
         .with_ansi(ansi);
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match format {
         LogFormat::Json => fmt.json().with_current_span(true).boxed(),
-        LogFormat::Text => fmt.boxed(),
+        LogFormat::Text => fmt.fmt_fields(escaping_fields()).boxed(),
     };
-    let otel = tracer.map(|t| {
-        tracing_opentelemetry::layer()
-            .with_tracer(t)
-            .with_filter(LevelFilter::INFO)
-    });
-    Box::new(Registry::default().with(fmt.with_filter(filter)).with(otel))
+    let logs = Registry::default().with(fmt.with_filter(filter));
+    // Two types rather than an `Option` layer: a `None` layer would enable every callsite the
+    // log filter leaves out.
+    match tracer {
+        Some(t) => Box::new(
+            logs.with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(t)
+                    // This crate's spans, not every dependency's INFO events.
+                    .with_filter(Targets::new().with_target("confab_gateway", LevelFilter::INFO)),
+            ),
+        ),
+        None => Box::new(logs),
+    }
+}
+
+/// Text-line fields with every control character escaped (`\n` → `\\n`), whatever the field's
+/// sigil: `?` values are already quoted and escaped, and this also covers `%` values (error
+/// texts that may quote foreign input), so no value can end a line or move the cursor.
+fn escaping_fields()
+-> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        let escaped = escape_controls(&text);
+        if field.name() == "message" {
+            write!(w, "{escaped}")
+        } else {
+            write!(w, "{}={escaped}", field.name())
+        }
+    })
+    .delimited(" ")
+}
+
+/// `text` with each control character replaced by its Rust escape; borrowed when there is none.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// What [`init`] set up, to flush at exit.

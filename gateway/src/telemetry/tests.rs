@@ -410,9 +410,35 @@ async fn one_message_is_one_trace_from_receive_through_persist_to_publish() {
     .await
     .expect("sent");
     let seq = ack["message"]["seq"].as_i64().expect("seq");
-    provider.force_flush().expect("flushes");
-
-    let spans = exporter.get_finished_spans().expect("spans");
+    // A span is exported when its last handle drops: sqlx's SQLite worker thread holds one of
+    // the persist span (for its own logs) a moment past the reply, and a child keeps its parents
+    // open. Wait for all four rather than race that thread.
+    let names = [
+        "request",
+        "chat.send",
+        "store.insert_message",
+        "bus.publish",
+    ];
+    let spans = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            provider.force_flush().expect("flushes");
+            let spans = exporter.get_finished_spans().expect("spans");
+            if names.iter().all(|n| spans.iter().any(|s| s.name == *n)) {
+                return spans;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let ended: Vec<String> = exporter
+            .get_finished_spans()
+            .expect("spans")
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect();
+        panic!("the message's spans did not all end; ended: {ended:?}")
+    });
     let request = span(&spans, "request");
     let send = span(&spans, "chat.send");
     let persist = span(&spans, "store.insert_message");
@@ -483,6 +509,8 @@ fn log_hostile_values() {
     audit::auth_failed(Transport::SocketIo, "malformed", &FORGED, None);
     audit::membership("member_added", &uuid::Uuid::nil(), FORGED, FORGED);
     audit::admin("drain", Some(FORGED), &FORGED);
+    // Display-formatted, as error texts are: escaped by the text formatter itself.
+    tracing::warn!(error = %FORGED, "a backend failed");
 }
 
 #[test]
@@ -499,9 +527,12 @@ fn control_characters_in_user_input_cannot_forge_text_log_lines() {
     tracing::subscriber::with_default(subscriber, log_hostile_values);
     let text = captured.text();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 4, "one line per event:\n{text}");
-    for line in &lines {
+    assert_eq!(lines.len(), 5, "one line per event:\n{text}");
+    for line in &lines[..4] {
         assert!(line.contains(" INFO audit: "), "{line}");
+    }
+    assert!(lines[4].contains(" WARN "), "{}", lines[4]);
+    for line in &lines {
         assert!(!line.contains('\r') && !line.contains('\x1b'), "{line:?}");
         assert!(
             line.contains(r#"mallory\n2030"#),
@@ -525,7 +556,7 @@ fn control_characters_in_user_input_stay_inside_json_log_fields() {
     tracing::subscriber::with_default(subscriber, log_hostile_values);
     let text = captured.text();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 4, "one line per event:\n{text}");
+    assert_eq!(lines.len(), 5, "one line per event:\n{text}");
     let first: Value = serde_json::from_str(lines[0]).expect("JSON line");
     assert_eq!(first["target"], "audit");
     assert_eq!(first["fields"]["action"], "connect");
