@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use super::metrics::BackendCalls;
 use super::{Backend, Metrics};
 use crate::bus::{Bus, BusError, Deliver};
 use crate::chat::event::{Envelope, Topic};
@@ -20,45 +21,62 @@ use crate::presence::{Maintenance, Presence, PresenceError};
 use crate::store::{Inserted, NewConversation, NewMessage, Store, StoreError};
 
 async fn timed<T, E>(
-    metrics: &Metrics,
-    backend: Backend,
+    calls: &BackendCalls,
     operation: &'static str,
     call: impl Future<Output = Result<T, E>>,
 ) -> Result<T, E> {
     let start = Instant::now();
     let result = call.await;
-    metrics.backend_call(backend, operation, start.elapsed(), result.is_err());
+    calls.record(operation, start.elapsed(), result.is_err());
     result
 }
 
 /// A [`Store`] whose calls are timed.
 pub struct InstrumentedStore {
     inner: Arc<dyn Store>,
-    metrics: Arc<Metrics>,
+    calls: BackendCalls,
 }
 
 impl InstrumentedStore {
     pub fn wrap(inner: Arc<dyn Store>, metrics: Arc<Metrics>) -> Arc<dyn Store> {
-        Arc::new(Self { inner, metrics })
+        let calls = metrics.bind_backend(
+            Backend::Store,
+            &[
+                "ping",
+                "create_conversation",
+                "conversation",
+                "conversations_of",
+                "add_member",
+                "remove_member",
+                "member",
+                "members",
+                "insert_message",
+                "messages_before",
+                "messages_after",
+                "mark_read",
+                "co_members",
+            ],
+        );
+        Arc::new(Self { inner, calls })
     }
 }
 
 #[async_trait]
 impl Store for InstrumentedStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        timed(&self.metrics, Backend::Store, "ping", self.inner.ping()).await
+        timed(&self.calls, "ping", self.inner.ping()).await
     }
     async fn create_conversation(&self, new: NewConversation) -> Result<Conversation, StoreError> {
         let call = self.inner.create_conversation(new);
-        timed(&self.metrics, Backend::Store, "create_conversation", call).await
+        timed(&self.calls, "create_conversation", call).await
     }
     async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
         let call = self.inner.conversation(id);
-        timed(&self.metrics, Backend::Store, "conversation", call).await
+        timed(&self.calls, "conversation", call).await
     }
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
         let call = self.inner.conversations_of(user);
-        timed(&self.metrics, Backend::Store, "conversations_of", call).await
+        timed(&self.calls, "conversations_of", call).await
     }
     async fn add_member(
         &self,
@@ -67,7 +85,7 @@ impl Store for InstrumentedStore {
         role: MemberRole,
     ) -> Result<bool, StoreError> {
         let call = self.inner.add_member(conversation, user, role);
-        timed(&self.metrics, Backend::Store, "add_member", call).await
+        timed(&self.calls, "add_member", call).await
     }
     async fn remove_member(
         &self,
@@ -75,7 +93,7 @@ impl Store for InstrumentedStore {
         user: &str,
     ) -> Result<bool, StoreError> {
         let call = self.inner.remove_member(conversation, user);
-        timed(&self.metrics, Backend::Store, "remove_member", call).await
+        timed(&self.calls, "remove_member", call).await
     }
     async fn member(
         &self,
@@ -83,15 +101,15 @@ impl Store for InstrumentedStore {
         user: &str,
     ) -> Result<Option<Member>, StoreError> {
         let call = self.inner.member(conversation, user);
-        timed(&self.metrics, Backend::Store, "member", call).await
+        timed(&self.calls, "member", call).await
     }
     async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError> {
         let call = self.inner.members(conversation);
-        timed(&self.metrics, Backend::Store, "members", call).await
+        timed(&self.calls, "members", call).await
     }
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
         let call = self.inner.insert_message(new);
-        timed(&self.metrics, Backend::Store, "insert_message", call).await
+        timed(&self.calls, "insert_message", call).await
     }
     async fn messages_before(
         &self,
@@ -100,7 +118,7 @@ impl Store for InstrumentedStore {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         let call = self.inner.messages_before(conversation, before_seq, limit);
-        timed(&self.metrics, Backend::Store, "messages_before", call).await
+        timed(&self.calls, "messages_before", call).await
     }
     async fn messages_after(
         &self,
@@ -109,7 +127,7 @@ impl Store for InstrumentedStore {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         let call = self.inner.messages_after(conversation, after_seq, limit);
-        timed(&self.metrics, Backend::Store, "messages_after", call).await
+        timed(&self.calls, "messages_after", call).await
     }
     async fn mark_read(
         &self,
@@ -118,23 +136,27 @@ impl Store for InstrumentedStore {
         seq: i64,
     ) -> Result<Option<i64>, StoreError> {
         let call = self.inner.mark_read(conversation, user, seq);
-        timed(&self.metrics, Backend::Store, "mark_read", call).await
+        timed(&self.calls, "mark_read", call).await
     }
     async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
         let call = self.inner.co_members(user);
-        timed(&self.metrics, Backend::Store, "co_members", call).await
+        timed(&self.calls, "co_members", call).await
     }
 }
 
 /// A [`Bus`] whose calls are timed.
 pub struct InstrumentedBus {
     inner: Arc<dyn Bus>,
-    metrics: Arc<Metrics>,
+    calls: BackendCalls,
 }
 
 impl InstrumentedBus {
     pub fn wrap(inner: Arc<dyn Bus>, metrics: Arc<Metrics>) -> Arc<dyn Bus> {
-        Arc::new(Self { inner, metrics })
+        let calls = metrics.bind_backend(
+            Backend::Bus,
+            &["publish", "subscribe", "unsubscribe", "ready"],
+        );
+        Arc::new(Self { inner, calls })
     }
 }
 
@@ -145,21 +167,20 @@ impl Bus for InstrumentedBus {
     }
     async fn publish(&self, envelope: Arc<Envelope>) -> Result<(), BusError> {
         let call = self.inner.publish(envelope);
-        timed(&self.metrics, Backend::Bus, "publish", call).await
+        timed(&self.calls, "publish", call).await
     }
     async fn subscribe(&self, topic: Topic) -> Result<(), BusError> {
         let call = self.inner.subscribe(topic);
-        timed(&self.metrics, Backend::Bus, "subscribe", call).await
+        timed(&self.calls, "subscribe", call).await
     }
     async fn unsubscribe(&self, topic: Topic) -> Result<(), BusError> {
         let call = self.inner.unsubscribe(topic);
-        timed(&self.metrics, Backend::Bus, "unsubscribe", call).await
+        timed(&self.calls, "unsubscribe", call).await
     }
     async fn ready(&self) -> bool {
         let start = Instant::now();
         let ready = self.inner.ready().await;
-        self.metrics
-            .backend_call(Backend::Bus, "ready", start.elapsed(), !ready);
+        self.calls.record("ready", start.elapsed(), !ready);
         ready
     }
 }
@@ -167,12 +188,28 @@ impl Bus for InstrumentedBus {
 /// A [`Presence`] whose calls are timed.
 pub struct InstrumentedPresence {
     inner: Arc<dyn Presence>,
-    metrics: Arc<Metrics>,
+    calls: BackendCalls,
 }
 
 impl InstrumentedPresence {
     pub fn wrap(inner: Arc<dyn Presence>, metrics: Arc<Metrics>) -> Arc<dyn Presence> {
-        Arc::new(Self { inner, metrics })
+        let calls = metrics.bind_backend(
+            Backend::Presence,
+            &[
+                "connect",
+                "disconnect",
+                "settle_offline",
+                "is_online",
+                "statuses",
+                "maintain",
+                "ready",
+                "typing_start",
+                "typing_stop",
+                "typing_expire",
+                "is_typing",
+            ],
+        );
+        Arc::new(Self { inner, calls })
     }
 }
 
@@ -180,42 +217,36 @@ impl InstrumentedPresence {
 impl Presence for InstrumentedPresence {
     async fn connect(&self, user: &str, conn: &str) -> Result<bool, PresenceError> {
         let call = self.inner.connect(user, conn);
-        timed(&self.metrics, Backend::Presence, "connect", call).await
+        timed(&self.calls, "connect", call).await
     }
     async fn disconnect(&self, user: &str, conn: &str) -> Result<usize, PresenceError> {
         let call = self.inner.disconnect(user, conn);
-        timed(&self.metrics, Backend::Presence, "disconnect", call).await
+        timed(&self.calls, "disconnect", call).await
     }
     async fn settle_offline(&self, user: &str) -> Result<bool, PresenceError> {
         let call = self.inner.settle_offline(user);
-        timed(&self.metrics, Backend::Presence, "settle_offline", call).await
+        timed(&self.calls, "settle_offline", call).await
     }
     async fn is_online(&self, user: &str) -> Result<bool, PresenceError> {
         let call = self.inner.is_online(user);
-        timed(&self.metrics, Backend::Presence, "is_online", call).await
+        timed(&self.calls, "is_online", call).await
     }
     async fn statuses(
         &self,
         users: &[UserId],
     ) -> Result<HashMap<UserId, UserStatus>, PresenceError> {
         let call = self.inner.statuses(users);
-        timed(&self.metrics, Backend::Presence, "statuses", call).await
+        timed(&self.calls, "statuses", call).await
     }
     fn maintenance_interval(&self) -> Option<Duration> {
         self.inner.maintenance_interval()
     }
     async fn maintain(&self) -> Result<Maintenance, PresenceError> {
         let call = self.inner.maintain();
-        timed(&self.metrics, Backend::Presence, "maintain", call).await
+        timed(&self.calls, "maintain", call).await
     }
     async fn ready(&self) -> Result<(), PresenceError> {
-        timed(
-            &self.metrics,
-            Backend::Presence,
-            "ready",
-            self.inner.ready(),
-        )
-        .await
+        timed(&self.calls, "ready", self.inner.ready()).await
     }
     async fn typing_start(
         &self,
@@ -224,7 +255,7 @@ impl Presence for InstrumentedPresence {
         ttl: Duration,
     ) -> Result<(bool, u64), PresenceError> {
         let call = self.inner.typing_start(conversation, user, ttl);
-        timed(&self.metrics, Backend::Presence, "typing_start", call).await
+        timed(&self.calls, "typing_start", call).await
     }
     async fn typing_stop(
         &self,
@@ -232,7 +263,7 @@ impl Presence for InstrumentedPresence {
         user: &str,
     ) -> Result<bool, PresenceError> {
         let call = self.inner.typing_stop(conversation, user);
-        timed(&self.metrics, Backend::Presence, "typing_stop", call).await
+        timed(&self.calls, "typing_stop", call).await
     }
     async fn typing_expire(
         &self,
@@ -241,7 +272,7 @@ impl Presence for InstrumentedPresence {
         generation: u64,
     ) -> Result<bool, PresenceError> {
         let call = self.inner.typing_expire(conversation, user, generation);
-        timed(&self.metrics, Backend::Presence, "typing_expire", call).await
+        timed(&self.calls, "typing_expire", call).await
     }
     async fn is_typing(
         &self,
@@ -249,7 +280,7 @@ impl Presence for InstrumentedPresence {
         user: &str,
     ) -> Result<bool, PresenceError> {
         let call = self.inner.is_typing(conversation, user);
-        timed(&self.metrics, Backend::Presence, "is_typing", call).await
+        timed(&self.calls, "is_typing", call).await
     }
 }
 
@@ -258,12 +289,13 @@ impl Presence for InstrumentedPresence {
 /// open inside the backend and are counted there through [`Metrics::backend_error`].
 pub struct InstrumentedLimits {
     inner: Arc<dyn Limits>,
-    metrics: Arc<Metrics>,
+    calls: BackendCalls,
 }
 
 impl InstrumentedLimits {
     pub fn wrap(inner: Arc<dyn Limits>, metrics: Arc<Metrics>) -> Arc<dyn Limits> {
-        Arc::new(Self { inner, metrics })
+        let calls = metrics.bind_backend(Backend::Limits, &["check"]);
+        Arc::new(Self { inner, calls })
     }
 }
 
@@ -272,8 +304,7 @@ impl Limits for InstrumentedLimits {
     async fn check(&self, class: LimitClass, subject: &str) -> Result<(), Throttled> {
         let start = Instant::now();
         let result = self.inner.check(class, subject).await;
-        self.metrics
-            .backend_call(Backend::Limits, "check", start.elapsed(), false);
+        self.calls.record("check", start.elapsed(), false);
         result
     }
 }

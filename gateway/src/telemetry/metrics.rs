@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider, UpDownCounter};
+use opentelemetry::metrics::{
+    BoundCounter, BoundHistogram, Counter, Histogram, Meter, MeterProvider, UpDownCounter,
+};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 
 use crate::limits::LimitClass;
@@ -105,6 +107,14 @@ fn transport_attrs() -> [[KeyValue; 1]; 3] {
     TRANSPORTS.map(|t| [KeyValue::new("transport", t.as_str())])
 }
 
+/// The instruments touched once per delivered frame, bound to one transport's attributes so a
+/// measurement is an atomic add or one histogram update, without the attribute-set lookup.
+struct PerFrame {
+    sent: BoundCounter<u64>,
+    delivery: BoundHistogram<f64>,
+    queue_depth: BoundHistogram<u64>,
+}
+
 /// Every instrument of the gateway. Cheap to call when built [`disabled`](Metrics::disabled):
 /// the instruments are no-ops and the clock is not read.
 pub struct Metrics {
@@ -115,6 +125,7 @@ pub struct Metrics {
     provider: Option<SdkMeterProvider>,
     draining: Arc<AtomicBool>,
     by_transport: [[KeyValue; 1]; 3],
+    per_frame: [PerFrame; 3],
     recent_disconnects: Mutex<RecentDisconnects>,
 
     connections: UpDownCounter<i64>,
@@ -122,12 +133,9 @@ pub struct Metrics {
     disconnects: Counter<u64>,
     reconnects: Counter<u64>,
     messages_received: Counter<u64>,
-    messages_sent: Counter<u64>,
     messages_persisted: Counter<u64>,
-    delivery_duration: Histogram<f64>,
     ack_duration: Histogram<f64>,
     fanout_size: Histogram<u64>,
-    send_queue_depth: Histogram<u64>,
     send_queue_rejected: Counter<u64>,
     send_queue_closes: Counter<u64>,
     rate_limited: Counter<u64>,
@@ -200,12 +208,36 @@ impl Metrics {
                 .with_description(description)
                 .build()
         };
+        let messages_sent = counter(
+            "confab.messages.sent",
+            "{message}",
+            "new_message frames written to client connections (Socket.IO: handed to the socket's buffer)",
+        );
+        let delivery_duration = latency(
+            "confab.delivery.duration",
+            "From a message's commit to its frame's socket write (Socket.IO: hand-over to the socket's buffer)",
+        );
+        let send_queue_depth = meter
+            .u64_histogram("confab.send_queue.depth")
+            .with_unit("{frame}")
+            .with_description(
+                "Frames waiting in a /ws connection's send queue when its writer wakes",
+            )
+            .with_boundaries(QUEUE_BUCKETS.to_vec())
+            .build();
+        let by_transport = transport_attrs();
+        let per_frame = by_transport.clone().map(|attrs| PerFrame {
+            sent: messages_sent.bind(&attrs),
+            delivery: delivery_duration.bind(&attrs),
+            queue_depth: send_queue_depth.bind(&attrs),
+        });
         Self {
             enabled,
             registry,
             provider,
             draining,
-            by_transport: transport_attrs(),
+            by_transport,
+            per_frame,
             recent_disconnects: Mutex::default(),
             connections: meter
                 .i64_up_down_counter("confab.connections")
@@ -232,19 +264,10 @@ impl Metrics {
                 "{message}",
                 "send_message requests received",
             ),
-            messages_sent: counter(
-                "confab.messages.sent",
-                "{message}",
-                "new_message frames handed to client connections",
-            ),
             messages_persisted: counter(
                 "confab.messages.persisted",
                 "{message}",
                 "Messages committed to the store (retries of a clientMsgId excluded)",
-            ),
-            delivery_duration: latency(
-                "confab.delivery.duration",
-                "From a message's commit to its frame's socket write (Socket.IO: hand-over to the socket's buffer)",
             ),
             ack_duration: latency(
                 "confab.ack.duration",
@@ -255,14 +278,6 @@ impl Metrics {
                 .with_unit("{connection}")
                 .with_description("Local connections an event was delivered to")
                 .with_boundaries(FANOUT_BUCKETS.to_vec())
-                .build(),
-            send_queue_depth: meter
-                .u64_histogram("confab.send_queue.depth")
-                .with_unit("{frame}")
-                .with_description(
-                    "Frames waiting in a /ws connection's send queue when its writer wakes",
-                )
-                .with_boundaries(QUEUE_BUCKETS.to_vec())
                 .build(),
             send_queue_rejected: counter(
                 "confab.send_queue.rejected",
@@ -401,15 +416,13 @@ impl Metrics {
         self.messages_persisted.add(1, &[]);
     }
 
-    /// A `new_message` frame was handed to a connection.
-    pub fn message_sent(&self, transport: Transport) {
-        self.messages_sent.add(1, self.t(transport));
-    }
-
-    /// A committed message's frame reached the socket at `now_us` (Unix microseconds).
+    /// A committed message's `new_message` frame reached the socket at `now_us` (Unix
+    /// microseconds): counted as sent, and its delivery timed.
     pub fn delivered(&self, transport: Transport, committed_at_us: i64, now_us: i64) {
+        let hot = &self.per_frame[transport.index()];
+        hot.sent.add(1);
         let seconds = (now_us - committed_at_us).max(0) as f64 / 1e6;
-        self.delivery_duration.record(seconds, self.t(transport));
+        hot.delivery.record(seconds);
     }
 
     /// An ack for `event`, received at `received`, was written.
@@ -438,8 +451,9 @@ impl Metrics {
     }
 
     pub fn send_queue_depth(&self, transport: Transport, depth: usize) {
-        self.send_queue_depth
-            .record(depth as u64, self.t(transport));
+        self.per_frame[transport.index()]
+            .queue_depth
+            .record(depth as u64);
     }
 
     pub fn send_queue_rejected(&self, transport: Transport) {
@@ -473,6 +487,35 @@ impl Metrics {
         }
     }
 
+    /// Instruments bound to each of `operations` of `backend`, for a decorator's every call.
+    pub fn bind_backend(
+        self: &Arc<Self>,
+        backend: Backend,
+        operations: &[&'static str],
+    ) -> BackendCalls {
+        let calls = operations
+            .iter()
+            .map(|&operation| {
+                let attrs = [
+                    KeyValue::new("backend", backend.as_str()),
+                    KeyValue::new("operation", operation),
+                ];
+                (
+                    operation,
+                    BoundCall {
+                        duration: self.backend_duration.bind(&attrs),
+                        errors: self.backend_errors.bind(&attrs),
+                    },
+                )
+            })
+            .collect();
+        BackendCalls {
+            backend,
+            calls,
+            metrics: self.clone(),
+        }
+    }
+
     /// A backend failure seen where no call is timed (e.g. a fail-open rate limit).
     pub fn backend_error(&self, backend: Backend, operation: &'static str) {
         self.backend_errors.add(
@@ -482,6 +525,35 @@ impl Metrics {
                 KeyValue::new("operation", operation),
             ],
         );
+    }
+}
+
+struct BoundCall {
+    duration: BoundHistogram<f64>,
+    errors: BoundCounter<u64>,
+}
+
+/// One backend's calls, each operation's instruments bound to its labels (so timing a call does
+/// not hash its attributes), from [`Metrics::bind_backend`].
+pub struct BackendCalls {
+    backend: Backend,
+    calls: Vec<(&'static str, BoundCall)>,
+    metrics: Arc<Metrics>,
+}
+
+impl BackendCalls {
+    pub fn record(&self, operation: &'static str, elapsed: Duration, failed: bool) {
+        match self.calls.iter().find(|(op, _)| *op == operation) {
+            Some((_, call)) => {
+                call.duration.record(elapsed.as_secs_f64());
+                if failed {
+                    call.errors.add(1);
+                }
+            }
+            None => self
+                .metrics
+                .backend_call(self.backend, operation, elapsed, failed),
+        }
     }
 }
 

@@ -49,7 +49,6 @@ impl Outbound for SocketOut {
                 // socketioxide writes from its own task: the hand-over to the socket's buffer is
                 // the last point this side sees.
                 if let Some(committed) = event.committed_at_us {
-                    self.metrics.message_sent(Transport::SocketIo);
                     self.metrics
                         .delivered(Transport::SocketIo, committed, unix_micros());
                 }

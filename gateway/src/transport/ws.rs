@@ -310,14 +310,8 @@ impl WsOut {
 
 impl Outbound for WsOut {
     fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
-        match event.committed_at_us {
-            Some(committed) => {
-                self.push_stamped(event.envelope(), Stamp::Delivery(committed))?;
-                self.metrics.message_sent(Transport::Ws);
-                Ok(())
-            }
-            None => self.push(event.envelope()),
-        }
+        let stamp = event.committed_at_us.map_or(Stamp::None, Stamp::Delivery);
+        self.push_stamped(event.envelope(), stamp)
     }
 
     fn close(&self, reason: &'static str) {
@@ -607,6 +601,7 @@ async fn pump(
     }
     let mut ping = tokio::time::interval_at(Instant::now() + st.ping_interval, st.ping_interval);
     let mut pong_due: Option<Instant> = None;
+    let mut depth_wakes: u32 = 0;
     loop {
         tokio::select! {
             biased;
@@ -642,34 +637,28 @@ async fn pump(
             }
             (first, first_stamp) = out.frames.pop() => {
                 let metrics = &out.metrics;
-                if metrics.enabled() {
-                    metrics.send_queue_depth(Transport::Ws, out.frames.len() + 1);
-                }
+                depth_wakes = depth_wakes.wrapping_add(1);
                 let written = timeout(st.send_deadline, Box::pin(async {
-                    // Timed frames of this batch, recorded once the batch is flushed. On the
-                    // heap with the rest of this short-lived future, not in the connection's.
-                    let mut stamps = [Stamp::None; WRITE_BATCH];
-                    let mut timed = 0;
-                    let mut keep = |stamp: Stamp| {
-                        if stamp != Stamp::None {
-                            stamps[timed] = stamp;
-                            timed += 1;
-                        }
-                    };
+                    // Timed frames of this batch, recorded once the batch is flushed: the first
+                    // few inline, any more in a Vec (stamps exist only when metrics are on).
+                    let mut stamps = TimedFrames::default();
+                    let mut batch = 1;
                     ws.feed(Frame::text(first)).await?;
-                    keep(first_stamp);
+                    stamps.push(first_stamp);
                     for _ in 1..WRITE_BATCH {
                         let Some((next, stamp)) = out.frames.try_pop() else { break };
                         ws.feed(Frame::text(next)).await?;
-                        keep(stamp);
+                        batch += 1;
+                        stamps.push(stamp);
                     }
                     ws.flush().await?;
-                    if timed > 0 {
-                        let now = unix_micros();
-                        for &stamp in &stamps[..timed] {
-                            metrics.written(Transport::Ws, stamp, now);
-                        }
+                    // What was waiting when the writer woke (this batch, plus what a full batch
+                    // left behind), sampled: the first wake, then one in DEPTH_SAMPLE.
+                    if metrics.enabled() && depth_wakes % DEPTH_SAMPLE == 1 {
+                        let left = if batch == WRITE_BATCH { out.frames.len() } else { 0 };
+                        metrics.send_queue_depth(Transport::Ws, batch + left);
                     }
+                    stamps.record(metrics);
                     Ok::<_, yawc::WebSocketError>(())
                 })).await;
                 match written {
@@ -704,6 +693,43 @@ async fn pump(
                     }
                 }
             }
+        }
+    }
+}
+
+/// The `/ws` writer samples its queue depth on one wake in this many (and on the first).
+const DEPTH_SAMPLE: u32 = 16;
+
+/// The timed frames of one write batch: up to 8 inline (no allocation for the usual batch), the
+/// rest in a Vec.
+#[derive(Default)]
+struct TimedFrames {
+    inline: [Stamp; 8],
+    len: usize,
+    more: Vec<Stamp>,
+}
+
+impl TimedFrames {
+    fn push(&mut self, stamp: Stamp) {
+        if stamp == Stamp::None {
+            return;
+        }
+        if let Some(slot) = self.inline.get_mut(self.len) {
+            *slot = stamp;
+            self.len += 1;
+        } else {
+            self.more.push(stamp);
+        }
+    }
+
+    /// Records every stamp as written now.
+    fn record(self, metrics: &Metrics) {
+        if self.len == 0 {
+            return;
+        }
+        let now = unix_micros();
+        for &stamp in self.inline[..self.len].iter().chain(&self.more) {
+            metrics.written(Transport::Ws, stamp, now);
         }
     }
 }

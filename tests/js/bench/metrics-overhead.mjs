@@ -5,10 +5,15 @@
 // the other core(s):
 //   CONFAB_GATEWAY_BIN=…/release/confab-gateway taskset -c 1 node tests/js/bench/metrics-overhead.mjs \
 //     [rounds=3] [seconds=10] [receivers=50] [senders=4] [inFlight=8]
+// On a shared machine wall-clock numbers are noisy; CONFAB_BENCH_CALLGRIND=1 runs the gateway
+// under valgrind's callgrind instead and reports instructions executed per message during the
+// measured window (deterministic, but ~50× slower: use a few seconds and small numbers).
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync, mkdtempSync, chmodSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import WebSocket from 'ws';
-import { startGateway, token, api, sleep } from '../lib/gateway.mjs';
+import { startGateway, token, api, sleep, gatewayBin } from '../lib/gateway.mjs';
 
 const [rounds = 3, seconds = 10, receivers = 50, senders = 4, inFlight = 8] = process.argv.slice(2).map(Number);
 const env = {
@@ -19,6 +24,23 @@ const env = {
   CONFAB_SEND_QUEUE: '4096',
 };
 const TICKS = Number(execFileSync('getconf', ['CLK_TCK']).toString().trim());
+const callgrind = process.env.CONFAB_BENCH_CALLGRIND === '1';
+const scratch = mkdtempSync(join(tmpdir(), 'confab-overhead-'));
+if (callgrind) {
+  // The gateway under callgrind, instrumented only while told to (the measured window).
+  const wrapper = join(scratch, 'gateway-under-callgrind.sh');
+  writeFileSync(wrapper, `#!/bin/sh\nexec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=${scratch}/callgrind.%p "${gatewayBin()}" "$@"\n`);
+  chmodSync(wrapper, 0o755);
+  process.env.CONFAB_GATEWAY_BIN = wrapper;
+}
+
+/** Instructions callgrind counted for process `pid` (its collected window). */
+function instructions(pid) {
+  const file = readdirSync(scratch).find((f) => f === `callgrind.${pid}`);
+  const text = readFileSync(join(scratch, file), 'utf8');
+  const totals = text.split('\n').find((l) => l.startsWith('totals:'));
+  return Number(totals.split(/\s+/)[1]);
+}
 
 function cpuSeconds(pid) {
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
@@ -74,15 +96,21 @@ async function round(metrics) {
     // One second of warm-up, then the measured window.
     const loops = sending.flatMap((s) => Array.from({ length: inFlight }, () => loop(s)));
     await sleep(1000);
+    if (callgrind) execFileSync('callgrind_control', ['-i', 'on', String(gw.proc.pid)], { stdio: 'ignore' });
     const [a0, d0, c0, t0] = [acked, deliveries, cpuSeconds(gw.proc.pid), process.hrtime.bigint()];
     await sleep(seconds * 1000);
     const [a1, d1, c1, t1] = [acked, deliveries, cpuSeconds(gw.proc.pid), process.hrtime.bigint()];
+    if (callgrind) execFileSync('callgrind_control', ['-i', 'off', String(gw.proc.pid)], { stdio: 'ignore' });
     stop = true;
     await Promise.all(loops);
     for (const { sock } of all) sock.close();
     const wall = Number(t1 - t0) / 1e9;
     const msgs = a1 - a0;
-    return { metrics, msgPerSec: msgs / wall, deliveriesPerSec: (d1 - d0) / wall, cpuUsPerMsg: ((c1 - c0) * 1e6) / msgs, errors };
+    const result = { metrics, msgPerSec: msgs / wall, deliveriesPerSec: (d1 - d0) / wall, cpuUsPerMsg: ((c1 - c0) * 1e6) / msgs, errors };
+    await gw.stop();
+    // Messages acked while collection was on, give or take the in-flight ones at each edge.
+    if (callgrind) result.instructionsPerMsg = instructions(gw.proc.pid) / msgs;
+    return result;
   } finally {
     await gw.stop();
   }
@@ -94,7 +122,8 @@ for (let r = 0; r < rounds; r += 1) {
   for (const m of r % 2 === 0 ? [true, false] : [false, true]) {
     const res = await round(m);
     results[m].push(res);
-    console.log(`round ${r + 1} metrics=${m}: ${res.msgPerSec.toFixed(0)} msg/s, ${res.deliveriesPerSec.toFixed(0)} deliveries/s, ${res.cpuUsPerMsg.toFixed(1)} µs CPU/msg, ${res.errors} errors`);
+    const ir = res.instructionsPerMsg ? `, ${(res.instructionsPerMsg / 1000).toFixed(1)}k instructions/msg` : '';
+    console.log(`round ${r + 1} metrics=${m}: ${res.msgPerSec.toFixed(0)} msg/s, ${res.deliveriesPerSec.toFixed(0)} deliveries/s, ${res.cpuUsPerMsg.toFixed(1)} µs CPU/msg${ir}, ${res.errors} errors`);
   }
 }
 const summary = (m) => ({
@@ -105,4 +134,10 @@ const summary = (m) => ({
 const on = summary(true); const off = summary(false);
 console.log(`median metrics on : ${on.msgPerSec.toFixed(0)} msg/s, ${on.deliveriesPerSec.toFixed(0)} deliveries/s, ${on.cpuUsPerMsg.toFixed(1)} µs CPU/msg`);
 console.log(`median metrics off: ${off.msgPerSec.toFixed(0)} msg/s, ${off.deliveriesPerSec.toFixed(0)} deliveries/s, ${off.cpuUsPerMsg.toFixed(1)} µs CPU/msg`);
-console.log(`throughput cost: ${((1 - on.msgPerSec / off.msgPerSec) * 100).toFixed(1)} %; CPU per message: ${((on.cpuUsPerMsg / off.cpuUsPerMsg - 1) * 100).toFixed(1)} %`);
+if (callgrind) {
+  const irOn = median(results.true.map((x) => x.instructionsPerMsg));
+  const irOff = median(results.false.map((x) => x.instructionsPerMsg));
+  console.log(`median instructions/msg: on ${(irOn / 1000).toFixed(1)}k, off ${(irOff / 1000).toFixed(1)}k: cost ${((irOn / irOff - 1) * 100).toFixed(1)} %`);
+} else {
+  console.log(`throughput cost: ${((1 - on.msgPerSec / off.msgPerSec) * 100).toFixed(1)} %; CPU per message: ${((on.cpuUsPerMsg / off.cpuUsPerMsg - 1) * 100).toFixed(1)} %`);
+}
