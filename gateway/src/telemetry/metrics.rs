@@ -125,7 +125,8 @@ pub struct Metrics {
     provider: Option<SdkMeterProvider>,
     draining: Arc<AtomicBool>,
     by_transport: [[KeyValue; 1]; 3],
-    per_frame: [PerFrame; 3],
+    /// Socket.IO's and `/ws`'s (HTTP has no frames).
+    per_frame: [PerFrame; 2],
     recent_disconnects: Mutex<RecentDisconnects>,
 
     connections: UpDownCounter<i64>,
@@ -226,10 +227,13 @@ impl Metrics {
             .with_boundaries(QUEUE_BUCKETS.to_vec())
             .build();
         let by_transport = transport_attrs();
-        let per_frame = by_transport.clone().map(|attrs| PerFrame {
-            sent: messages_sent.bind(&attrs),
-            delivery: delivery_duration.bind(&attrs),
-            queue_depth: send_queue_depth.bind(&attrs),
+        let per_frame = [Transport::SocketIo, Transport::Ws].map(|t| {
+            let attrs = [KeyValue::new("transport", t.as_str())];
+            PerFrame {
+                sent: messages_sent.bind(&attrs),
+                delivery: delivery_duration.bind(&attrs),
+                queue_depth: send_queue_depth.bind(&attrs),
+            }
         });
         Self {
             enabled,
@@ -419,7 +423,9 @@ impl Metrics {
     /// A committed message's `new_message` frame reached the socket at `now_us` (Unix
     /// microseconds): counted as sent, and its delivery timed.
     pub fn delivered(&self, transport: Transport, committed_at_us: i64, now_us: i64) {
-        let hot = &self.per_frame[transport.index()];
+        let Some(hot) = self.per_frame.get(transport.index()) else {
+            return;
+        };
         hot.sent.add(1);
         let seconds = (now_us - committed_at_us).max(0) as f64 / 1e6;
         hot.delivery.record(seconds);
@@ -451,9 +457,9 @@ impl Metrics {
     }
 
     pub fn send_queue_depth(&self, transport: Transport, depth: usize) {
-        self.per_frame[transport.index()]
-            .queue_depth
-            .record(depth as u64);
+        if let Some(hot) = self.per_frame.get(transport.index()) {
+            hot.queue_depth.record(depth as u64);
+        }
     }
 
     pub fn send_queue_rejected(&self, transport: Transport) {
