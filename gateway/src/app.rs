@@ -21,6 +21,10 @@ use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend,
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
+use crate::telemetry::instrumented::{
+    InstrumentedBus, InstrumentedLimits, InstrumentedPresence, InstrumentedStore,
+};
+use crate::telemetry::{self, TelemetryError};
 use crate::transport::origin::{self, OriginPolicy};
 use crate::transport::{Gateway, TransportSettings, http, socketio, web, ws};
 
@@ -32,6 +36,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
     /// One line naming the backend and its setting.
     #[error(
         "cannot reach {backend} ({setting}): {reason}; start it, fix the setting, or set CONFAB_WAIT_FOR_BACKENDS=true to wait for it"
@@ -142,6 +148,7 @@ impl App {
             .node_id
             .clone()
             .unwrap_or_else(|| ChatSettings::default().node_id);
+        let metrics = telemetry::build_metrics(config.metrics, config.otlp()?.as_ref(), &node_id)?;
         let store: Arc<dyn Store> = match config.store()? {
             StoreBackend::SqliteFile(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -209,7 +216,8 @@ impl App {
                     let limits = reach("Redis", "CONFAB_REDIS_URL", wait, || {
                         RedisLimits::connect(&url, &prefix, config.limits())
                     })
-                    .await?;
+                    .await?
+                    .with_metrics(metrics.clone());
                     (Arc::new(presence), Arc::new(limits))
                 }
             };
@@ -219,7 +227,19 @@ impl App {
             max_content_bytes: config.max_content_bytes as usize,
             ..ChatSettings::default()
         };
-        let service = ChatService::new(store, bus, presence, limits, settings);
+        // Timing every backend call costs a clock read or two: only when metrics are on.
+        let (store, bus, presence, limits) = if metrics.enabled() {
+            (
+                InstrumentedStore::wrap(store, metrics.clone()),
+                InstrumentedBus::wrap(bus, metrics.clone()),
+                InstrumentedPresence::wrap(presence, metrics.clone()),
+                InstrumentedLimits::wrap(limits, metrics.clone()),
+            )
+        } else {
+            (store, bus, presence, limits)
+        };
+        let service =
+            ChatService::with_metrics(store, bus, presence, limits, settings, metrics.clone());
         service.spawn_presence_upkeep();
 
         let mut allowed_origins = config.origins()?;
@@ -235,6 +255,14 @@ impl App {
         }
         let drain = Drain::new(Duration::from_secs(config.drain_seconds));
         tokio::spawn(crate::drain::run(drain.clone(), service.clone()));
+        {
+            // `confab_draining` follows the drain.
+            let (drain, service) = (drain.clone(), service.clone());
+            tokio::spawn(async move {
+                drain.reached(DrainState::Draining).await;
+                service.metrics().set_draining(true);
+            });
+        }
         if let Some(path) = &config.drain_annotation_file {
             tokio::spawn(crate::drain::watch_annotation_file(path.clone(), drain.clone()));
         }
@@ -263,6 +291,7 @@ impl App {
             .merge(web::routes(dev_secret_path.is_some()))
             .with_state(gateway.clone())
             .merge(ws::routes(gateway.clone(), config.ws_echo_route))
+            .merge(telemetry::routes(metrics))
             .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize))
             .layer(sio_layer)
             .layer(axum::middleware::from_fn_with_state(
@@ -327,7 +356,8 @@ pub async fn serve(
         }
         let _ = stopped_tx.send(());
     });
-    tokio::select! {
+    let metrics = app.gateway.service.metrics().clone();
+    let result = tokio::select! {
         result = server => result,
         _ = async {
             let _ = stopped_rx.await;
@@ -336,5 +366,8 @@ pub async fn serve(
             tracing::warn!("requests still in flight 5 s after the drain; exiting anyway");
             Ok(())
         }
-    }
+    };
+    // The last OTLP push; the exporter's client blocks, so off the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
+    result
 }

@@ -287,6 +287,66 @@ pub struct Config {
         global = true
     )]
     pub log_format: LogFormat,
+    /// OTLP/HTTP (protobuf) collector base URL, e.g. `http://otel-collector:4318`: metrics are
+    /// pushed to `<url>/v1/metrics` and spans to `<url>/v1/traces`. Unset: no OTLP export.
+    #[arg(long, env = "CONFAB_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Record metrics (`/metrics`, OTLP). `false` turns every instrument into a no-op, to
+    /// measure their cost.
+    #[arg(
+        long,
+        env = "CONFAB_METRICS",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        global = true
+    )]
+    pub metrics: bool,
+}
+
+/// A checked OTLP/HTTP collector base URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpEndpoint(String);
+
+impl OtlpEndpoint {
+    /// `http://host[:port][/path]`: the signal paths `/v1/metrics` and `/v1/traces` are added to it.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let setting = "CONFAB_OTLP_ENDPOINT";
+        let uri: axum::http::Uri = url.parse().map_err(|e| {
+            bad(
+                setting,
+                format!("{url:?} is not a URL like http://otel-collector:4318 ({e})"),
+            )
+        })?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(bad(
+                    setting,
+                    "https is not built in; point it at a collector's plain OTLP/HTTP port (4318), e.g. a node-local or sidecar collector",
+                ));
+            }
+            _ => {
+                return Err(bad(
+                    setting,
+                    format!("{url:?} must start with http://, e.g. http://otel-collector:4318"),
+                ));
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) || uri.query().is_some() {
+            return Err(bad(
+                setting,
+                format!(
+                    "{url:?} must be a base URL with a host and no query, e.g. http://otel-collector:4318"
+                ),
+            ));
+        }
+        Ok(Self(url.trim_end_matches('/').to_owned()))
+    }
+
+    /// The URL of one signal: `metrics` or `traces`.
+    pub fn signal_url(&self, signal: &str) -> String {
+        format!("{}/v1/{signal}", self.0)
+    }
 }
 
 /// Where messages are stored.
@@ -502,8 +562,18 @@ impl Config {
         }
     }
 
+    /// Where OTLP telemetry goes, if anywhere.
+    pub fn otlp(&self) -> Result<Option<OtlpEndpoint>, ConfigError> {
+        self.otlp_endpoint
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(OtlpEndpoint::parse)
+            .transpose()
+    }
+
     /// Checks every setting that clap cannot, so start-up fails before binding anything.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.otlp()?;
         self.store()?;
         self.shared_state()?;
         self.bus_backend()?;
@@ -636,6 +706,38 @@ mod tests {
             redis_bus.bus_backend().expect("bus"),
             BusBackend::Redis("redis://127.0.0.1:6379".into())
         );
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_a_plain_http_base_url_named_when_wrong() {
+        let c = parse(&["--otlp-endpoint", "http://collector:4318/"]);
+        c.validate().expect("valid");
+        let endpoint = c.otlp().expect("valid").expect("set");
+        assert_eq!(
+            endpoint.signal_url("metrics"),
+            "http://collector:4318/v1/metrics"
+        );
+        assert_eq!(parse(&[]).otlp().expect("unset is fine"), None);
+        for wrong in [
+            "collector:4318",
+            "https://collector:4318",
+            "http://",
+            "not a url",
+            "http://c:4318/?x=1",
+        ] {
+            let e = parse(&["--otlp-endpoint", wrong])
+                .validate()
+                .expect_err(wrong);
+            assert_eq!(e.setting, "CONFAB_OTLP_ENDPOINT", "{wrong}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn metrics_are_on_unless_switched_off() {
+        assert!(parse(&[]).metrics);
+        assert!(!parse(&["--metrics", "false"]).metrics);
+        assert!(Cli::try_parse_from(["confab-gateway", "--metrics", "maybe"]).is_err());
     }
 
     #[test]

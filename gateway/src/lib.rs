@@ -10,6 +10,7 @@
 //! - [`redis`]: connection settings shared by the Redis backends.
 //! - [`auth`]: JWT verification and minting.
 //! - [`transport`]: Socket.IO, HTTP API, origin checks, and the wire types they share.
+//! - [`telemetry`]: metrics (`/metrics`, OTLP), logs, audit events and spans.
 
 pub mod app;
 pub mod auth;
@@ -21,4 +22,5 @@ pub mod limits;
 pub mod presence;
 pub mod redis;
 pub mod store;
+pub mod telemetry;
 pub mod transport;

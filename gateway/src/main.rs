@@ -1,11 +1,11 @@
-//! `confab-gateway`: parse config → init logging → build the app → serve until a signal.
+//! `confab-gateway`: parse config → init telemetry → build the app → serve until a signal.
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use confab_gateway::app::{self, App};
-use confab_gateway::config::{Cli, Command, Config, DrainArgs, LogFormat};
-use tracing_subscriber::EnvFilter;
+use confab_gateway::config::{Cli, Command, Config, DrainArgs};
+use confab_gateway::telemetry;
 
 /// One line naming the setting, instead of clap's multi-line report.
 fn setting_error(e: &clap::Error) -> String {
@@ -32,17 +32,6 @@ fn setting_error(e: &clap::Error) -> String {
     match env {
         Some(env) => format!("invalid setting {env}: {first}"),
         None => first,
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }
 
@@ -225,12 +214,33 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cli.config.log_format);
+    let serving = matches!(cli.command, Some(Command::Serve) | None);
+    // Spans go over OTLP only from the server; a bad endpoint stops start-up in one line.
+    let otlp = match cli.config.otlp() {
+        Ok(otlp) => otlp.filter(|_| serving),
+        Err(e) => {
+            eprintln!("confab-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let tracing = match telemetry::init(
+        cli.config.log_format,
+        otlp.as_ref(),
+        cli.config.node_id.as_deref(),
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("confab-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match &cli.command {
         Some(Command::Token(args)) => token(&cli.config, args).map(|t| println!("{t}")),
         Some(Command::Drain(args)) => drain(&cli.config, args).await,
         Some(Command::Serve) | None => serve(cli.config).await,
     };
+    // The last spans; the OTLP client blocks, so off the runtime's threads.
+    let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -5,8 +5,10 @@ object and every builder output against the Kubernetes 1.37 schemas in strict mo
 fields are errors); the ChatCluster objects are checked against the CRD's own openAPIV3Schema.
 """
 
+import json
 import os
 import pathlib
+import re
 import subprocess
 from typing import Any
 
@@ -52,17 +54,66 @@ def chatcluster_schema() -> dict[str, Any]:
     return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
+# The part of the Prometheus operator's ServiceMonitor schema (monitoring.coreos.com/v1) the chart
+# uses, closed to unknown fields like kubernetes-validate's strict mode (which knows only built-in kinds).
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "selector": {"type": "object", "additionalProperties": False, "properties": {
+                    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "matchExpressions": {"type": "array"}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["port"],
+                    "properties": {
+                        "port": {"type": "string"}, "path": {"type": "string"},
+                        "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        "relabelings": {"type": "array", "items": {
+                            "type": "object", "additionalProperties": False, "properties": {
+                                "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                "regex": {"type": "string"}, "targetLabel": {"type": "string"},
+                                "action": {"enum": ["replace", "keep", "drop", "labelmap", "labeldrop", "labelkeep"]}}}}}}},
+            },
+        },
+    },
+}
+
+
 def validate_object(obj: dict[str, Any]) -> None:
     """Kubernetes 1.37 strict schema for built-in kinds; the CRD's schema for ChatClusters."""
-    if obj["kind"] == "ChatCluster":
+    if obj["kind"] == "ServiceMonitor":
+        jsonschema.validate(obj, SERVICE_MONITOR_SCHEMA)
+    elif obj["kind"] == "ChatCluster":
         assert obj["apiVersion"] == "confab.dev/v1alpha1"
         jsonschema.validate({k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata")}, chatcluster_schema())
     else:
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
 
-def rendered_objects(values: dict[str, Any]) -> list[dict[str, Any]]:
-    manifests = helm.Chart.load(CHART).render(values, name="confab", namespace="confab-system", is_install=True)
+def render(values: dict[str, Any], api_versions: list[str] | None = None) -> dict[str, str]:
+    """Renders offline; `api_versions` are the extra APIs the cluster serves (helm --api-versions)."""
+    chart = helm.Chart.load(CHART)
+    if api_versions is None:
+        return chart.render(values, name="confab", namespace="confab-system", is_install=True)
+    # helm-python-sdk 0.2.2's render() does not expose --api-versions; its native call takes it.
+    from helm_python import _native
+
+    opts = {"name": "confab", "namespace": "confab-system", "is_install": True, "api_versions": api_versions}
+    return json.loads(_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(opts)))
+
+
+def rendered_objects(values: dict[str, Any], api_versions: list[str] | None = None) -> list[dict[str, Any]]:
+    manifests = render(values, api_versions)
     objects = []
     for path, text in manifests.items():
         if path.endswith("NOTES.txt"):
@@ -178,3 +229,78 @@ def test_kubernetes_validate_refuses_unknown_fields_in_strict_mode() -> None:
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     with pytest.raises(kubernetes_validate.ValidationError):
         validate_object(deployment)
+
+
+MONITORING_ON: dict[str, Any] = {
+    "gatewayMonitoring": {
+        "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kube-prometheus-stack"}},
+        "grafanaDashboard": {"enabled": True, "labels": {"team": "chat"}},
+    }
+}
+PROMETHEUS_OPERATOR = ["monitoring.coreos.com/v1/ServiceMonitor"]
+
+
+def test_chart_lints_with_gateway_monitoring_on() -> None:
+    report = helm.lint(CHART, MONITORING_ON, strict=True, namespace="confab-system", kube_version="v1.37.0")
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_service_monitor_is_rendered_only_where_the_prometheus_operator_crd_is_served() -> None:
+    without = sorted(o["kind"] for o in rendered_objects(MONITORING_ON))
+    assert "ServiceMonitor" not in without
+    objects = rendered_objects(MONITORING_ON, PROMETHEUS_OPERATOR)
+    monitors = [o for o in objects if o["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 1
+    assert sorted(o["kind"] for o in objects if o["kind"] != "ServiceMonitor") == without
+    for obj in objects:
+        validate_object(obj)
+    off = rendered_objects({}, PROMETHEUS_OPERATOR)
+    assert [o for o in off if o["kind"] in ("ServiceMonitor", "ConfigMap")] == [], "off by default"
+
+
+def test_service_monitor_scrapes_each_gateway_pod_once_on_the_http_port() -> None:
+    monitor = next(o for o in rendered_objects(MONITORING_ON, PROMETHEUS_OPERATOR) if o["kind"] == "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"any": True}
+    [endpoint] = spec["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("http", "/metrics", "15s")
+    # Against what the operator's builders actually create for a ChatCluster.
+    dump = subprocess.run([BINARY, "dump-sample"], check=True, capture_output=True, text=True).stdout
+    services = [d for d in yaml.safe_load_all(dump) if d and d["kind"] == "Service"]
+    selected = [s for s in services
+                if all(s["metadata"]["labels"].get(k) == v for k, v in spec["selector"]["matchLabels"].items())]
+    assert len(selected) == 2, "the gateway's load-balanced and headless Services"
+    for service in selected:
+        assert "http" in [p["name"] for p in service["spec"]["ports"]]
+    [keep] = [r for r in endpoint["relabelings"] if r.get("action") == "keep"]
+    assert keep["sourceLabels"] == ["__meta_kubernetes_service_name"]
+    kept = [s["metadata"]["name"] for s in selected if re.fullmatch(keep["regex"], s["metadata"]["name"])]
+    assert len(kept) == 1 and kept[0].endswith("-gateway-headless"), kept
+    headless = next(s for s in selected if s["metadata"]["name"] == kept[0])
+    assert headless["spec"]["publishNotReadyAddresses"] is True, "draining pods are scraped too"
+
+
+GATEWAY_METRICS = {
+    "confab_connections", "confab_connects_total", "confab_disconnects_total", "confab_reconnects_total",
+    "confab_messages_received_total", "confab_messages_sent_total", "confab_messages_persisted_total",
+    "confab_delivery_duration_seconds", "confab_ack_duration_seconds", "confab_fanout_size",
+    "confab_send_queue_depth", "confab_send_queue_rejected_total", "confab_send_queue_closes_total",
+    "confab_rate_limited_total", "confab_auth_failures_total", "confab_backend_duration_seconds",
+    "confab_backend_errors_total", "confab_draining",
+}
+
+
+def test_grafana_dashboard_ships_as_a_labelled_config_map_using_only_gateway_metrics() -> None:
+    [cm] = [o for o in rendered_objects(MONITORING_ON) if o["kind"] == "ConfigMap"]
+    validate_object(cm)
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["labels"]["team"] == "chat"
+    dashboard = json.loads(cm["data"]["confab-gateway.json"])
+    assert dashboard == json.loads((CHART / "dashboards/confab-gateway.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"confab_[a-z_]+", e)}
+    assert used <= GATEWAY_METRICS, used - GATEWAY_METRICS
+    assert used == GATEWAY_METRICS, f"every gateway metric has a chart; missing {GATEWAY_METRICS - used}"
+    assert "sum(confab_connections" in " ".join(exprs), "connections summed over transports"

@@ -10,7 +10,7 @@ import { token, api, sleep } from './lib/gateway.mjs';
 import { socketio, ws } from './lib/clients.mjs';
 import { createFleetBackends, startFleetGateway } from './lib/cluster.mjs';
 
-const CLIENTS = Number(process.env.CONFAB_DRAIN_CLIENTS ?? 600);
+const CLIENTS = Number(process.env.CONFAB_DRAIN_CLIENTS ?? 300);
 const MEMBERS = 50; // per conversation
 const DRAIN_SECONDS = 10;
 /** The fleet's reconnect budget (the operator's rollout.maxReconnectsPerSecond). */

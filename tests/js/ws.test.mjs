@@ -277,8 +277,8 @@ describe('/ws logs', () => {
     viaUrl.close(); viaHeader.close();
     await sleep(300);
     const log = gw.stderr();
-    assert.match(log, /\/ws connected/, 'debug logging is on and covers /ws');
-    assert.match(log, /\/ws handshake refused/);
+    assert.match(log, /audit: connection opened action="connect" transport="ws"/, 'debug logging is on and covers /ws');
+    assert.match(log, /audit: token refused action="auth_failure" transport="ws" reason="malformed"/);
     for (const t of [good, bad]) {
       assert.ok(!log.includes(t.split('.')[2]), 'a token signature appears in the log');
     }

@@ -29,6 +29,8 @@ pub fn envelope_for(conversation: Uuid, seq: i64) -> Envelope {
             client_msg_id: format!("c{seq}"),
             created_at: Utc::now(),
         }),
+        // Crosses the wire too: every node times the delivery from it.
+        committed_at_us: Some(1_700_000_000_000_000 + seq),
     }
 }
 

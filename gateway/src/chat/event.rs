@@ -96,6 +96,7 @@ impl Event {
             name,
             payload: payload.expect("event payloads are plain structs that always serialise"),
             envelope: OnceLock::new(),
+            committed_at_us: None,
         }
     }
 }
@@ -107,6 +108,8 @@ pub struct Outgoing {
     pub payload: Box<RawValue>,
     /// `{"type":name,"payload":…}`, built on first use and then shared by every recipient.
     envelope: OnceLock<Bytes>,
+    /// For a message's broadcast: when it was committed (Unix µs), to time its delivery.
+    pub committed_at_us: Option<i64>,
 }
 
 impl Outgoing {
@@ -117,6 +120,7 @@ impl Outgoing {
             payload: serde_json::value::to_raw_value(payload)
                 .expect("outgoing payloads are plain structs that always serialise"),
             envelope: OnceLock::new(),
+            committed_at_us: None,
         })
     }
 
@@ -164,6 +168,10 @@ pub struct Envelope {
     pub origin: String,
     pub route: Route,
     pub event: Event,
+    /// For a committed message: its commit time in Unix microseconds, so every node can time the
+    /// delivery (commit → socket write). Absent from envelopes of older gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_at_us: Option<i64>,
 }
 
 /// Subscription keys of a bus: a node receives envelopes whose route touches a key it holds.

@@ -12,12 +12,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bus::Bus;
 use crate::limits::{LimitClass, Limits};
 use crate::presence::Presence;
 use crate::store::{Inserted, NewConversation, NewMessage, Store, StoreError};
+use crate::telemetry::{Metrics, audit, metrics::limit_class_label, metrics::unix_micros};
 use error::ChatError;
 use event::{
     ConversationIdRef, ConversationRef, ConversationUser, Envelope, Event, Outgoing, Read, Route,
@@ -113,6 +115,7 @@ pub struct ChatService {
     /// Serialises bus (un)binding: see [`ChatService::apply`].
     topics: tokio::sync::Mutex<()>,
     settings: ChatSettings,
+    metrics: Arc<Metrics>,
 }
 
 fn unavailable(context: &str, err: impl std::fmt::Display) -> ChatError {
@@ -166,6 +169,18 @@ impl ChatService {
         limits: Arc<dyn Limits>,
         settings: ChatSettings,
     ) -> Arc<Self> {
+        Self::with_metrics(store, bus, presence, limits, settings, Metrics::disabled())
+    }
+
+    /// [`new`](Self::new), recording into `metrics`.
+    pub fn with_metrics(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        presence: Arc<dyn Presence>,
+        limits: Arc<dyn Limits>,
+        settings: ChatSettings,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let service = Arc::new(Self {
             store,
             bus,
@@ -176,6 +191,7 @@ impl ChatService {
             pending_generation: Mutex::new(0),
             topics: tokio::sync::Mutex::new(()),
             settings,
+            metrics,
         });
         let weak: Weak<Self> = Arc::downgrade(&service);
         service.bus.attach(Arc::new(move |envelope| {
@@ -196,6 +212,11 @@ impl ChatService {
 
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// The gateway's instruments, shared with the transports.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Whether every backend answers, for `/readyz`.
@@ -444,11 +465,22 @@ impl ChatService {
     }
 
     async fn publish(&self, route: Route, event: Event) -> bool {
+        self.publish_stamped(route, event, None).await
+    }
+
+    /// Publishes with the commit time of the message it carries, so deliveries can be timed.
+    async fn publish_stamped(
+        &self,
+        route: Route,
+        event: Event,
+        committed_at_us: Option<i64>,
+    ) -> bool {
         let envelope = Envelope {
             id: Uuid::now_v7(),
             origin: self.settings.node_id.clone(),
             route,
             event,
+            committed_at_us,
         };
         match self.bus.publish(Arc::new(envelope)).await {
             Ok(()) => true,
@@ -472,19 +504,22 @@ impl ChatService {
                 }
             }
         }
-        let outgoing = Arc::new(envelope.event.encode());
-        self.hub.deliver(&envelope.route, &outgoing);
+        let mut outgoing = envelope.event.encode();
+        outgoing.committed_at_us = envelope.committed_at_us;
+        let outgoing = Arc::new(outgoing);
+        let recipients = self.hub.deliver(&envelope.route, &outgoing);
+        self.metrics.fanout(outgoing.name, recipients);
     }
 
     // ---- limits ------------------------------------------------------------------------
 
     pub async fn throttle(&self, class: LimitClass, subject: &str) -> Result<(), ChatError> {
-        self.limits
-            .check(class, subject)
-            .await
-            .map_err(|t| ChatError::RateLimited {
+        self.limits.check(class, subject).await.map_err(|t| {
+            self.metrics.rate_limited(limit_class_label(class));
+            ChatError::RateLimited {
                 retry_after_ms: t.retry_after_ms,
-            })
+            }
+        })
     }
 
     // ---- conversations -----------------------------------------------------------------
@@ -567,6 +602,15 @@ impl ChatService {
             .await
             .map_err(store_err)?;
         tracing::info!(conversation = %conversation.id, kind = conversation.kind.as_str(), "conversation created");
+        audit::membership(
+            "conversation_created",
+            &conversation.id,
+            &who.user_id,
+            &who.user_id,
+        );
+        if who.is_admin() {
+            audit::admin("create_conversation", Some(&who.user_id), &conversation.id);
+        }
         let ids = members.into_iter().map(|(u, _)| u).collect();
         self.publish(
             Route::Users { ids },
@@ -632,7 +676,10 @@ impl ChatService {
             .await
             .map_err(store_err)?;
         if added {
-            tracing::info!(conversation = %id, actor = %who.user_id.escape_debug(), member = %user.escape_debug(), "member added");
+            audit::membership("member_added", &id, &who.user_id, user);
+            if actor.is_none() && who.is_admin() {
+                audit::admin("add_member", Some(&who.user_id), &(id, user));
+            }
             self.publish(
                 Route::Users {
                     ids: vec![user.to_owned()],
@@ -666,7 +713,10 @@ impl ChatService {
                 "that user is not a member of this conversation",
             ));
         }
-        tracing::info!(conversation = %id, actor = %who.user_id.escape_debug(), member = %user.escape_debug(), "member removed");
+        audit::membership("member_removed", &id, &who.user_id, user);
+        if actor.is_none() && who.is_admin() {
+            audit::admin("remove_member", Some(&who.user_id), &(id, user));
+        }
         // The removed user's connections leave the room before anything else is delivered.
         self.publish(
             Route::Users {
@@ -716,6 +766,9 @@ impl ChatService {
             .join(conn, id)
             .ok_or_else(|| ChatError::Unauthorized("the connection is closed".into()))?;
         self.apply(change).await;
+        if newly {
+            audit::membership("join", &id, &who.user_id, &who.user_id);
+        }
         if newly || !already_in_room {
             self.publish(
                 Route::Conversation {
@@ -769,6 +822,18 @@ impl ChatService {
     /// Persist, then broadcast, then return (the caller acks). A retry of a committed
     /// `clientMsgId` returns the original and broadcasts nothing.
     pub async fn send(&self, who: &Identity, req: Send) -> Result<Sent, ChatError> {
+        // One span per message, with the persist and publish steps as its children; ids and seq
+        // only: never the content or the sender's token.
+        let span = tracing::info_span!(
+            "chat.send",
+            conversation_id = %req.conversation_id,
+            seq = tracing::field::Empty,
+            fresh = tracing::field::Empty,
+        );
+        self.send_in_span(who, req).instrument(span).await
+    }
+
+    async fn send_in_span(&self, who: &Identity, req: Send) -> Result<Sent, ChatError> {
         if req.content.len() > self.settings.max_content_bytes {
             return Err(ChatError::TooLarge(format!(
                 "content is {} bytes; the limit is {}",
@@ -784,6 +849,11 @@ impl ChatService {
             .await?;
         let member = self.member(req.conversation_id, &who.user_id).await?;
         rules::can_participate(member.as_ref())?;
+        let persist = tracing::info_span!(
+            "store.insert_message",
+            conversation_id = %req.conversation_id,
+            seq = tracing::field::Empty,
+        );
         let inserted = self
             .store
             .insert_message(NewMessage {
@@ -794,10 +864,16 @@ impl ChatService {
                 kind: req.kind,
                 content: req.content,
             })
+            .instrument(persist.clone())
             .await
             .map_err(store_err)?;
+        let seq = inserted.message().seq;
+        persist.record("seq", seq);
+        let current = tracing::Span::current();
+        current.record("seq", seq);
         let message = match inserted {
             Inserted::Existing(message) => {
+                current.record("fresh", false);
                 return Ok(Sent {
                     message,
                     fresh: false,
@@ -805,6 +881,9 @@ impl ChatService {
             }
             Inserted::New(message) => message,
         };
+        current.record("fresh", true);
+        let committed_at_us = self.metrics.enabled().then(unix_micros);
+        self.metrics.message_persisted();
         if self
             .presence
             .typing_stop(message.conversation_id, &who.user_id)
@@ -823,21 +902,33 @@ impl ChatService {
             )
             .await;
         }
-        self.publish(
-            Route::Conversation {
-                id: message.conversation_id,
-                also_users: vec![],
-            },
-            Event::NewMessage(message.clone()),
-        )
-        .await;
-        if let Some(department) = self.department_of(message.conversation_id).await {
-            self.publish(
-                Route::Department { id: department },
+        let publish = tracing::info_span!(
+            "bus.publish",
+            conversation_id = %message.conversation_id,
+            seq = message.seq,
+            event = "new_message",
+        );
+        async {
+            self.publish_stamped(
+                Route::Conversation {
+                    id: message.conversation_id,
+                    also_users: vec![],
+                },
                 Event::NewMessage(message.clone()),
+                committed_at_us,
             )
             .await;
+            if let Some(department) = self.department_of(message.conversation_id).await {
+                self.publish_stamped(
+                    Route::Department { id: department },
+                    Event::NewMessage(message.clone()),
+                    committed_at_us,
+                )
+                .await;
+            }
         }
+        .instrument(publish)
+        .await;
         Ok(Sent {
             message,
             fresh: true,

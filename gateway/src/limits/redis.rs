@@ -1,5 +1,6 @@
 //! `RedisLimits`: token buckets shared by every gateway, one Lua script per check.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -7,6 +8,7 @@ use fred::prelude::Client;
 use fred::types::scripts::Script;
 
 use super::{LimitClass, LimitSettings, Limits, MemoryLimits, Throttled};
+use crate::telemetry::{Backend, Metrics};
 
 /// KEYS: bucket. ARGV: tokens per second, burst. A hash {tokens, at} refilled lazily on each
 /// check, by Redis's clock. Returns 0 when a token was taken, else milliseconds until one is.
@@ -38,6 +40,8 @@ pub struct RedisLimits {
     settings: LimitSettings,
     prefix: String,
     script: Script,
+    /// Counts the failures this backend swallows (it fails open).
+    metrics: Arc<Metrics>,
 }
 
 fn class_name(class: LimitClass) -> &'static str {
@@ -61,7 +65,14 @@ impl RedisLimits {
             settings,
             prefix: prefix.to_owned(),
             script: Script::from_lua(TOKEN_BUCKET),
+            metrics: Metrics::disabled(),
         })
+    }
+
+    /// Counts Redis failures (the checks still fail open) in `confab_backend_errors_total`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -96,6 +107,7 @@ impl Limits for RedisLimits {
                 retry_after_ms: wait.max(1) as u64,
             }),
             Err(e) => {
+                self.metrics.backend_error(Backend::Limits, "check");
                 tracing::warn!(error = %e, "shared rate limit unavailable; allowing");
                 Ok(())
             }

@@ -11,6 +11,8 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
+use tracing::instrument::WithSubscriber;
+use tracing::subscriber::NoSubscriber;
 use uuid::Uuid;
 
 use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
@@ -145,11 +147,116 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
+        self.ping_detached()
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation, StoreError> {
+        self.create_conversation_detached(new)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
+        self.conversation_detached(id)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
+        self.conversations_of_detached(user)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn add_member(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        role: MemberRole,
+    ) -> Result<bool, StoreError> {
+        self.add_member_detached(conversation, user, role)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn remove_member(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+    ) -> Result<bool, StoreError> {
+        self.remove_member_detached(conversation, user)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn member(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+    ) -> Result<Option<Member>, StoreError> {
+        self.member_detached(conversation, user)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError> {
+        self.members_detached(conversation)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
+        self.insert_message_detached(new)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn messages_before(
+        &self,
+        conversation: ConversationId,
+        before_seq: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.messages_before_detached(conversation, before_seq, limit)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn messages_after(
+        &self,
+        conversation: ConversationId,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.messages_after_detached(conversation, after_seq, limit)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn mark_read(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        seq: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        self.mark_read_detached(conversation, user, seq)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+    async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
+        self.co_members_detached(user)
+            .with_subscriber(NoSubscriber::default())
+            .await
+    }
+}
+
+/// The store's work, run with no subscriber on the calling side. sqlx's SQLite worker thread
+/// keeps a handle to the span that was current when a command was sent (`Span::current()`) and
+/// can hold it past the reply, which kept a request's spans open: unexported, their durations
+/// stretched to the connection's next command. Entering `Span::none()` would not help (it leaves
+/// the current span as it is). The cost: sqlx's own events on the calling side (statement logs)
+/// are not recorded; the worker thread still logs through the global subscriber.
+impl SqliteStore {
+    async fn ping_detached(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())
     }
 
-    async fn create_conversation(&self, new: NewConversation) -> Result<Conversation, StoreError> {
+    async fn create_conversation_detached(
+        &self,
+        new: NewConversation,
+    ) -> Result<Conversation, StoreError> {
         let conversation = Conversation {
             id: Uuid::now_v7(),
             kind: new.kind,
@@ -187,7 +294,10 @@ impl Store for SqliteStore {
         Ok(conversation)
     }
 
-    async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
+    async fn conversation_detached(
+        &self,
+        id: ConversationId,
+    ) -> Result<Option<Conversation>, StoreError> {
         let row = sqlx::query(
             "SELECT id, kind, title, department_id, last_seq, created_at FROM conversations WHERE id = ?",
         )
@@ -197,7 +307,10 @@ impl Store for SqliteStore {
         row.as_ref().map(conversation_from).transpose()
     }
 
-    async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
+    async fn conversations_of_detached(
+        &self,
+        user: &str,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
         let rows = sqlx::query(
             "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq \
              FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
@@ -219,7 +332,7 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn add_member(
+    async fn add_member_detached(
         &self,
         conversation: ConversationId,
         user: &str,
@@ -244,7 +357,7 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn remove_member(
+    async fn remove_member_detached(
         &self,
         conversation: ConversationId,
         user: &str,
@@ -259,7 +372,7 @@ impl Store for SqliteStore {
         Ok(result.rows_affected() == 1)
     }
 
-    async fn member(
+    async fn member_detached(
         &self,
         conversation: ConversationId,
         user: &str,
@@ -275,7 +388,10 @@ impl Store for SqliteStore {
         row.as_ref().map(member_from).transpose()
     }
 
-    async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError> {
+    async fn members_detached(
+        &self,
+        conversation: ConversationId,
+    ) -> Result<Vec<Member>, StoreError> {
         let rows = sqlx::query(
             "SELECT conversation_id, user_id, role, last_read_seq, joined_at \
              FROM conversation_members WHERE conversation_id = ? ORDER BY joined_at, user_id",
@@ -286,7 +402,7 @@ impl Store for SqliteStore {
         rows.iter().map(member_from).collect()
     }
 
-    async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
+    async fn insert_message_detached(&self, new: NewMessage) -> Result<Inserted, StoreError> {
         let mut tx = self.writer.begin().await?;
         if let Some(existing) =
             Self::message_by_client_id(&mut tx, &new.sender_id, &new.client_msg_id).await?
@@ -330,7 +446,7 @@ impl Store for SqliteStore {
         Ok(Inserted::New(message))
     }
 
-    async fn messages_before(
+    async fn messages_before_detached(
         &self,
         conversation: ConversationId,
         before_seq: Option<i64>,
@@ -353,7 +469,7 @@ impl Store for SqliteStore {
         Ok(messages)
     }
 
-    async fn messages_after(
+    async fn messages_after_detached(
         &self,
         conversation: ConversationId,
         after_seq: i64,
@@ -371,7 +487,7 @@ impl Store for SqliteStore {
         rows.iter().map(message_from).collect()
     }
 
-    async fn mark_read(
+    async fn mark_read_detached(
         &self,
         conversation: ConversationId,
         user: &str,
@@ -389,7 +505,7 @@ impl Store for SqliteStore {
         Ok(watermark)
     }
 
-    async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
+    async fn co_members_detached(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT other.user_id FROM conversation_members mine \
              JOIN conversation_members other ON other.conversation_id = mine.conversation_id \

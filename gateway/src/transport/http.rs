@@ -85,7 +85,9 @@ impl FromRequestParts<Arc<Gateway>> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or_default();
         gw.auth.verify(token).map(Caller).map_err(|e| {
-            tracing::info!(reason = e.reason(), "HTTP request refused");
+            let http = crate::telemetry::Transport::Http;
+            gw.service.metrics().auth_failed(http, e.reason());
+            crate::telemetry::audit::auth_failed(http, e.reason(), &e, None);
             ApiError(ChatError::Unauthorized(e.to_string()))
         })
     }

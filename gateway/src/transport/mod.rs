@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::chat::error::ChatError;
@@ -23,6 +24,7 @@ use crate::chat::model::Identity;
 use crate::chat::{ChatService, Send};
 use crate::config::WsCompression;
 use crate::limits::LimitClass;
+use crate::telemetry::{Transport, audit};
 use protocol::{
     ConversationRequest, Delivered, HistoryRequest, JoinReply, MarkReadRequest, MessageError,
     MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded, RefreshReply,
@@ -95,16 +97,23 @@ pub fn client_address(peer: Option<SocketAddr>, headers: &HeaderMap, trusted: &[
 /// One authenticated connection: who it is (renewable by `refresh_token`) and how to reach it.
 pub struct Session {
     pub conn: ConnId,
+    pub transport: Transport,
     identity: RwLock<Arc<Identity>>,
     exp: watch::Sender<i64>,
     pub out: Arc<dyn Outbound>,
 }
 
 impl Session {
-    pub fn new(conn: ConnId, identity: Identity, out: Arc<dyn Outbound>) -> Arc<Self> {
+    pub fn new(
+        conn: ConnId,
+        identity: Identity,
+        out: Arc<dyn Outbound>,
+        transport: Transport,
+    ) -> Arc<Self> {
         let (exp, _) = watch::channel(identity.exp);
         Arc::new(Self {
             conn,
+            transport,
             identity: RwLock::new(Arc::new(identity)),
             exp,
             out,
@@ -184,6 +193,16 @@ pub const EVENTS: &[&str] = &[
     "refresh_token",
 ];
 
+/// The static name of a client event, for metric labels and spans: `other` for unknown names,
+/// which are the client's own text.
+pub fn event_label(event: &str) -> &'static str {
+    EVENTS
+        .iter()
+        .copied()
+        .find(|&e| e == event)
+        .unwrap_or("other")
+}
+
 fn to_value(v: impl serde::Serialize) -> Value {
     serde_json::to_value(v).expect("replies are plain structs that always serialise")
 }
@@ -196,7 +215,18 @@ pub async fn dispatch(
     event: &str,
     payload: Value,
 ) -> Result<Value, ChatError> {
-    let result = run(gw, session, event, payload).await;
+    let label = event_label(event);
+    if label == "send_message" {
+        gw.service.metrics().message_received(session.transport);
+    }
+    // The root of a request's trace (for `send_message`: receive → persist → publish).
+    let span = tracing::info_span!(
+        "request",
+        event = label,
+        transport = session.transport.as_str(),
+        conn = session.conn,
+    );
+    let result = run(gw, session, event, payload).instrument(span).await;
     if let Err(ChatError::RateLimited { retry_after_ms }) = &result {
         ChatService::direct(
             session.out.as_ref(),
@@ -292,10 +322,13 @@ async fn run(
         }
         "refresh_token" => {
             let req: RefreshTokenRequest = parse(event, payload)?;
-            let renewed = gw
-                .auth
-                .verify(&req.token)
-                .map_err(|e| ChatError::Unauthorized(format!("refresh_token refused: {e}")))?;
+            let renewed = gw.auth.verify(&req.token).map_err(|e| {
+                gw.service
+                    .metrics()
+                    .auth_failed(session.transport, e.reason());
+                audit::auth_failed(session.transport, e.reason(), &e, None);
+                ChatError::Unauthorized(format!("refresh_token refused: {e}"))
+            })?;
             if renewed.user_id != who.user_id {
                 return Err(ChatError::forbidden("the new token is for another user"));
             }

@@ -2,7 +2,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use axum::extract::ConnectInfo;
 use serde_json::Value;
@@ -21,6 +22,8 @@ use crate::chat::event::Outgoing;
 use crate::chat::hub::{ConnId, Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
 use crate::limits::LimitClass;
+use crate::telemetry::metrics::unix_micros;
+use crate::telemetry::{Metrics, Transport, audit};
 
 /// Requests a socket is running; a drain closes the socket only once they are answered.
 #[derive(Default)]
@@ -62,13 +65,18 @@ impl Drop for Running {
 struct SocketOut {
     socket: SocketRef,
     in_flight: Arc<InFlight>,
+    metrics: Arc<Metrics>,
+    /// Set once the socket is closed for a full queue, so the close is counted once.
+    overflowed: AtomicBool,
 }
 
 impl SocketOut {
-    fn new(socket: SocketRef) -> Self {
+    fn new(socket: SocketRef, metrics: Arc<Metrics>) -> Self {
         Self {
             socket,
             in_flight: Arc::default(),
+            metrics,
+            overflowed: AtomicBool::new(false),
         }
     }
 }
@@ -76,14 +84,28 @@ impl SocketOut {
 impl Outbound for SocketOut {
     fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
         match self.socket.emit(event.name, &*event.payload) {
-            Ok(()) => Ok(()),
-            Err(SendError::Socket(SocketError::InternalChannelFull)) => Err(SendFailure::QueueFull),
+            Ok(()) => {
+                // socketioxide writes from its own task: the hand-over to the socket's buffer is
+                // the last point this side sees.
+                if let Some(committed) = event.committed_at_us {
+                    self.metrics
+                        .delivered(Transport::SocketIo, committed, unix_micros());
+                }
+                Ok(())
+            }
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                self.metrics.send_queue_rejected(Transport::SocketIo);
+                Err(SendFailure::QueueFull)
+            }
             Err(_) => Err(SendFailure::Closed),
         }
     }
 
     fn close(&self, reason: &'static str) {
         tracing::debug!(sid = %self.socket.id, reason, "closing socket");
+        if reason == "send queue full" && !self.overflowed.swap(true, Ordering::Relaxed) {
+            self.metrics.send_queue_closed(Transport::SocketIo);
+        }
         let _ = self.socket.clone().disconnect();
     }
 
@@ -155,7 +177,10 @@ async fn authenticate(
     }
     let token = token_of(s, &auth).unwrap_or_default();
     gw.auth.verify(&token).map_err(|e| {
-        tracing::info!(reason = e.reason(), %address, "socket.io handshake refused");
+        gw.service
+            .metrics()
+            .auth_failed(Transport::SocketIo, e.reason());
+        audit::auth_failed(Transport::SocketIo, e.reason(), &e, Some(address));
         Refused(format!("unauthorized: {e}"))
     })
 }
@@ -179,15 +204,21 @@ struct Attached {
 /// because socketioxide sends the client its CONNECT before it spawns the connect handler: an
 /// event the client emits at once would find no handler and be lost.
 fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached {
-    let socket_out = Arc::new(SocketOut::new(s.clone()));
+    let metrics = gw.service.metrics().clone();
+    let socket_out = Arc::new(SocketOut::new(s.clone(), metrics.clone()));
     let in_flight = socket_out.in_flight.clone();
     let out: Arc<dyn Outbound> = socket_out;
     let (conn, change) = gw.service.register(&identity, out.clone());
-    let session = Session::new(conn, (*identity).clone(), out);
+    // Taken (and so counted closed) by the disconnect handler, which socketioxide may clone.
+    let counted = Arc::new(std::sync::Mutex::new(Some(
+        metrics.connection_opened(Transport::SocketIo, &identity.user_id),
+    )));
+    let session = Session::new(conn, (*identity).clone(), out, Transport::SocketIo);
     let expiring = s.clone();
+    let expiring_metrics = metrics.clone();
     session.watch_expiry(gw.settings.token_warning, move || {
         ChatService::direct(
-            &SocketOut::new(expiring.clone()),
+            &SocketOut::new(expiring.clone(), expiring_metrics),
             &Outgoing::new(
                 "session_expired",
                 &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
@@ -208,11 +239,16 @@ fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached
             name,
             move |TryData(data): TryData<Value>, ack: AckSender| async move {
                 let _running = in_flight.start();
+                let metrics = gw.service.metrics();
+                let received = metrics.enabled().then(Instant::now);
                 let result = match data {
                     Ok(payload) => dispatch(&gw, &session, name, payload).await,
                     Err(e) => Err(ChatError::invalid(format!("invalid {name} payload: {e}"))),
                 };
                 reply(ack, result);
+                if let Some(received) = received {
+                    metrics.acked(Transport::SocketIo, name, received);
+                }
             },
         );
     }
@@ -220,12 +256,20 @@ fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached
         let gw = gw.clone();
         let session = session.clone();
         s.on_fallback(move |Event(name): Event, ack: AckSender| async move {
+            let metrics = gw.service.metrics();
+            let received = metrics.enabled().then(Instant::now);
             reply(ack, dispatch(&gw, &session, &name, Value::Null).await);
+            if let Some(received) = received {
+                metrics.acked(Transport::SocketIo, "other", received);
+            }
         });
     }
     let service = gw.service.clone();
+    let user = identity.user_id.clone();
     s.on_disconnect(move |s: SocketRef, reason: DisconnectReason| async move {
         tracing::info!(sid = %s.id, ?reason, "disconnected");
+        audit::disconnected(Transport::SocketIo, &user, conn);
+        counted.lock().unwrap_or_else(|p| p.into_inner()).take();
         // Dropping the session ends its expiry watch.
         drop(session);
         service.disconnect(conn).await;
@@ -247,7 +291,14 @@ async fn on_connect(gw: Arc<Gateway>, s: SocketRef) {
         conn,
         change,
     } = attached;
-    tracing::info!(user = %identity.user_id.escape_debug(), sid = %s.id, conn, "connected");
+    let peer = s
+        .req_parts()
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let address = client_address(peer, &s.req_parts().headers, &gw.settings.trusted_proxies);
+    tracing::debug!(sid = %s.id, conn, "socket.io connected");
+    audit::connected(Transport::SocketIo, &identity.user_id, conn, Some(address));
     if let Err(e) = gw.service.connected(&identity, conn, change).await {
         tracing::warn!(error = %e, "could not complete a connection");
         let _ = s.disconnect();
@@ -260,7 +311,7 @@ fn attach_agent(
     s: &SocketRef,
     identity: &Identity,
 ) -> Result<TopicChange, Refused> {
-    let out: Arc<dyn Outbound> = Arc::new(SocketOut::new(s.clone()));
+    let out: Arc<dyn Outbound> = Arc::new(SocketOut::new(s.clone(), gw.service.metrics().clone()));
     let (conn, change) = gw
         .service
         .register_agent(identity, out)

@@ -28,6 +28,8 @@ use crate::chat::hub::{Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
 use crate::config::WsCompression;
 use crate::limits::LimitClass;
+use crate::telemetry::metrics::unix_micros;
+use crate::telemetry::{Metrics, Stamp, Transport, audit};
 
 /// Close codes this transport uses beyond RFC 6455's.
 pub mod close_code {
@@ -204,7 +206,8 @@ struct Closing {
 /// tokio channel: a channel allocates its first block of slots up front, while an idle
 /// connection's deque holds no allocation at all.
 struct FrameQueue {
-    items: Mutex<VecDeque<Bytes>>,
+    /// Each frame with what it is timed for (a delivery, an ack), checked once it is written.
+    items: Mutex<VecDeque<(Bytes, Stamp)>>,
     capacity: usize,
     ready: Notify,
     closed: AtomicBool,
@@ -220,11 +223,15 @@ impl FrameQueue {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Bytes>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Bytes, Stamp)>> {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, frame: Bytes) -> Result<(), SendFailure> {
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn push(&self, frame: Bytes, stamp: Stamp) -> Result<(), SendFailure> {
         let mut items = self.lock();
         if self.closed.load(Ordering::Acquire) {
             return Err(SendFailure::Closed);
@@ -232,13 +239,13 @@ impl FrameQueue {
         if items.len() >= self.capacity {
             return Err(SendFailure::QueueFull);
         }
-        items.push_back(frame);
+        items.push_back((frame, stamp));
         drop(items);
         self.ready.notify_one();
         Ok(())
     }
 
-    fn try_pop(&self) -> Option<Bytes> {
+    fn try_pop(&self) -> Option<(Bytes, Stamp)> {
         let mut items = self.lock();
         let frame = items.pop_front();
         // Give back what a burst made the deque grow to.
@@ -249,7 +256,7 @@ impl FrameQueue {
     }
 
     /// The next frame. Cancel-safe: the queue is checked before every wait.
-    async fn pop(&self) -> Bytes {
+    async fn pop(&self) -> (Bytes, Stamp) {
         loop {
             if let Some(frame) = self.try_pop() {
                 return frame;
@@ -272,14 +279,24 @@ impl FrameQueue {
 struct WsOut {
     frames: FrameQueue,
     closing: watch::Sender<Option<Closing>>,
+    metrics: Arc<Metrics>,
 }
 
 impl WsOut {
     fn push(&self, frame: Bytes) -> Result<(), SendFailure> {
-        self.frames.push(frame)
+        self.push_stamped(frame, Stamp::None)
     }
 
-    fn close_with(&self, code: u16, reason: impl Into<String>, flush_queued: bool) {
+    fn push_stamped(&self, frame: Bytes, stamp: Stamp) -> Result<(), SendFailure> {
+        let pushed = self.frames.push(frame, stamp);
+        if pushed == Err(SendFailure::QueueFull) {
+            self.metrics.send_queue_rejected(Transport::Ws);
+        }
+        pushed
+    }
+
+    /// Asks the connection's task to close; `true` if this was the first reason given.
+    fn close_with(&self, code: u16, reason: impl Into<String>, flush_queued: bool) -> bool {
         // The first reason wins: it is the one the client should see.
         self.closing.send_if_modified(|c| {
             if c.is_some() {
@@ -292,13 +309,14 @@ impl WsOut {
                 settle: false,
             });
             true
-        });
+        })
     }
 }
 
 impl Outbound for WsOut {
     fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
-        self.push(event.envelope())
+        let stamp = event.committed_at_us.map_or(Stamp::None, Stamp::Delivery);
+        self.push_stamped(event.envelope(), stamp)
     }
 
     fn close(&self, reason: &'static str) {
@@ -309,7 +327,9 @@ impl Outbound for WsOut {
         } else {
             close_code::GOING_AWAY
         };
-        self.close_with(code, reason, false);
+        if self.close_with(code, reason, false) && code == close_code::POLICY {
+            self.metrics.send_queue_closed(Transport::Ws);
+        }
     }
 
     fn drain_close(&self) {
@@ -375,15 +395,16 @@ async fn close(ws: &mut Ws, code: u16, reason: &str, deadline: Duration) {
 
 /// Why a connection ended before it was authenticated.
 enum Unauthenticated {
-    /// Refused with close 4001 and this reason.
-    Refused(String),
+    /// Refused with close 4001 and this reason; the first field is the metric's `reason` label.
+    Refused(&'static str, String),
     /// The client went away or broke the protocol; nothing more to say to it.
     Gone,
 }
 
 impl From<String> for Unauthenticated {
+    /// A client that never sent a usable `auth` frame has no token.
     fn from(reason: String) -> Self {
-        Self::Refused(reason)
+        Self::Refused("missing", reason)
     }
 }
 
@@ -393,10 +414,13 @@ async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<String, Unauthent
     loop {
         let frame = match tokio::time::timeout_at(until, ws.next_frame()).await {
             Err(_) => {
-                return Err(Unauthenticated::Refused(format!(
-                    "unauthorized: missing token (no ?token=, Authorization header or auth frame within {} ms)",
-                    deadline.as_millis()
-                )));
+                return Err(Unauthenticated::Refused(
+                    "missing",
+                    format!(
+                        "unauthorized: missing token (no ?token=, Authorization header or auth frame within {} ms)",
+                        deadline.as_millis()
+                    ),
+                ));
             }
             Ok(Err(e)) => {
                 fail(ws, e).await;
@@ -440,15 +464,17 @@ async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpA
         None => Box::pin(auth_frame(&mut ws, st.auth_timeout)).await,
     };
     let identity = token.and_then(|t| {
-        gw.auth.verify(&t).map_err(|e| {
-            tracing::info!(reason = e.reason(), %address, "/ws handshake refused");
-            Unauthenticated::Refused(format!("unauthorized: {e}"))
-        })
+        gw.auth
+            .verify(&t)
+            .map_err(|e| Unauthenticated::Refused(e.reason(), format!("unauthorized: {e}")))
     });
+    let metrics = gw.service.metrics().clone();
     let identity = match identity {
         Ok(identity) => identity,
         Err(Unauthenticated::Gone) => return,
-        Err(Unauthenticated::Refused(reason)) => {
+        Err(Unauthenticated::Refused(label, reason)) => {
+            metrics.auth_failed(Transport::Ws, label);
+            audit::auth_failed(Transport::Ws, label, &reason, Some(address));
             Box::pin(close(
                 &mut ws,
                 close_code::UNAUTHORIZED,
@@ -464,12 +490,14 @@ async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpA
     let out = Arc::new(WsOut {
         frames: FrameQueue::new(st.send_queue),
         closing: closing_tx,
+        metrics: metrics.clone(),
     });
     let identity = Arc::new(identity);
     // Registered before anything is read, so no event for this user is missed; `connected` is
     // written by the connection task ahead of the queue, so it is always the first frame.
     let (conn, change) = gw.service.register(&identity, out.clone());
-    let session = Session::new(conn, (*identity).clone(), out.clone());
+    let counted = metrics.connection_opened(Transport::Ws, &identity.user_id);
+    let session = Session::new(conn, (*identity).clone(), out.clone(), Transport::Ws);
     {
         let out = out.clone();
         session.watch_expiry(st.token_warning, move || {
@@ -487,7 +515,7 @@ async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpA
             );
         });
     }
-    tracing::info!(user = %identity.user_id.escape_debug(), conn, %address, "/ws connected");
+    audit::connected(Transport::Ws, &identity.user_id, conn, Some(address));
     let connected = Connected {
         connection_id: format!("{}:{conn}", gw.service.settings().node_id),
         server_id: gw.service.settings().node_id.clone(),
@@ -522,7 +550,8 @@ async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpA
     out.frames.close();
     drop(session);
     Box::pin(gw.service.disconnect(conn)).await;
-    tracing::info!(conn, "/ws disconnected");
+    drop(counted);
+    audit::disconnected(Transport::Ws, &identity.user_id, conn);
 }
 
 /// Runs the connection's requests one after another, in the order they arrived, so a client
@@ -533,7 +562,7 @@ async fn run_requests(
     identity: Arc<Identity>,
     change: TopicChange,
     out: Arc<WsOut>,
-    mut requests: mpsc::Receiver<Box<ClientFrame>>,
+    mut requests: mpsc::Receiver<Box<ClientRequest>>,
 ) {
     // The big futures are boxed, so the task an idle connection keeps is only as large as its
     // wait for the next request.
@@ -546,20 +575,29 @@ async fn run_requests(
         );
         return;
     }
-    while let Some(frame) = requests.recv().await {
+    while let Some(request) = requests.recv().await {
+        let ClientRequest { frame, received } = *request;
+        let event = super::event_label(&frame.kind);
         let result = Box::pin(dispatch(&gw, &session, &frame.kind, frame.payload)).await;
         let reply = match &result {
             Ok(v) if frame.id.is_some() => ServerFrame::ack(frame.id.as_ref(), v).encode(),
             Ok(_) => continue,
             Err(e) => ServerFrame::error(frame.id.as_ref(), e).encode(),
         };
-        answer(&out, reply);
+        let stamp = received.map_or(Stamp::None, |at| Stamp::Ack(at, event));
+        answer(&out, reply, stamp);
     }
 }
 
+/// A request read from the socket, with when it was read (when metrics are on) to time its ack.
+struct ClientRequest {
+    frame: ClientFrame,
+    received: Option<std::time::Instant>,
+}
+
 /// Queues a reply frame; a client whose queue is full is closed, never left without its answer.
-fn answer(out: &WsOut, frame: Vec<u8>) {
-    if out.push(Bytes::from(frame)) == Err(SendFailure::QueueFull) {
+fn answer(out: &WsOut, frame: Vec<u8>, stamp: Stamp) {
+    if out.push_stamped(Bytes::from(frame), stamp) == Err(SendFailure::QueueFull) {
         out.close("send queue full");
     }
 }
@@ -571,7 +609,7 @@ async fn pump(
     ws: &mut Ws,
     hello: Bytes,
     mut closing: watch::Receiver<Option<Closing>>,
-    requests: mpsc::Sender<Box<ClientFrame>>,
+    requests: mpsc::Sender<Box<ClientRequest>>,
     out: &WsOut,
 ) -> Option<Closing> {
     let st = &gw.settings;
@@ -590,6 +628,7 @@ async fn pump(
     }
     let mut ping = tokio::time::interval_at(Instant::now() + st.ping_interval, st.ping_interval);
     let mut pong_due: Option<Instant> = None;
+    let mut depth_wakes: u32 = 0;
     loop {
         tokio::select! {
             biased;
@@ -619,14 +658,31 @@ async fn pump(
                     Err(_) => return Some(stalled()),
                 }
             }
-            first = out.frames.pop() => {
+            (first, first_stamp) = out.frames.pop() => {
+                let metrics = &out.metrics;
+                depth_wakes = depth_wakes.wrapping_add(1);
                 let written = timeout(st.send_deadline, Box::pin(async {
+                    // Timed frames of this batch, recorded once the batch is flushed: the first
+                    // few inline, any more in a Vec (stamps exist only when metrics are on).
+                    let mut stamps = TimedFrames::default();
+                    let mut batch = 1;
                     ws.feed(Frame::text(first)).await?;
+                    stamps.push(first_stamp);
                     for _ in 1..WRITE_BATCH {
-                        let Some(next) = out.frames.try_pop() else { break };
+                        let Some((next, stamp)) = out.frames.try_pop() else { break };
                         ws.feed(Frame::text(next)).await?;
+                        batch += 1;
+                        stamps.push(stamp);
                     }
-                    ws.flush().await
+                    ws.flush().await?;
+                    // What was waiting when the writer woke (this batch, plus what a full batch
+                    // left behind), sampled: the first wake, then one in DEPTH_SAMPLE.
+                    if metrics.enabled() && depth_wakes % DEPTH_SAMPLE == 1 {
+                        let left = if batch == WRITE_BATCH { out.frames.len() } else { 0 };
+                        metrics.send_queue_depth(Transport::Ws, batch + left);
+                    }
+                    stamps.record(metrics);
+                    Ok::<_, yawc::WebSocketError>(())
                 })).await;
                 match written {
                     Ok(Ok(())) => {}
@@ -667,15 +723,56 @@ async fn pump(
 
 /// Writes every queued frame.
 async fn flush_queue(ws: &mut Ws, out: &WsOut) -> Result<(), yawc::WebSocketError> {
-    while let Some(f) = out.frames.try_pop() {
+    while let Some((f, _)) = out.frames.try_pop() {
         ws.feed(Frame::text(f)).await?;
     }
     ws.flush().await
 }
 
+/// The `/ws` writer samples its queue depth on one wake in this many (and on the first).
+const DEPTH_SAMPLE: u32 = 16;
+
+/// The timed frames of one write batch: up to 8 inline (no allocation for the usual batch), the
+/// rest in a Vec.
+#[derive(Default)]
+struct TimedFrames {
+    inline: [Stamp; 8],
+    len: usize,
+    more: Vec<Stamp>,
+}
+
+impl TimedFrames {
+    fn push(&mut self, stamp: Stamp) {
+        if stamp == Stamp::None {
+            return;
+        }
+        if let Some(slot) = self.inline.get_mut(self.len) {
+            *slot = stamp;
+            self.len += 1;
+        } else {
+            self.more.push(stamp);
+        }
+    }
+
+    /// Records every stamp as written now.
+    fn record(self, metrics: &Metrics) {
+        if self.len == 0 {
+            return;
+        }
+        let now = unix_micros();
+        for &stamp in self.inline[..self.len].iter().chain(&self.more) {
+            metrics.written(Transport::Ws, stamp, now);
+        }
+    }
+}
+
 /// A text frame: a request for the worker, or an `error` frame right away when it cannot be one.
-fn on_text(text: &[u8], requests: &mpsc::Sender<Box<ClientFrame>>, out: &WsOut) {
-    let refuse = |id, e: ChatError| answer(out, ServerFrame::error(id, &e).encode());
+fn on_text(text: &[u8], requests: &mpsc::Sender<Box<ClientRequest>>, out: &WsOut) {
+    let received = out.metrics.enabled().then(std::time::Instant::now);
+    let refuse = |id, e: ChatError| {
+        let stamp = received.map_or(Stamp::None, |at| Stamp::Ack(at, "other"));
+        answer(out, ServerFrame::error(id, &e).encode(), stamp)
+    };
     let frame = match ClientFrame::decode(text) {
         Ok(f) => f,
         Err((id, e)) => return refuse(id.as_ref(), e),
@@ -685,11 +782,14 @@ fn on_text(text: &[u8], requests: &mpsc::Sender<Box<ClientFrame>>, out: &WsOut) 
         return refuse(frame.id.as_ref(), e);
     }
     // Boxed: the channel's slots are allocated up front, and a pointer is all they need to hold.
-    if let Err(mpsc::error::TrySendError::Full(frame)) = requests.try_send(Box::new(frame)) {
+    if let Err(mpsc::error::TrySendError::Full(request)) =
+        requests.try_send(Box::new(ClientRequest { frame, received }))
+    {
+        out.metrics.rate_limited("requests_in_flight");
         let e = ChatError::RateLimited {
             retry_after_ms: 100,
         };
-        refuse(frame.id.as_ref(), e);
+        refuse(request.frame.id.as_ref(), e);
     }
 }
 
@@ -729,7 +829,15 @@ mod tests {
     fn out(capacity: usize) -> (WsOut, watch::Receiver<Option<Closing>>) {
         let (closing, closing_rx) = watch::channel(None);
         let frames = FrameQueue::new(capacity);
-        (WsOut { frames, closing }, closing_rx)
+        let metrics = Metrics::disabled();
+        (
+            WsOut {
+                frames,
+                closing,
+                metrics,
+            },
+            closing_rx,
+        )
     }
 
     #[test]
@@ -739,7 +847,7 @@ mod tests {
         assert_eq!(ws.send(&event), Ok(()));
         assert_eq!(ws.send(&event), Err(SendFailure::QueueFull));
         assert_eq!(
-            ws.frames.try_pop().expect("queued").as_ref(),
+            ws.frames.try_pop().expect("queued").0.as_ref(),
             br#"{"type":"user_online","payload":{"userId":"u"}}"#
         );
         ws.close("send queue full");
