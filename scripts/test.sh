@@ -29,10 +29,12 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 echo "== end-to-end with real clients (node --test)"
-# The three-gateway cluster suite runs on its own: it shares Postgres, Redis and RabbitMQ and its
+# The three-gateway suites run on their own: it shares Postgres, Redis and RabbitMQ and its
 # outage timings are the most sensitive to a second suite competing for the 2 cores.
-node --test --test-concurrency=2 --test-timeout=300000 $(ls tests/js/*.test.mjs | grep -v cluster.test.mjs)
+node --test --test-concurrency=2 --test-timeout=300000 $(ls tests/js/*.test.mjs | grep -v -e cluster.test.mjs -e drain-fleet.test.mjs)
 node --test --test-timeout=300000 tests/js/cluster.test.mjs
+# Draining gateways of a busy three-node fleet: reconnect rate per second is measured, so alone.
+node --test --test-timeout=300000 tests/js/drain-fleet.test.mjs
 
 echo "== Autobahn|Testsuite against the /ws WebSocket settings"
 bash scripts/autobahn.sh

@@ -16,8 +16,8 @@ use tokio::net::TcpListener;
 use crate::auth::{Authenticator, KeyError};
 use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
 use crate::chat::{ChatService, ChatSettings};
-use crate::drain::{Drain, DrainState};
 use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
+use crate::drain::{Drain, DrainState};
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
@@ -264,7 +264,10 @@ impl App {
             });
         }
         if let Some(path) = &config.drain_annotation_file {
-            tokio::spawn(crate::drain::watch_annotation_file(path.clone(), drain.clone()));
+            tokio::spawn(crate::drain::watch_annotation_file(
+                path.clone(),
+                drain.clone(),
+            ));
         }
         let gateway = Arc::new(Gateway {
             service,

@@ -157,7 +157,10 @@ pub async fn run(drain: Arc<Drain>, service: Arc<ChatService>) {
         slots.push((started + (delay + SLOT_GRACE).min(window), out));
     }
     if unsent > 0 {
-        tracing::info!(unsent, "draining: connections that could not be told were closed");
+        tracing::info!(
+            unsent,
+            "draining: connections that could not be told were closed"
+        );
     }
     // Slots are in stratum order already; closes follow them.
     let closer = tokio::spawn(async move {
@@ -267,7 +270,11 @@ mod tests {
         let one = schedule(1, Duration::from_secs(10), &mut rng);
         assert_eq!(one.len(), 1);
         assert!(one[0] < Duration::from_secs(10));
-        assert!(schedule(3, Duration::ZERO, &mut rng).iter().all(|d| d.is_zero()));
+        assert!(
+            schedule(3, Duration::ZERO, &mut rng)
+                .iter()
+                .all(|d| d.is_zero())
+        );
     }
 
     #[test]
@@ -279,10 +286,13 @@ mod tests {
 
     #[test]
     fn annotation_file_is_read_as_the_downward_api_writes_it() {
-        let file = "kubernetes.io/config.seen=\"2026-11-23T10:00:00Z\"\nconfab.dev/drain=\"true\"\n";
+        let file =
+            "kubernetes.io/config.seen=\"2026-11-23T10:00:00Z\"\nconfab.dev/drain=\"true\"\n";
         assert!(annotation_requests_drain(file));
         assert!(!annotation_requests_drain("confab.dev/drain=\"false\"\n"));
-        assert!(!annotation_requests_drain("other/confab.dev/drain=\"true\"\n"));
+        assert!(!annotation_requests_drain(
+            "other/confab.dev/drain=\"true\"\n"
+        ));
         assert!(!annotation_requests_drain(""));
         assert!(!annotation_requests_drain("garbage without equals\n\u{0}"));
     }

@@ -688,9 +688,14 @@ mod session {
         let router = app.router.clone();
         let metrics = gw.service.metrics().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::app::serve(listener, app, async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(crate::app::serve(
+            listener,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            std::future::pending(),
+        ));
         let base = addr.to_string();
         let mint = |user: &str| {
             gw.auth

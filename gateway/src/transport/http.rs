@@ -20,12 +20,12 @@ use super::protocol::{
     ErrorReply, MessagesPage,
 };
 use crate::chat::CreateConversation;
-use crate::drain::DrainState;
 use crate::chat::error::ChatError;
 use crate::chat::model::{
     Conversation, ConversationKind, ConversationSummary, Identity, Member, MemberRole, Message,
     MessageKind,
 };
+use crate::drain::DrainState;
 
 /// A failed request: the status and `{error: {code, message}}` of its `ChatError`.
 pub struct ApiError(pub ChatError);
@@ -303,8 +303,8 @@ pub async fn refuse_while_draining(
     if gw.drain.is_draining() {
         let path = req.uri().path();
         let query = req.uri().query().unwrap_or_default();
-        let new_socketio = path.starts_with("/socket.io")
-            && !query.split('&').any(|kv| kv.starts_with("sid="));
+        let new_socketio =
+            path.starts_with("/socket.io") && !query.split('&').any(|kv| kv.starts_with("sid="));
         if new_socketio || path == "/ws" {
             let body = ErrorReply {
                 error: ErrorBody {
