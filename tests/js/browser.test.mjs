@@ -17,6 +17,8 @@ const ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '
   '--disable-background-networking', '--disable-component-update', '--disable-sync'];
 const ARTIFACTS = fileURLToPath(new URL('../../artifacts/', import.meta.url));
 const WAIT = { timeout: 15000 };
+/** The banner while the gateway is away: draining (told to move) or reconnecting (cut off). */
+const AWAY = '#banner:is([data-state="draining"], [data-state="reconnecting"])';
 
 /** A gateway on its generated dev secret: what a newcomer gets with no settings at all. */
 const startDevGateway = (options = {}) => startGateway({
@@ -186,9 +188,10 @@ describe('web page in a real browser', () => {
       // reconnect can bring them.
       const port = gw.port;
       const conversationId = await alicePage.evaluate(() => document.querySelector('#conversations button[aria-current="true"]').dataset.conversationId);
+      // A stopped gateway drains first: the pages hear `server_draining` and say they are moving.
       await gw.stop();
       for (const page of [alicePage, bobPage]) {
-        await page.locator('#banner[data-state="reconnecting"]').filter({ hasText: 'reconnecting' }).waitFor(WAIT);
+        await page.locator(AWAY).waitFor(WAIT);
       }
       await alicePage.screenshot({ path: join(ARTIFACTS, 'alice-reconnecting.png') });
       await sendElsewhere(dataDir, conversationId, ['missed 1', 'missed 2', 'missed 3'], 4);
@@ -202,7 +205,7 @@ describe('web page in a real browser', () => {
 
       // Written while the gateway is down: pending, then sent once after the reconnect.
       await gw.stop();
-      await alicePage.locator('#banner[data-state="reconnecting"]').waitFor(WAIT);
+      await alicePage.locator(AWAY).waitFor(WAIT);
       await alicePage.locator('#composer-input').fill('sent while offline');
       await alicePage.locator('#composer-input').press('Enter');
       await alicePage.locator('#messages li.pending .status[data-status="pending"]').waitFor(WAIT);
