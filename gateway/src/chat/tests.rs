@@ -733,3 +733,82 @@ async fn rate_limited_sends_say_when_to_retry() {
         other => panic!("expected rate_limited, got {other:?}"),
     }
 }
+
+/// A bus that remembers what is bound, and whose unbinds land late: a bind issued after an
+/// unbind can overtake it, as on a real broker connection shared by many tasks.
+#[derive(Default)]
+struct SlowUnbindBus {
+    inner: LocalBus,
+    bound: Mutex<std::collections::HashSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl crate::bus::Bus for SlowUnbindBus {
+    fn attach(&self, deliver: crate::bus::Deliver) {
+        self.inner.attach(deliver);
+    }
+    async fn publish(&self, envelope: Arc<event::Envelope>) -> Result<(), crate::bus::BusError> {
+        self.inner.publish(envelope).await
+    }
+    async fn subscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
+        self.bound.lock().expect("lock").insert(topic.key());
+        Ok(())
+    }
+    async fn unsubscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.bound.lock().expect("lock").remove(&topic.key());
+        Ok(())
+    }
+    async fn ready(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_join_racing_the_last_leave_of_a_conversation_keeps_it_bound() {
+    let bus = Arc::new(SlowUnbindBus::default());
+    let svc = ChatService::new(
+        Arc::new(MemoryStore::default()),
+        bus.clone(),
+        Arc::new(MemoryPresence::new()),
+        Arc::new(MemoryLimits::new(LimitSettings {
+            user_messages: Quota {
+                per_second: 1000,
+                burst: 1000,
+            },
+            connection_events: Quota {
+                per_second: 1000,
+                burst: 1000,
+            },
+            user_joins: Quota {
+                per_second: 1000,
+                burst: 1000,
+            },
+            address_connects: Quota {
+                per_second: 1000,
+                burst: 1000,
+            },
+        })),
+        ChatSettings::default(),
+    );
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let key = event::Topic::Conversation(c.id).key();
+    let (a, _) = connect(&svc, &alice).await;
+    svc.join(a, &alice, c.id).await.expect("alice joins");
+    assert!(bus.bound.lock().expect("lock").contains(&key));
+    let (b, _) = connect(&svc, &bob).await;
+    // Alice's connection, the conversation's last on this node, goes; while its unbind is on
+    // its way, Bob joins the conversation here.
+    let leaving = {
+        let svc = svc.clone();
+        tokio::spawn(async move { svc.disconnect(a).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    svc.join(b, &bob, c.id).await.expect("bob joins");
+    leaving.await.expect("disconnect ran");
+    assert!(
+        bus.bound.lock().expect("lock").contains(&key),
+        "Bob is in the room, so the node must still receive the conversation"
+    );
+}
