@@ -323,13 +323,12 @@ pub async fn serve(
     let io = app.io.clone();
     let gateway = app.gateway.clone();
     let drain = gateway.drain.clone();
-    let signalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (signalled_tx, mut signalled) = tokio::sync::watch::channel(false);
     {
         let drain = drain.clone();
-        let signalled = signalled.clone();
         tokio::spawn(async move {
             drain_on.await;
-            signalled.store(true, std::sync::atomic::Ordering::Release);
+            signalled_tx.send_replace(true);
             if !drain.begin("signal") && drain.state() == DrainState::Drained {
                 tracing::info!("already drained: exiting");
             }
@@ -347,9 +346,7 @@ pub async fn serve(
         tokio::select! {
             _ = async {
                 drain.reached(DrainState::Drained).await;
-                while !signalled.load(std::sync::atomic::Ordering::Acquire) {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                let _ = signalled.wait_for(|s| *s).await;
             } => tracing::info!("drained: shutting down"),
             _ = stop => tracing::warn!("second signal: shutting down without finishing the drain"),
         }

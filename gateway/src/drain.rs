@@ -21,8 +21,7 @@ use crate::chat::ChatService;
 use crate::chat::event::Outgoing;
 
 /// Where a gateway is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainState {
     Serving,
     Draining,
@@ -47,6 +46,17 @@ pub struct ServerDraining {
 const SLOT_GRACE: Duration = Duration::from_millis(1500);
 /// How long a closing connection may take to answer the requests it already sent.
 pub const IN_FLIGHT_DEADLINE: Duration = Duration::from_secs(5);
+
+impl DrainState {
+    /// As `GET /admin/drain` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serving => "serving",
+            Self::Draining => "draining",
+            Self::Drained => "drained",
+        }
+    }
+}
 
 impl Drain {
     pub fn new(window: Duration) -> Arc<Self> {

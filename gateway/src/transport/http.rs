@@ -25,7 +25,6 @@ use crate::chat::model::{
     Conversation, ConversationKind, ConversationSummary, Identity, Member, MemberRole, Message,
     MessageKind,
 };
-use crate::drain::DrainState;
 
 /// A failed request: the status and `{error: {code, message}}` of its `ChatError`.
 pub struct ApiError(pub ChatError);
@@ -245,13 +244,8 @@ pub struct DrainStatus {
 }
 
 fn drain_status(gw: &Gateway) -> DrainStatus {
-    let state = match gw.drain.state() {
-        DrainState::Serving => "serving",
-        DrainState::Draining => "draining",
-        DrainState::Drained => "drained",
-    };
     DrainStatus {
-        state: state.into(),
+        state: gw.drain.state().as_str().into(),
         connections: gw.service.hub().connection_count(),
         window_seconds: gw.drain.window().as_secs_f64(),
     }

@@ -297,17 +297,21 @@ impl WsOut {
 
     /// Asks the connection's task to close; `true` if this was the first reason given.
     fn close_with(&self, code: u16, reason: impl Into<String>, flush_queued: bool) -> bool {
+        self.close_as(Closing {
+            code,
+            reason: reason.into(),
+            flush_queued,
+            settle: false,
+        })
+    }
+
+    fn close_as(&self, closing: Closing) -> bool {
         // The first reason wins: it is the one the client should see.
         self.closing.send_if_modified(|c| {
             if c.is_some() {
                 return false;
             }
-            *c = Some(Closing {
-                code,
-                reason: reason.into(),
-                flush_queued,
-                settle: false,
-            });
+            *c = Some(closing);
             true
         })
     }
@@ -333,17 +337,11 @@ impl Outbound for WsOut {
     }
 
     fn drain_close(&self) {
-        self.closing.send_if_modified(|c| {
-            if c.is_some() {
-                return false;
-            }
-            *c = Some(Closing {
-                code: close_code::SERVICE_RESTART,
-                reason: "server restarting: reconnect and sync".into(),
-                flush_queued: true,
-                settle: true,
-            });
-            true
+        self.close_as(Closing {
+            code: close_code::SERVICE_RESTART,
+            reason: "server restarting: reconnect and sync".into(),
+            flush_queued: true,
+            settle: true,
         });
     }
 }
