@@ -6,7 +6,10 @@
 //! `Retry-After`; each client is told `server_draining {reconnectAfterMs}` with its own slot in
 //! the window, and its connection is closed (1012 on `/ws`) shortly after that slot if it has not
 //! left by itself, once its in-flight requests are answered. Whatever remains at the end of the
-//! window is closed the same way.
+//! window (plus that grace) is closed the same way.
+//!
+//! Slots cover the whole window, so a pod of N connections sheds N ÷ window reconnects per
+//! second: the rate the operator's surge arithmetic assumes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -112,12 +115,6 @@ impl Drain {
     }
 }
 
-/// The part of the window reconnects are spread over: the rest is left for the last slots'
-/// clients to reconnect and for the server's own closes.
-pub fn spread(window: Duration) -> Duration {
-    window.saturating_sub((window / 5).min(Duration::from_secs(2)))
-}
-
 /// Reconnect delays for `n` connections over `span`, one per equal stratum with a random offset
 /// inside it: any interval of the span receives its share ± 1, never a clump.
 pub fn schedule(n: usize, span: Duration, rng: &mut impl Rng) -> Vec<Duration> {
@@ -142,7 +139,7 @@ pub async fn run(drain: Arc<Drain>, service: Arc<ChatService>) {
         use rand::seq::SliceRandom;
         let mut rng = rand::rng();
         outs.shuffle(&mut rng);
-        schedule(outs.len(), spread(window), &mut rng)
+        schedule(outs.len(), window, &mut rng)
     };
     tracing::info!(
         connections = outs.len(),
@@ -164,7 +161,7 @@ pub async fn run(drain: Arc<Drain>, service: Arc<ChatService>) {
             out.drain_close();
             continue;
         }
-        slots.push((started + (delay + SLOT_GRACE).min(window), out));
+        slots.push((started + delay + SLOT_GRACE, out));
     }
     if unsent > 0 {
         tracing::info!(
@@ -179,16 +176,21 @@ pub async fn run(drain: Arc<Drain>, service: Arc<ChatService>) {
             out.drain_close();
         }
     });
-    let end = started + window;
-    let mut progress = tokio::time::interval(Duration::from_secs(1));
+    // The last slot's client gets its grace too; then the window is over.
+    let end = started + window + SLOT_GRACE;
+    let mut check = tokio::time::interval(Duration::from_millis(100));
+    let mut logged = started;
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until(end) => break,
-            _ = progress.tick() => {
+            _ = check.tick() => {
                 let left = hub.connection_count();
-                tracing::info!(connections = left, elapsed_s = started.elapsed().as_secs(), "draining");
-                if left == 0 && closer.is_finished() {
+                if left == 0 {
                     break;
+                }
+                if logged.elapsed() >= Duration::from_secs(1) {
+                    logged = Instant::now();
+                    tracing::info!(connections = left, elapsed_s = started.elapsed().as_secs(), "draining");
                 }
             }
         }
@@ -285,13 +287,6 @@ mod tests {
                 .iter()
                 .all(|d| d.is_zero())
         );
-    }
-
-    #[test]
-    fn spread_leaves_room_at_the_end_of_the_window() {
-        assert_eq!(spread(Duration::from_secs(60)), Duration::from_secs(58));
-        assert_eq!(spread(Duration::from_secs(5)), Duration::from_secs(4));
-        assert_eq!(spread(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

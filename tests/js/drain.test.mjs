@@ -97,9 +97,9 @@ describe('draining one gateway', () => {
 
       const slots = await Promise.all(clients.map((c) => c.waitFor('server_draining', () => true, 3000)));
       const delays = slots.map((s) => s.reconnectAfterMs).sort((a, b) => a - b);
-      // 12 clients over the 3.2 s spread of a 4 s window: one per 267 ms stratum.
+      // 12 clients over a 4 s window: one per 333 ms stratum.
       for (const [i, d] of delays.entries()) {
-        assert.ok(d >= Math.floor(i * 3200 / 12) - 1 && d <= Math.ceil((i + 1) * 3200 / 12) + 1, `slot ${i}: ${d} ms in ${delays}`);
+        assert.ok(d >= Math.floor(i * 4000 / 12) - 1 && d <= Math.ceil((i + 1) * 4000 / 12) + 1, `slot ${i}: ${d} ms in ${delays}`);
       }
 
       // Nobody leaves by themselves here: the server closes each shortly after its slot.
@@ -108,7 +108,7 @@ describe('draining one gateway', () => {
         if (c.transport === 'ws') assert.match(ends[i].why, /^close 1012: server restarting/, ends[i].why);
         else assert.equal(ends[i].why, 'io server disconnect');
         const slot = slots[i].reconnectAfterMs;
-        assert.ok(ends[i].at >= slot && ends[i].at <= Math.max(slot + 4000, 4000 + 2500), `closed at ${ends[i].at} ms, slot ${slot} ms`);
+        assert.ok(ends[i].at >= slot && ends[i].at <= slot + 1500 + 2500, `closed at ${ends[i].at} ms, slot ${slot} ms`);
       }
       const [a0, a1] = await Promise.all(floods);
       assert.ok(a0.length > 5 && a1.length > 5, `the floods ran: ${a0.length}, ${a1.length}`);
@@ -147,13 +147,14 @@ describe('draining one gateway', () => {
       const t0 = Date.now();
       gw.proc.kill('SIGTERM');
       const slot = await c.waitFor('server_draining', () => true, 2000);
-      assert.ok(slot.reconnectAfterMs >= 0 && slot.reconnectAfterMs < 2400, JSON.stringify(slot));
+      assert.ok(slot.reconnectAfterMs >= 0 && slot.reconnectAfterMs < 3000, JSON.stringify(slot));
       // A well-behaved client leaves at its slot; the gateway then has nothing left and exits.
       await sleep(slot.reconnectAfterMs);
       c.close();
       const exit = await gw.exited;
       assert.equal(exit.code, 0, gw.stderr());
-      assert.ok(Date.now() - t0 < 3000 + 1500, `exited after ${Date.now() - t0} ms`);
+      // It exits once empty, not at the window's end.
+      assert.ok(Date.now() - t0 < slot.reconnectAfterMs + 1000, `exited after ${Date.now() - t0} ms, slot ${slot.reconnectAfterMs} ms`);
     } finally { await gw.stop('SIGKILL'); }
   });
 

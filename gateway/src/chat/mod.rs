@@ -687,6 +687,17 @@ impl ChatService {
                 Event::ConversationAdded(ConversationRef { conversation }),
             )
             .await;
+            self.publish(
+                Route::Conversation {
+                    id,
+                    also_users: vec![],
+                },
+                Event::UserJoined(ConversationUser {
+                    conversation_id: id,
+                    user_id: user.to_owned(),
+                }),
+            )
+            .await;
         }
         Ok(())
     }
@@ -760,16 +771,16 @@ impl ChatService {
                 .map_err(store_err)?,
             None => false,
         };
-        let already_in_room = self.hub.is_in_room(conn, id);
         let change = self
             .hub
             .join(conn, id)
             .ok_or_else(|| ChatError::Unauthorized("the connection is closed".into()))?;
         self.apply(change).await;
+        // `user_joined` announces a new member. A member's connection (re)joining the room is
+        // not news: presence (`user_online`) covers it, and after a drain every reconnect would
+        // otherwise reach every member of the room (clients × members events in one window).
         if newly {
             audit::membership("join", &id, &who.user_id, &who.user_id);
-        }
-        if newly || !already_in_room {
             self.publish(
                 Route::Conversation {
                     id,

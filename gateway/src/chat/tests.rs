@@ -405,6 +405,53 @@ async fn a_removed_member_stops_receiving_at_once_and_learns_of_the_removal() {
 }
 
 #[tokio::test]
+async fn user_joined_announces_new_members_not_reconnecting_ones() {
+    let svc = service();
+    let (alice, bob, zed, carol) = (who("alice"), who("bob"), who("zed"), who("carol"));
+    let c = svc
+        .create_conversation(
+            &alice,
+            CreateConversation {
+                kind: ConversationKind::Open,
+                title: Some("lobby".into()),
+                members: vec!["bob".into()],
+                department_id: None,
+            },
+        )
+        .await
+        .expect("create");
+    let (a, a_rec) = connect(&svc, &alice).await;
+    svc.join(a, &alice, c.id).await.expect("alice joins");
+    // A member's connection joining the room (first device, or a reconnect) is not news.
+    let (b1, _) = connect(&svc, &bob).await;
+    svc.join(b1, &bob, c.id).await.expect("bob joins");
+    svc.disconnect(b1).await;
+    let (b2, _) = connect(&svc, &bob).await;
+    svc.join(b2, &bob, c.id).await.expect("bob rejoins elsewhere");
+    assert_eq!(a_rec.named("user_joined"), Vec::<Value>::new());
+    // Joining an open conversation makes a member: the room hears of it once.
+    let (z, _) = connect(&svc, &zed).await;
+    svc.join(z, &zed, c.id).await.expect("zed joins");
+    svc.join(z, &zed, c.id).await.expect("zed joins again");
+    // So does being added over HTTP.
+    svc.add_member(&alice, c.id, "carol").await.expect("add");
+    let (k, _) = connect(&svc, &carol).await;
+    svc.join(k, &carol, c.id).await.expect("carol joins");
+    let joined: Vec<(String, String)> = a_rec
+        .named("user_joined")
+        .iter()
+        .map(|e| {
+            (
+                e["conversationId"].as_str().unwrap_or_default().to_owned(),
+                e["userId"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let id = c.id.to_string();
+    assert_eq!(joined, vec![(id.clone(), "zed".into()), (id, "carol".into())]);
+}
+
+#[tokio::test]
 async fn members_added_later_are_told_of_the_conversation_on_every_device() {
     let svc = service();
     let (alice, carol) = (who("alice"), who("carol"));

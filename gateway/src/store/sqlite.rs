@@ -12,7 +12,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use tracing::instrument::WithSubscriber;
-use tracing::subscriber::NoSubscriber;
+use tracing::Dispatch;
 use uuid::Uuid;
 
 use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
@@ -148,22 +148,22 @@ impl SqliteStore {
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.ping_detached()
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn create_conversation(&self, new: NewConversation) -> Result<Conversation, StoreError> {
         self.create_conversation_detached(new)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
         self.conversation_detached(id)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
         self.conversations_of_detached(user)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn add_member(
@@ -173,7 +173,7 @@ impl Store for SqliteStore {
         role: MemberRole,
     ) -> Result<bool, StoreError> {
         self.add_member_detached(conversation, user, role)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn remove_member(
@@ -182,7 +182,7 @@ impl Store for SqliteStore {
         user: &str,
     ) -> Result<bool, StoreError> {
         self.remove_member_detached(conversation, user)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn member(
@@ -191,17 +191,17 @@ impl Store for SqliteStore {
         user: &str,
     ) -> Result<Option<Member>, StoreError> {
         self.member_detached(conversation, user)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError> {
         self.members_detached(conversation)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
         self.insert_message_detached(new)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn messages_before(
@@ -211,7 +211,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         self.messages_before_detached(conversation, before_seq, limit)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn messages_after(
@@ -221,7 +221,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         self.messages_after_detached(conversation, after_seq, limit)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn mark_read(
@@ -231,12 +231,12 @@ impl Store for SqliteStore {
         seq: i64,
     ) -> Result<Option<i64>, StoreError> {
         self.mark_read_detached(conversation, user, seq)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
     async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
         self.co_members_detached(user)
-            .with_subscriber(NoSubscriber::default())
+            .with_subscriber(Dispatch::none())
             .await
     }
 }
@@ -247,6 +247,10 @@ impl Store for SqliteStore {
 /// stretched to the connection's next command. Entering `Span::none()` would not help (it leaves
 /// the current span as it is). The cost: sqlx's own events on the calling side (statement logs)
 /// are not recorded; the worker thread still logs through the global subscriber.
+///
+/// The dispatcher is `Dispatch::none()`, a shared static one. A new `NoSubscriber` per call
+/// registered a new dispatcher each time, and every registration rebuilds the interest of every
+/// callsite in the process: under load that rebuild was most of the gateway's CPU time.
 impl SqliteStore {
     async fn ping_detached(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;

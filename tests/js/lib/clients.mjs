@@ -4,9 +4,11 @@ import { io } from 'socket.io-client';
 import WebSocket from 'ws';
 
 class Recorded {
-  constructor() { this.events = []; this.waiters = []; }
+  /** keep: store every event (for `of`); off for load tests that only need `onEvent`. */
+  constructor({ keep = true, onEvent } = {}) { this.events = []; this.waiters = []; this.keep = keep; this.onEvent = onEvent; }
   push(name, payload) {
-    this.events.push({ name, payload });
+    if (this.keep) this.events.push({ name, payload });
+    this.onEvent?.(name, payload);
     this.waiters = this.waiters.filter((w) => {
       if (w.name === name && w.pred(payload)) { w.resolve(payload); return false; }
       return true;
@@ -24,8 +26,8 @@ class Recorded {
 }
 
 /** The stock socket.io-client 4.x. */
-export async function socketio(url, tok, { transports = ['websocket'], namespace = '/', headers } = {}) {
-  const rec = new Recorded();
+export async function socketio(url, tok, { transports = ['websocket'], namespace = '/', headers, keep, onEvent } = {}) {
+  const rec = new Recorded({ keep, onEvent });
   const socket = io(`${url}${namespace === '/' ? '' : namespace}`, {
     auth: tok === undefined ? undefined : { token: tok },
     transports,
@@ -61,8 +63,8 @@ export async function socketio(url, tok, { transports = ['websocket'], namespace
  * with "close CODE: REASON" when the server closes first, or "HTTP STATUS" when it refuses the
  * upgrade.
  */
-export async function ws(url, tok, { auth = 'query', headers = {}, perMessageDeflate = false, autoPong = true, path = '/ws' } = {}) {
-  const rec = new Recorded();
+export async function ws(url, tok, { auth = 'query', headers = {}, perMessageDeflate = false, autoPong = true, path = '/ws', keep = true, onEvent } = {}) {
+  const rec = new Recorded({ keep, onEvent });
   const target = new URL(path, url.replace(/^http/, 'ws'));
   if (tok !== undefined && auth === 'query') target.searchParams.set('token', tok);
   const allHeaders = { ...headers };
@@ -77,7 +79,7 @@ export async function ws(url, tok, { auth = 'query', headers = {}, perMessageDef
     const text = data.toString();
     let f;
     try { f = JSON.parse(text); } catch { rec.push('unparsable', text); return; }
-    frames.push(f);
+    if (keep) frames.push(f);
     if ((f.type === 'ack' || f.type === 'error') && f.id !== undefined && pending.has(f.id)) {
       const p = pending.get(f.id);
       pending.delete(f.id);

@@ -34,8 +34,9 @@ export function createFleetBackends() {
 }
 
 /** A gateway of the fleet; `pgPort`/`amqpPort` let a fault proxy sit in between. */
-export function startFleetGateway(backends, { pgPort, amqpPort, bus = 'rabbitmq', env = {} } = {}) {
+export function startFleetGateway(backends, { pgPort, amqpPort, bus = 'rabbitmq', env = {}, bin } = {}) {
   return startGateway({
+    bin,
     env: {
       CONFAB_DATABASE_URL: backends.databaseUrl(pgPort),
       CONFAB_DATABASE_POOL_SIZE: '4',

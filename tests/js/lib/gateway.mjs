@@ -7,14 +7,19 @@ import { createHmac } from 'node:crypto';
 
 export const SECRET = 'e2e-secret-e2e-secret-e2e-secret-e2e!';
 
-export function gatewayBin() {
+/**
+ * The gateway binary: the cargo build of `profile` ('debug', or 'release' for load tests, where
+ * an unoptimised build would measure itself, not the fleet). CONFAB_GATEWAY_BIN (debug) or
+ * CONFAB_GATEWAY_RELEASE_BIN (release) name it outright.
+ */
+export function gatewayBin(profile = 'debug') {
   const candidates = [
-    process.env.CONFAB_GATEWAY_BIN,
-    process.env.CARGO_TARGET_DIR && join(process.env.CARGO_TARGET_DIR, 'debug', 'confab-gateway'),
-    join(homedir(), '.cache', 'confab-target', 'debug', 'confab-gateway'),
+    profile === 'release' ? process.env.CONFAB_GATEWAY_RELEASE_BIN : process.env.CONFAB_GATEWAY_BIN,
+    process.env.CARGO_TARGET_DIR && join(process.env.CARGO_TARGET_DIR, profile, 'confab-gateway'),
+    join(homedir(), '.cache', 'confab-target', profile, 'confab-gateway'),
   ].filter(Boolean);
   const found = candidates.find((p) => existsSync(p));
-  if (!found) throw new Error(`confab-gateway binary not found (tried ${candidates.join(', ')}); run cargo build first`);
+  if (!found) throw new Error(`confab-gateway binary not found (tried ${candidates.join(', ')}); run cargo build${profile === 'release' ? ' --release' : ''} first`);
   return found;
 }
 
@@ -33,7 +38,7 @@ export function token(sub, { name = sub, roles, departments, ttlSeconds = 3600, 
 /**
  * Starts a gateway and resolves once it prints its URL.
  * options.env: extra CONFAB_* variables; options.dataDir: reuse a data directory (restart tests);
- * options.port: listen on a fixed port (restart on the same address).
+ * options.port: listen on a fixed port (restart on the same address); options.bin: another binary.
  */
 export async function startGateway(options = {}) {
   const dataDir = options.dataDir ?? mkdtempSync(join(tmpdir(), 'confab-e2e-'));
@@ -48,7 +53,7 @@ export async function startGateway(options = {}) {
     CONFAB_DRAIN_SECONDS: '2',
     ...options.env,
   };
-  const proc = spawn(gatewayBin(), options.args ?? [], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(options.bin ?? gatewayBin(), options.args ?? [], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   proc.stderr.on('data', (d) => { stderr += d; if (process.env.CONFAB_E2E_LOGS) process.stderr.write(d); });
   const url = await new Promise((resolve, reject) => {
