@@ -1,0 +1,246 @@
+// A worker thread holding a share of the drain-fleet test's devices (tests/js/drain-fleet.test.mjs).
+// Thousands of clients in one event loop make the loop itself late: a late timer is a late
+// reconnect, and late reconnects bunch into one second. So the devices are split over worker
+// threads, each with its own loop; the test thread only orchestrates.
+//
+// Each device follows the drain contract: on `server_draining` it waits `reconnectAfterMs`,
+// closes, connects to another ready gateway, re-joins and `sync`s from the last contiguous seq.
+// The test thread calls in with {id, op, ...}; every call is answered with {id, result} or
+// {id, error}.
+import { parentPort, workerData } from 'node:worker_threads';
+import { randomUUID } from 'node:crypto';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { token, sleep } from './gateway.mjs';
+import { socketio, ws } from './clients.mjs';
+
+const { users, conversations, sendEveryMs, senderOffset, members, worker } = workerData;
+
+let live = []; // URLs of the gateways accepting connections: what a Service routes to
+let routed = worker; // this worker's round-robin position
+let phase = null; // {url, t0}: the drain being measured
+let reconnects = [];
+let failures = [];
+const stats = { refusedReconnects: 0, liveDuplicates: 0 };
+
+class Device {
+  constructor(user) {
+    this.user = user;
+    this.tok = token(user.id);
+    this.conversationId = conversations[user.conv];
+    this.seen = new Map(); // seq → id
+    this.liveIds = new Set();
+    this.moves = 0; this.drainings = 0; this.url = null; this.client = null; this.ready = null;
+    this.kind = user.index % 4 === 3 ? ws : socketio; // a quarter on the plain WebSocket
+  }
+
+  record(m) {
+    if (m.conversationId !== this.conversationId) return;
+    const had = this.seen.get(m.seq);
+    if (had !== undefined && had !== m.id) throw new Error(`seq ${m.seq} has two ids`);
+    this.seen.set(m.seq, m.id);
+  }
+
+  contiguous() { let s = 0; while (this.seen.has(s + 1)) s += 1; return s; }
+
+  async connect(url) {
+    const holder = {};
+    const onEvent = (name, payload) => {
+      if (name === 'new_message') this.onLive(holder.client, payload);
+      else if (name === 'server_draining') this.onDraining(holder.client, payload);
+    };
+    const client = await this.kind(url, this.tok, { keep: false, onEvent });
+    holder.client = client;
+    this.connectedAt = Date.now();
+    this.client = client; this.url = url;
+    try {
+      const joined = await client.request('join_conversation', { conversationId: this.conversationId }, 15000);
+      if (joined?.error) throw new Error(`join: ${joined.error.code}: ${joined.error.message}`);
+      this.joinedAt = Date.now();
+      const synced = await client.request('sync', { conversations: [{ conversationId: this.conversationId, afterSeq: this.contiguous() }] }, 15000);
+      if (synced?.error) throw new Error(`sync: ${synced.error.code}: ${synced.error.message}`);
+      for (const m of synced.messages) this.record(m);
+      this.syncedAt = Date.now();
+    } catch (e) {
+      // A failed attempt leaves no connection behind: the retry starts from scratch.
+      this.client = null;
+      client.close();
+      throw e;
+    }
+  }
+
+  onLive(client, m) {
+    if (client !== this.client) return;
+    const key = `${client.transport}:${m.id}:${this.moves}`;
+    if (this.liveIds.has(key)) stats.liveDuplicates += 1;
+    this.liveIds.add(key);
+    this.record(m);
+  }
+
+  onDraining(client, { reconnectAfterMs }) {
+    if (client !== this.client) return;
+    this.drainings += 1;
+    this.ready = (async () => {
+      await sleep(reconnectAfterMs);
+      const from = this.url;
+      const old = this.client;
+      this.client = null;
+      old.close();
+      this.moves += 1;
+      const startedAt = Date.now();
+      let failed = 0;
+      for (let attempt = 0; ; attempt += 1) {
+        // Like a Service: the next ready gateway in turn.
+        const others = live.filter((u) => u !== from);
+        const target = others[(routed++) % others.length];
+        try {
+          await this.connect(target);
+          break;
+        } catch (e) {
+          stats.refusedReconnects += 1;
+          failed += 1;
+          if (failures.length < 5) failures.push(String(e?.message ?? e));
+          if (attempt > 20) throw e;
+          await sleep(200);
+        }
+      }
+      if (phase) {
+        // The reconnect is the new connection's handshake; join and sync follow it.
+        reconnects.push({
+          startedAt: startedAt - phase.t0, at: this.connectedAt - phase.t0, failed,
+          handshakeMs: this.connectedAt - startedAt, joinMs: this.joinedAt - this.connectedAt, syncMs: this.syncedAt - this.joinedAt,
+        });
+      }
+    })();
+    this.ready.catch(() => {}); // awaited (and reported) by `drained`
+  }
+
+  /** A request that survives the device moving: retried (same payload) on the next connection. */
+  async request(event, payload) {
+    for (;;) {
+      const c = this.client;
+      if (c) {
+        try {
+          const ack = await c.request(event, payload, 5000);
+          if (ack?.message || !ack?.error || ack.error.code !== 'unavailable') return ack;
+        } catch { /* closed under it: retry, same clientMsgId */ }
+      }
+      await (this.ready ?? sleep(100));
+      await sleep(20);
+    }
+  }
+}
+
+const devices = users.map((u) => new Device(u));
+const acked = [];
+let sending = false;
+let senders = [];
+let sendError = null;
+let armed = null; // the drain being waited for: {mine, told, movesBefore, lag}
+
+const ops = {
+  async live({ urls }) { live = urls; },
+
+  /** Connects every device to the gateway at urls[user.index % urls.length], 100 at a time. */
+  async connect({ urls }) {
+    for (let i = 0; i < devices.length; i += 100) {
+      await Promise.all(devices.slice(i, i + 100).map((d) => d.connect(urls[d.user.index % urls.length])));
+    }
+  },
+
+  /** One sender per conversation whose sending member lives here. */
+  async startSending() {
+    sending = true;
+    senders = devices.filter((d) => d.user.index % members === senderOffset).map(async (d) => {
+      while (sending) {
+        const clientMsgId = randomUUID();
+        const ack = await d.request('send_message', { conversationId: d.conversationId, content: `m ${clientMsgId}`, type: 'text', clientMsgId });
+        if (!ack?.message) throw new Error(`send refused: ${JSON.stringify(ack)}`);
+        acked.push({ conversationId: ack.message.conversationId, seq: ack.message.seq, id: ack.message.id });
+        await sleep(sendEveryMs);
+      }
+    }).map((p) => p.catch((e) => { sendError ??= e; }));
+  },
+
+  /** Before a drain: which devices are on `url`; the clock starts at t0 (the test thread's). */
+  async arm({ url, t0 }) {
+    reconnects = [];
+    failures = [];
+    phase = { url, t0 };
+    const mine = devices.filter((d) => d.url === url && d.client);
+    const lag = monitorEventLoopDelay({ resolution: 10 });
+    lag.enable();
+    armed = { mine, told: mine.map((d) => d.drainings), movesBefore: devices.map((d) => d.moves), lag };
+    return { n: mine.length };
+  },
+
+  /** Waits for every armed device to be told, to move and to sync; reports what it measured. */
+  async drained() {
+    const { mine, told, movesBefore, lag } = armed;
+    for (let waited = 0; mine.some((d, i) => d.drainings === told[i]); waited += 50) {
+      if (waited >= 5000) {
+        const silent = mine.filter((d, i) => d.drainings === told[i]);
+        throw new Error(`${silent.length} of ${mine.length} clients never got server_draining: ${JSON.stringify(silent.slice(0, 5).map((d) => ({ t: d.client?.transport, connected: d.client?.socket.connected ?? d.client?.socket.readyState })))}`);
+      }
+      await sleep(50);
+    }
+    await Promise.all(mine.map((d) => d.ready));
+    lag.disable();
+    const moved = devices.filter((d, i) => d.moves !== movesBefore[i]);
+    return {
+      n: mine.length,
+      moved: moved.length,
+      movedOnce: moved.every((d) => d.moves === movesBefore[devices.indexOf(d)] + 1),
+      movedWereMine: moved.every((d) => mine.includes(d)),
+      reconnects,
+      failures,
+      lagP99Ms: lag.percentile(99) / 1e6,
+      lagMaxMs: lag.max / 1e6,
+    };
+  },
+
+  async stopSending() {
+    sending = false;
+    await Promise.all(senders);
+    if (sendError) throw sendError;
+    return { acked };
+  },
+
+  /** Waits (≤ 15 s) until every device has each conversation's last acked seq, then counts losses. */
+  async settle({ lastSeq }) {
+    const last = (d) => lastSeq[d.conversationId] ?? 0;
+    const started = Date.now();
+    while (Date.now() - started < 15000 && devices.some((d) => d.contiguous() < last(d))) await sleep(100);
+    return { waitedMs: Date.now() - started, ...stats };
+  },
+
+  /** Acked messages each device lacks (seq → id must match the ack). */
+  async losses({ messages }) {
+    let lost = 0;
+    const losses = [];
+    const byConversation = new Map();
+    for (const m of messages) {
+      if (!byConversation.has(m.conversationId)) byConversation.set(m.conversationId, []);
+      byConversation.get(m.conversationId).push(m);
+    }
+    for (const d of devices) {
+      const missing = (byConversation.get(d.conversationId) ?? []).filter((m) => d.seen.get(m.seq) !== m.id).map((m) => m.seq);
+      lost += missing.length;
+      if (missing.length && losses.length < 10) {
+        losses.push({ device: d.user.index, transport: d.client?.transport, moves: d.moves, gateway: d.url, missing: missing.sort((a, b) => a - b).join(','), contiguous: d.contiguous() });
+      }
+    }
+    return { lost, losses };
+  },
+
+  async close() {
+    for (const d of devices) d.client?.close();
+  },
+};
+
+parentPort.on('message', async ({ id, op, ...args }) => {
+  try {
+    parentPort.postMessage({ id, result: await ops[op](args) });
+  } catch (e) {
+    parentPort.postMessage({ id, error: String(e?.stack ?? e) });
+  }
+});
