@@ -427,7 +427,9 @@ async fn user_joined_announces_new_members_not_reconnecting_ones() {
     svc.join(b1, &bob, c.id).await.expect("bob joins");
     svc.disconnect(b1).await;
     let (b2, _) = connect(&svc, &bob).await;
-    svc.join(b2, &bob, c.id).await.expect("bob rejoins elsewhere");
+    svc.join(b2, &bob, c.id)
+        .await
+        .expect("bob rejoins elsewhere");
     assert_eq!(a_rec.named("user_joined"), Vec::<Value>::new());
     // Joining an open conversation makes a member: the room hears of it once.
     let (z, _) = connect(&svc, &zed).await;
@@ -448,7 +450,10 @@ async fn user_joined_announces_new_members_not_reconnecting_ones() {
         })
         .collect();
     let id = c.id.to_string();
-    assert_eq!(joined, vec![(id.clone(), "zed".into()), (id, "carol".into())]);
+    assert_eq!(
+        joined,
+        vec![(id.clone(), "zed".into()), (id, "carol".into())]
+    );
 }
 
 #[tokio::test]

@@ -24,6 +24,9 @@ pub enum StoreError {
     NoSuchConversation(ConversationId),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
+    /// A group-committed write failed as a whole (the batch was rolled back).
+    #[error("write batch failed: {0}")]
+    Batch(String),
 }
 
 #[derive(Debug, Clone)]

@@ -11,8 +11,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use tracing::instrument::WithSubscriber;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Dispatch;
+use tracing::instrument::WithSubscriber;
 use uuid::Uuid;
 
 use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
@@ -23,10 +24,25 @@ use crate::chat::model::{
 
 /// Writes go through a single connection so SQLite never answers `SQLITE_BUSY` between our
 /// own writers; reads use a small pool, which WAL lets run beside the writer.
+///
+/// Messages are written by group commit: sends queue up for one committer task, which writes
+/// whatever is waiting (up to [`MAX_BATCH`]) in one transaction and answers each send after the
+/// commit. Alone, a send is a batch of one; under load the transaction's begin and commit (and
+/// the wait for the one connection) are shared by the batch instead of paid per message.
 pub struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
+    inserts: mpsc::Sender<(NewMessage, Reply)>,
 }
+
+/// Where the committer answers one queued send.
+type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
+
+/// Most messages in one transaction: enough to share its cost, few enough that a batch's first
+/// send does not wait long for its last.
+const MAX_BATCH: usize = 128;
+/// Sends waiting for the committer; beyond this a send waits to queue (back-pressure).
+const QUEUE: usize = 1024;
 
 fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -124,7 +140,13 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(options)
             .await?;
-        Ok(Self { writer, readers })
+        let (inserts, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(commit_batches(writer.clone(), queue).with_subscriber(Dispatch::none()));
+        Ok(Self {
+            writer,
+            readers,
+            inserts,
+        })
     }
 
     async fn message_by_client_id(
@@ -147,9 +169,7 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        self.ping_detached()
-            .with_subscriber(Dispatch::none())
-            .await
+        self.ping_detached().with_subscriber(Dispatch::none()).await
     }
     async fn create_conversation(&self, new: NewConversation) -> Result<Conversation, StoreError> {
         self.create_conversation_detached(new)
@@ -200,9 +220,13 @@ impl Store for SqliteStore {
             .await
     }
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
-        self.insert_message_detached(new)
-            .with_subscriber(Dispatch::none())
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Batch("the store's committer has stopped".into());
+        self.inserts
+            .send((new, reply))
             .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
     async fn messages_before(
         &self,
@@ -406,10 +430,14 @@ impl SqliteStore {
         rows.iter().map(member_from).collect()
     }
 
-    async fn insert_message_detached(&self, new: NewMessage) -> Result<Inserted, StoreError> {
-        let mut tx = self.writer.begin().await?;
+    /// One message of a batch, inside the batch's transaction: the stored one when its
+    /// `clientMsgId` is known, else the next seq of its conversation.
+    async fn insert_one(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        new: NewMessage,
+    ) -> Result<Inserted, StoreError> {
         if let Some(existing) =
-            Self::message_by_client_id(&mut tx, &new.sender_id, &new.client_msg_id).await?
+            Self::message_by_client_id(tx, &new.sender_id, &new.client_msg_id).await?
         {
             return Ok(Inserted::Existing(existing));
         }
@@ -417,7 +445,7 @@ impl SqliteStore {
             "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
         )
         .bind(new.conversation_id.to_string())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         let seq = seq.ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
         let message = Message {
@@ -444,9 +472,8 @@ impl SqliteStore {
         .bind(message.kind.as_str())
         .bind(&message.content)
         .bind(timestamp(message.created_at))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
         Ok(Inserted::New(message))
     }
 
@@ -523,6 +550,55 @@ impl SqliteStore {
     }
 }
 
+/// The committer: one transaction per batch of queued sends, each answered after the commit.
+/// A send whose caller has gone (its request timed out) is not written: it was never acked, and
+/// a retry with the same `clientMsgId` writes it then.
+async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<(NewMessage, Reply)>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (news, replies): (Vec<_>, Vec<_>) = batch
+            .drain(..)
+            .filter(|(_, reply): &(NewMessage, Reply)| !reply.is_closed())
+            .unzip();
+        if news.is_empty() {
+            continue;
+        }
+        match write_batch(&writer, news).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                // Rolled back: nothing of the batch is stored, and every send hears why.
+                let why = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Batch(why.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Writes a batch in one transaction. A send to a missing conversation fails alone (it wrote
+/// nothing); any database error rolls the whole batch back.
+async fn write_batch(
+    writer: &SqlitePool,
+    news: Vec<NewMessage>,
+) -> Result<Vec<Result<Inserted, StoreError>>, StoreError> {
+    let mut tx = writer.begin().await?;
+    let mut results = Vec::with_capacity(news.len());
+    for new in news {
+        match SqliteStore::insert_one(&mut tx, new).await {
+            Err(e @ StoreError::NoSuchConversation(_)) => results.push(Err(e)),
+            Err(e) => return Err(e),
+            Ok(inserted) => results.push(Ok(inserted)),
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -553,6 +629,76 @@ mod tests {
             .expect("list");
         assert_eq!(before, after);
         assert!(!after.is_empty());
+    }
+
+    fn message(conversation: ConversationId, sender: &str, client_msg_id: &str) -> NewMessage {
+        NewMessage {
+            conversation_id: conversation,
+            sender_id: sender.to_owned(),
+            sender_name: sender.to_owned(),
+            client_msg_id: client_msg_id.to_owned(),
+            kind: MessageKind::Text,
+            content: format!("{client_msg_id} body"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_commit_answers_each_send_on_its_own() {
+        let store = SqliteStore::in_memory().await.expect("opens");
+        let c = store
+            .create_conversation(NewConversation {
+                kind: ConversationKind::Group,
+                title: None,
+                department_id: None,
+                members: vec![("alice".into(), MemberRole::Owner)],
+            })
+            .await
+            .expect("create");
+        let ghost = Uuid::now_v7();
+        // Queued together, so the committer takes them as one batch: fresh sends, sends to a
+        // conversation that does not exist, and one clientMsgId sent ten times.
+        let mut sends = Vec::new();
+        for i in 0..40 {
+            sends.push(message(c.id, "alice", &format!("fresh-{i}")));
+        }
+        for i in 0..10 {
+            sends.push(message(ghost, "alice", &format!("ghost-{i}")));
+            sends.push(message(c.id, "bob", "again"));
+        }
+        let results =
+            futures::future::join_all(sends.into_iter().map(|m| store.insert_message(m))).await;
+        let mut seqs = Vec::new();
+        let mut again = Vec::new();
+        for result in results {
+            match result {
+                Ok(Inserted::New(m)) if m.client_msg_id == "again" => {
+                    seqs.push(m.seq);
+                    again.push((true, m.id));
+                }
+                Ok(Inserted::New(m)) => seqs.push(m.seq),
+                Ok(Inserted::Existing(m)) => again.push((false, m.id)),
+                Err(StoreError::NoSuchConversation(id)) => assert_eq!(id, ghost),
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        seqs.sort();
+        assert_eq!(
+            seqs,
+            (1..=41).collect::<Vec<i64>>(),
+            "gap-free, one seq per message"
+        );
+        assert_eq!(again.len(), 10);
+        assert_eq!(
+            again.iter().filter(|(new, _)| *new).count(),
+            1,
+            "stored once"
+        );
+        assert!(
+            again.iter().all(|(_, id)| *id == again[0].1),
+            "every retry gets that message"
+        );
+        let stored = store.messages_after(c.id, 0, 100).await.expect("read back");
+        assert_eq!(stored.len(), 41);
     }
 
     #[tokio::test]
