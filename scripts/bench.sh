@@ -28,23 +28,33 @@ if command -v psql >/dev/null && psql -h 127.0.0.1 -U postgres -tAc 'select 1' >
 fi
 
 echo "== installing the Node peer (npm ci in bench/peers/node)"
+# Offline on a fresh machine: better-sqlite3 is compiled from source (no prebuilt-binary fetch)
+# against the distribution's Node headers in /usr/include/node (no header download by node-gyp).
+if [ -f /usr/include/node/common.gypi ]; then
+  export npm_config_nodedir="${npm_config_nodedir:-/usr}"
+  export npm_config_build_from_source="${npm_config_build_from_source:-true}"
+fi
 peer=bench/peers/node
 if [ ! -f "$peer/node_modules/.installed" ] || [ "$peer/package-lock.json" -nt "$peer/node_modules/.installed" ]; then
   (cd "$peer" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed)
 fi
 
-# The smoke run uses the debug build the test command already has; measurements need release.
+# The smoke run uses the debug build the test command already has (the same command: building
+# only some packages unifies features differently and would compile the gateway again);
+# measurements need release.
 profile=release
 [ "$mode" = smoke ] && profile=debug
 echo "== building ($profile)"
 if [ "$profile" = release ]; then
   cargo build --release -p confab-gateway -p confab-bench
 else
-  cargo build -p confab-gateway -p confab-bench
+  cargo build --workspace --bins
 fi
 bin="$CARGO_TARGET_DIR/$profile"
 
 ulimit -n 20000 2>/dev/null || true
+# A failed or interrupted run must not leave an earlier run's results for `confab-bench check`.
+rm -f "artifacts/bench/$mode/results.json" "artifacts/bench/$mode/results.md"
 echo "== confab-bench run --mode $mode (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
 CONFAB_GATEWAY_BIN="$bin/confab-gateway" CONFAB_BARE_BIN="$bin/confab-bare" \
   "$bin/confab-bench" run --mode "$mode" --out "artifacts/bench/$mode" ${args[@]+"${args[@]}"}

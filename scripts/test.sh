@@ -42,6 +42,10 @@ node --test --test-timeout=600000 tests/js/drain-fleet.test.mjs
 echo "== Autobahn|Testsuite against the /ws WebSocket settings"
 bash scripts/autobahn.sh
 
+echo "== benchmark harness smoke run"
+bash scripts/bench.sh --smoke
+"$CARGO_TARGET_DIR/debug/confab-bench" check artifacts/bench/smoke/results.json
+
 if [ -f scripts/test-operator.sh ]; then
   echo "== operator: chart, manifests, binary against an API emulator"
   bash scripts/test-operator.sh

@@ -1,5 +1,6 @@
-//! `confab-bench`: runs the scenarios (orchestrator) or one generator process (`worker`).
+//! `confab-bench`: runs the scenarios (orchestrator), one generator process (`worker`), or checks a run's results (`check`).
 
+mod check;
 mod client;
 mod harness;
 mod scenarios;
@@ -8,7 +9,7 @@ mod worker;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -50,6 +51,14 @@ enum Cmd {
         #[arg(long)]
         no_pin: bool,
     },
+    /// Exits nonzero, naming the scenario and field, unless results.json shows every scenario
+    /// working: rows present, clients connected, samples taken, numbers finite, nothing lost.
+    Check {
+        results: PathBuf,
+        /// s1..s5 or all (comma-separated): the scenarios that must be present.
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        scenarios: Vec<String>,
+    },
     /// One generator process (started by `run`; speaks JSON lines on stdin/stdout).
     Worker {
         #[arg(long)]
@@ -62,6 +71,34 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Check { results, scenarios } => {
+            let text = std::fs::read_to_string(&results)
+                .with_context(|| format!("reading {}", results.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", results.display()))?;
+            let wanted: Vec<String> = scenarios.iter().map(|s| s.to_lowercase()).collect();
+            let wanted: Vec<&str> = if wanted.iter().any(|s| s == "all") {
+                check::ALL.to_vec()
+            } else {
+                wanted.iter().map(String::as_str).collect()
+            };
+            let problems = check::problems(&json, &wanted);
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("!! {p}");
+                }
+                eprintln!(
+                    "{}: {} problem(s) in {}",
+                    results.display(),
+                    problems.len(),
+                    wanted.join(",")
+                );
+                // A verdict, not a crash: no error chain or backtrace.
+                std::process::exit(1);
+            }
+            println!("{}: {} ok", results.display(), wanted.join(","));
+            Ok(())
+        }
         Cmd::Worker { spec, threads } => {
             let spec: worker::WorkerSpec = serde_json::from_str(&spec)?;
             let mut rt = tokio::runtime::Builder::new_multi_thread();

@@ -47,10 +47,10 @@ pub mod close_code {
 
 /// Messages smaller than this go uncompressed: deflate costs more than it saves on them.
 const COMPRESSION_THRESHOLD: usize = 1024;
-/// Initial socket buffers: small so idle connections are cheap; yawc grows them for a large
-/// frame and shrinks them back afterwards.
-const READ_BUFFER: usize = 1024;
-const WRITE_BUFFER: usize = 1024;
+/// Initial socket buffers: small so idle connections are cheap (512 B holds a typical request
+/// or delivery); yawc grows them for a larger frame and shrinks them back afterwards.
+const READ_BUFFER: usize = 512;
+const WRITE_BUFFER: usize = 512;
 /// Requests read but not yet run, per connection. Past this, requests are refused with
 /// `rate_limited` instead of buffered without bound.
 const REQUESTS_IN_FLIGHT: usize = 32;
@@ -183,13 +183,24 @@ async fn upgrade(State(state): State<WsState>, mut req: Request) -> Result<Respo
     let token = token_of(&req);
     first_deflate_offer(req.headers_mut());
     let (response, upgraded) = WebSocket::upgrade_with_options(&mut req, state.options)?;
-    tokio::spawn(async move {
-        match upgraded.await {
-            Ok(ws) => serve(gw, ws, token, address).await,
-            Err(e) => tracing::debug!(error = %e, "/ws upgrade did not complete"),
-        }
-    });
+    tokio::spawn(connection(gw, upgraded, token, address));
     Ok(response.map(Body::new))
+}
+
+/// The task of one `/ws` connection: the rest of the handshake, then the connection.
+async fn connection(
+    gw: Arc<Gateway>,
+    upgraded: yawc::UpgradeFut,
+    token: Option<String>,
+    address: IpAddr,
+) {
+    // Boxed once, and out of the match before `serve` starts: a socket held by value would
+    // be stored in this task's future and again in `serve`'s, for the connection's lifetime.
+    let ws = match upgraded.await {
+        Ok(ws) => Box::new(ws),
+        Err(e) => return tracing::debug!(error = %e, "/ws upgrade did not complete"),
+    };
+    serve(gw, ws, token, address).await;
 }
 
 /// Why a connection is being closed, and whether queued frames go out first.
@@ -455,7 +466,7 @@ async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<String, Unauthent
 }
 
 /// One `/ws` connection, from the upgrade to the end.
-async fn serve(gw: Arc<Gateway>, mut ws: Ws, token: Option<String>, address: IpAddr) {
+async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, token: Option<String>, address: IpAddr) {
     let st = &gw.settings;
     let token = match token {
         Some(t) => Ok(t),
@@ -933,5 +944,24 @@ mod tests {
         assert!(deflate.server_no_context_takeover);
         settings.ws_compression = WsCompression::Off;
         assert!(options(&settings).compression.is_none());
+    }
+
+    /// The size of the future an async fn taking these four arguments returns.
+    fn future_size<A, B, C, D, Fut>(_: impl FnOnce(A, B, C, D) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[test]
+    fn an_idle_connection_task_holds_the_socket_once_and_boxed() {
+        // Held by value, the socket (nearly 1 KB) was stored in the task's future and in
+        // `serve`'s: part of every idle connection's memory.
+        let socket = std::mem::size_of::<Ws>();
+        let serve = future_size(serve);
+        assert!(serve < 2 * socket, "serve's future is {serve} bytes");
+        let task = future_size(connection);
+        assert!(
+            task < serve + socket,
+            "the task's future is {task} bytes, serve's {serve}, the socket {socket}"
+        );
     }
 }
