@@ -35,7 +35,7 @@ node --test --test-concurrency=2 --test-timeout=300000 $(ls tests/js/*.test.mjs 
 node --test --test-timeout=300000 tests/js/cluster.test.mjs
 # Draining gateways of a busy three-node fleet: reconnect rate per second is measured, so alone,
 # and against release gateways (a debug build's own CPU time would be what it measures).
-cargo build --release -p confab-gateway
+cargo build --release -p confab-gateway -p confab-bench  # as scripts/bench.sh builds it: same features, one build
 export CONFAB_GATEWAY_RELEASE_BIN="$CARGO_TARGET_DIR/release/confab-gateway"
 node --test --test-timeout=600000 tests/js/drain-fleet.test.mjs
 
