@@ -114,9 +114,15 @@ pub struct ChatService {
     pending_generation: Mutex<u64>,
     /// Serialises bus (un)binding: see [`ChatService::apply`].
     topics: tokio::sync::Mutex<()>,
+    /// Each conversation's department inbox (`Some` for support conversations), read once: a
+    /// conversation's kind and department never change, and every send needs them.
+    departments: Mutex<HashMap<ConversationId, Option<String>>>,
     settings: ChatSettings,
     metrics: Arc<Metrics>,
 }
+
+/// Conversations whose department [`ChatService::department_of`] keeps; past this it starts over.
+const DEPARTMENTS_REMEMBERED: usize = 100_000;
 
 fn unavailable(context: &str, err: impl std::fmt::Display) -> ChatError {
     tracing::error!(error = %err, "{context} failed");
@@ -188,6 +194,7 @@ impl ChatService {
             limits,
             hub: Hub::default(),
             offline_pending: Mutex::default(),
+            departments: Mutex::default(),
             pending_generation: Mutex::new(0),
             topics: tokio::sync::Mutex::new(()),
             settings,
@@ -947,10 +954,27 @@ impl ChatService {
     }
 
     async fn department_of(&self, id: ConversationId) -> Option<String> {
-        match self.store.conversation(id).await {
-            Ok(Some(c)) if c.kind == ConversationKind::Support => c.department_id,
-            _ => None,
+        let known = self
+            .departments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned();
+        if let Some(department) = known {
+            return department;
         }
+        let department = match self.store.conversation(id).await {
+            Ok(Some(c)) if c.kind == ConversationKind::Support => c.department_id,
+            Ok(Some(_)) => None,
+            // Not remembered: a store error or a missing conversation says nothing lasting.
+            _ => return None,
+        };
+        let mut departments = self.departments.lock().unwrap_or_else(|p| p.into_inner());
+        if departments.len() >= DEPARTMENTS_REMEMBERED {
+            departments.clear();
+        }
+        departments.insert(id, department.clone());
+        department
     }
 
     pub async fn typing_start(
