@@ -23,7 +23,7 @@ use crate::telemetry::{Metrics, audit, metrics::limit_class_label, metrics::unix
 use error::ChatError;
 use event::{
     ConversationIdRef, ConversationRef, ConversationUser, Envelope, Event, Outgoing, Read, Route,
-    Typing, UserRef,
+    Topic, Typing, UserRef,
 };
 use hub::{ConnId, Hub, Outbound, TopicChange};
 use model::{
@@ -114,12 +114,19 @@ pub struct ChatService {
     pending_generation: Mutex<u64>,
     /// Serialises bus (un)binding: see [`ChatService::apply`].
     topics: tokio::sync::Mutex<()>,
+    /// Topics whose binding has been applied (`true`: bound; `false`: the bus refused it), by
+    /// key, and a wake-up for joins waiting on one: see [`ChatService::bound`].
+    bindings: Mutex<HashMap<String, bool>>,
+    bindings_changed: tokio::sync::Notify,
     /// Each conversation's department inbox (`Some` for support conversations), read once: a
     /// conversation's kind and department never change, and every send needs them.
     departments: Mutex<HashMap<ConversationId, Option<String>>>,
     settings: ChatSettings,
     metrics: Arc<Metrics>,
 }
+
+/// Longest a join waits for another join's bus binding of its conversation.
+const BINDING_WAIT: Duration = Duration::from_secs(5);
 
 /// Conversations whose department [`ChatService::department_of`] keeps; past this it starts over.
 const DEPARTMENTS_REMEMBERED: usize = 100_000;
@@ -195,6 +202,8 @@ impl ChatService {
             hub: Hub::default(),
             offline_pending: Mutex::default(),
             departments: Mutex::default(),
+            bindings: Mutex::default(),
+            bindings_changed: tokio::sync::Notify::new(),
             pending_generation: Mutex::new(0),
             topics: tokio::sync::Mutex::new(()),
             settings,
@@ -460,13 +469,42 @@ impl ChatService {
         }
         let _one_at_a_time = self.topics.lock().await;
         for topic in change.acquired.into_iter().chain(change.released) {
+            let key = topic.key();
             let result = if self.hub.wants(&topic) {
-                self.bus.subscribe(topic).await
+                let result = self.bus.subscribe(topic).await;
+                self.lock_bindings().insert(key, result.is_ok());
+                result
             } else {
+                self.lock_bindings().remove(&key);
                 self.bus.unsubscribe(topic).await
             };
+            self.bindings_changed.notify_waiters();
             if let Err(e) = result {
                 tracing::warn!(error = %e, "bus binding failed");
+            }
+        }
+    }
+
+    fn lock_bindings(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+        self.bindings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the bus binding of `topic` has been applied. A connection that joins a
+    /// conversation another local connection has just joined finds nothing to bind itself, but
+    /// the first one's binding may still be on its way to the broker: a message published
+    /// meanwhile would reach neither the node nor, if the join's `sync` already ran, the client.
+    /// Bounded: a bus that does not answer is reported by readiness, and `sync` recovers.
+    async fn bound(&self, topic: &Topic) {
+        let key = topic.key();
+        let deadline = tokio::time::Instant::now() + BINDING_WAIT;
+        loop {
+            let changed = self.bindings_changed.notified();
+            if self.lock_bindings().contains_key(&key) || !self.hub.wants(topic) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                tracing::warn!(topic = %key, "bus binding still pending; joining without it");
+                return;
             }
         }
     }
@@ -783,6 +821,7 @@ impl ChatService {
             .join(conn, id)
             .ok_or_else(|| ChatError::Unauthorized("the connection is closed".into()))?;
         self.apply(change).await;
+        self.bound(&Topic::Conversation(id)).await;
         // `user_joined` announces a new member. A member's connection (re)joining the room is
         // not news: presence (`user_online`) covers it, and after a drain every reconnect would
         // otherwise reach every member of the room (clients × members events in one window).

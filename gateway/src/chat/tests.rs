@@ -880,3 +880,71 @@ async fn a_join_racing_the_last_leave_of_a_conversation_keeps_it_bound() {
         "Bob is in the room, so the node must still receive the conversation"
     );
 }
+
+/// A bus whose binds take a while to reach the broker.
+#[derive(Default)]
+struct SlowBindBus {
+    inner: LocalBus,
+    bound: Mutex<std::collections::HashSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl crate::bus::Bus for SlowBindBus {
+    fn attach(&self, deliver: crate::bus::Deliver) {
+        self.inner.attach(deliver);
+    }
+    async fn publish(&self, envelope: Arc<event::Envelope>) -> Result<(), crate::bus::BusError> {
+        self.inner.publish(envelope).await
+    }
+    async fn subscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.bound.lock().expect("lock").insert(topic.key());
+        Ok(())
+    }
+    async fn unsubscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
+        self.bound.lock().expect("lock").remove(&topic.key());
+        Ok(())
+    }
+    async fn ready(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_join_returns_only_once_its_conversation_is_bound_even_by_another_join() {
+    let bus = Arc::new(SlowBindBus::default());
+    let generous = Quota {
+        per_second: 1000,
+        burst: 1000,
+    };
+    let svc = ChatService::new(
+        Arc::new(MemoryStore::default()),
+        bus.clone(),
+        Arc::new(MemoryPresence::new()),
+        Arc::new(MemoryLimits::new(LimitSettings {
+            user_messages: generous,
+            connection_events: generous,
+            user_joins: generous,
+            address_connects: generous,
+        })),
+        ChatSettings::default(),
+    );
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let key = event::Topic::Conversation(c.id).key();
+    let (a, _) = connect(&svc, &alice).await;
+    let (b, _) = connect(&svc, &bob).await;
+    // Alice's join takes the node's binding of the conversation, which is slow to land; Bob
+    // joins meanwhile and has nothing to bind himself.
+    let first = {
+        let (svc, alice) = (svc.clone(), alice.clone());
+        tokio::spawn(async move { svc.join(a, &alice, c.id).await.map(|_| ()) })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    svc.join(b, &bob, c.id).await.expect("bob joins");
+    assert!(
+        bus.bound.lock().expect("lock").contains(&key),
+        "Bob's join (and so his sync) must not run ahead of the node's binding"
+    );
+    first.await.expect("task").expect("alice joins");
+}
