@@ -114,9 +114,9 @@ pub struct ChatService {
     pending_generation: Mutex<u64>,
     /// Serialises bus (un)binding: see [`ChatService::apply`].
     topics: tokio::sync::Mutex<()>,
-    /// Topics whose binding has been applied (`true`: bound; `false`: the bus refused it), by
-    /// key, and a wake-up for joins waiting on one: see [`ChatService::bound`].
-    bindings: Mutex<HashMap<String, bool>>,
+    /// Keys of the topics whose binding has been applied (bound, or refused by the bus and
+    /// logged), and a wake-up for joins waiting on one: see [`ChatService::bound`].
+    bindings: Mutex<HashSet<String>>,
     bindings_changed: tokio::sync::Notify,
     /// Each conversation's department inbox (`Some` for support conversations), read once: a
     /// conversation's kind and department never change, and every send needs them.
@@ -472,7 +472,7 @@ impl ChatService {
             let key = topic.key();
             let result = if self.hub.wants(&topic) {
                 let result = self.bus.subscribe(topic).await;
-                self.lock_bindings().insert(key, result.is_ok());
+                self.lock_bindings().insert(key);
                 result
             } else {
                 self.lock_bindings().remove(&key);
@@ -485,7 +485,7 @@ impl ChatService {
         }
     }
 
-    fn lock_bindings(&self) -> std::sync::MutexGuard<'_, HashMap<String, bool>> {
+    fn lock_bindings(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.bindings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -499,7 +499,7 @@ impl ChatService {
         let deadline = tokio::time::Instant::now() + BINDING_WAIT;
         loop {
             let changed = self.bindings_changed.notified();
-            if self.lock_bindings().contains_key(&key) || !self.hub.wants(topic) {
+            if self.lock_bindings().contains(&key) || !self.hub.wants(topic) {
                 return;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -732,19 +732,24 @@ impl ChatService {
                 Event::ConversationAdded(ConversationRef { conversation }),
             )
             .await;
-            self.publish(
-                Route::Conversation {
-                    id,
-                    also_users: vec![],
-                },
-                Event::UserJoined(ConversationUser {
-                    conversation_id: id,
-                    user_id: user.to_owned(),
-                }),
-            )
-            .await;
+            self.announce_member(id, user).await;
         }
         Ok(())
+    }
+
+    /// `user_joined` to the room: `user` has just become a member of conversation `id`.
+    async fn announce_member(&self, id: ConversationId, user: &str) {
+        self.publish(
+            Route::Conversation {
+                id,
+                also_users: vec![],
+            },
+            Event::UserJoined(ConversationUser {
+                conversation_id: id,
+                user_id: user.to_owned(),
+            }),
+        )
+        .await;
     }
 
     pub async fn remove_member(
@@ -827,17 +832,7 @@ impl ChatService {
         // otherwise reach every member of the room (clients × members events in one window).
         if newly {
             audit::membership("join", &id, &who.user_id, &who.user_id);
-            self.publish(
-                Route::Conversation {
-                    id,
-                    also_users: vec![],
-                },
-                Event::UserJoined(ConversationUser {
-                    conversation_id: id,
-                    user_id: who.user_id.clone(),
-                }),
-            )
-            .await;
+            self.announce_member(id, &who.user_id).await;
         }
         let members = self.store.members(id).await.map_err(store_err)?;
         // Reload so last_seq is read after the join: sync from it loses nothing.

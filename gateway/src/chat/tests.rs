@@ -83,6 +83,11 @@ fn agent(user: &str, department: &str) -> Identity {
 }
 
 fn service() -> Arc<ChatService> {
+    service_on(Arc::new(LocalBus::new()))
+}
+
+/// A service with generous limits on the given bus.
+fn service_on(bus: Arc<dyn crate::bus::Bus>) -> Arc<ChatService> {
     let generous = Quota {
         per_second: 1000,
         burst: 1000,
@@ -95,7 +100,7 @@ fn service() -> Arc<ChatService> {
     };
     ChatService::new(
         Arc::new(MemoryStore::default()),
-        Arc::new(LocalBus::new()),
+        bus,
         Arc::new(MemoryPresence::new()),
         Arc::new(MemoryLimits::new(limits)),
         ChatSettings {
@@ -802,16 +807,24 @@ async fn rate_limited_sends_say_when_to_retry() {
     }
 }
 
-/// A bus that remembers what is bound, and whose unbinds land late: a bind issued after an
-/// unbind can overtake it, as on a real broker connection shared by many tasks.
+/// A bus that remembers what is bound, and whose binds or unbinds land late: as on a real
+/// broker connection shared by many tasks, a later request can overtake an earlier one.
 #[derive(Default)]
-struct SlowUnbindBus {
+struct SlowBus {
     inner: LocalBus,
     bound: Mutex<std::collections::HashSet<String>>,
+    bind_delay: Duration,
+    unbind_delay: Duration,
+}
+
+impl SlowBus {
+    fn is_bound(&self, key: &str) -> bool {
+        self.bound.lock().expect("lock").contains(key)
+    }
 }
 
 #[async_trait::async_trait]
-impl crate::bus::Bus for SlowUnbindBus {
+impl crate::bus::Bus for SlowBus {
     fn attach(&self, deliver: crate::bus::Deliver) {
         self.inner.attach(deliver);
     }
@@ -819,11 +832,12 @@ impl crate::bus::Bus for SlowUnbindBus {
         self.inner.publish(envelope).await
     }
     async fn subscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
+        tokio::time::sleep(self.bind_delay).await;
         self.bound.lock().expect("lock").insert(topic.key());
         Ok(())
     }
     async fn unsubscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(self.unbind_delay).await;
         self.bound.lock().expect("lock").remove(&topic.key());
         Ok(())
     }
@@ -834,37 +848,17 @@ impl crate::bus::Bus for SlowUnbindBus {
 
 #[tokio::test]
 async fn a_join_racing_the_last_leave_of_a_conversation_keeps_it_bound() {
-    let bus = Arc::new(SlowUnbindBus::default());
-    let svc = ChatService::new(
-        Arc::new(MemoryStore::default()),
-        bus.clone(),
-        Arc::new(MemoryPresence::new()),
-        Arc::new(MemoryLimits::new(LimitSettings {
-            user_messages: Quota {
-                per_second: 1000,
-                burst: 1000,
-            },
-            connection_events: Quota {
-                per_second: 1000,
-                burst: 1000,
-            },
-            user_joins: Quota {
-                per_second: 1000,
-                burst: 1000,
-            },
-            address_connects: Quota {
-                per_second: 1000,
-                burst: 1000,
-            },
-        })),
-        ChatSettings::default(),
-    );
+    let bus = Arc::new(SlowBus {
+        unbind_delay: Duration::from_millis(200),
+        ..SlowBus::default()
+    });
+    let svc = service_on(bus.clone());
     let (alice, bob) = (who("alice"), who("bob"));
     let c = group(&svc, &alice, &["bob"]).await;
     let key = event::Topic::Conversation(c.id).key();
     let (a, _) = connect(&svc, &alice).await;
     svc.join(a, &alice, c.id).await.expect("alice joins");
-    assert!(bus.bound.lock().expect("lock").contains(&key));
+    assert!(bus.is_bound(&key));
     let (b, _) = connect(&svc, &bob).await;
     // Alice's connection, the conversation's last on this node, goes; while its unbind is on
     // its way, Bob joins the conversation here.
@@ -876,59 +870,18 @@ async fn a_join_racing_the_last_leave_of_a_conversation_keeps_it_bound() {
     svc.join(b, &bob, c.id).await.expect("bob joins");
     leaving.await.expect("disconnect ran");
     assert!(
-        bus.bound.lock().expect("lock").contains(&key),
+        bus.is_bound(&key),
         "Bob is in the room, so the node must still receive the conversation"
     );
 }
 
-/// A bus whose binds take a while to reach the broker.
-#[derive(Default)]
-struct SlowBindBus {
-    inner: LocalBus,
-    bound: Mutex<std::collections::HashSet<String>>,
-}
-
-#[async_trait::async_trait]
-impl crate::bus::Bus for SlowBindBus {
-    fn attach(&self, deliver: crate::bus::Deliver) {
-        self.inner.attach(deliver);
-    }
-    async fn publish(&self, envelope: Arc<event::Envelope>) -> Result<(), crate::bus::BusError> {
-        self.inner.publish(envelope).await
-    }
-    async fn subscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        self.bound.lock().expect("lock").insert(topic.key());
-        Ok(())
-    }
-    async fn unsubscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
-        self.bound.lock().expect("lock").remove(&topic.key());
-        Ok(())
-    }
-    async fn ready(&self) -> bool {
-        true
-    }
-}
-
 #[tokio::test]
 async fn a_join_returns_only_once_its_conversation_is_bound_even_by_another_join() {
-    let bus = Arc::new(SlowBindBus::default());
-    let generous = Quota {
-        per_second: 1000,
-        burst: 1000,
-    };
-    let svc = ChatService::new(
-        Arc::new(MemoryStore::default()),
-        bus.clone(),
-        Arc::new(MemoryPresence::new()),
-        Arc::new(MemoryLimits::new(LimitSettings {
-            user_messages: generous,
-            connection_events: generous,
-            user_joins: generous,
-            address_connects: generous,
-        })),
-        ChatSettings::default(),
-    );
+    let bus = Arc::new(SlowBus {
+        bind_delay: Duration::from_millis(200),
+        ..SlowBus::default()
+    });
+    let svc = service_on(bus.clone());
     let (alice, bob) = (who("alice"), who("bob"));
     let c = group(&svc, &alice, &["bob"]).await;
     let key = event::Topic::Conversation(c.id).key();
@@ -943,7 +896,7 @@ async fn a_join_returns_only_once_its_conversation_is_bound_even_by_another_join
     tokio::time::sleep(Duration::from_millis(20)).await;
     svc.join(b, &bob, c.id).await.expect("bob joins");
     assert!(
-        bus.bound.lock().expect("lock").contains(&key),
+        bus.is_bound(&key),
         "Bob's join (and so his sync) must not run ahead of the node's binding"
     );
     first.await.expect("task").expect("alice joins");
