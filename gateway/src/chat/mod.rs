@@ -703,8 +703,8 @@ impl ChatService {
         check_user_id("userId", user)?;
         let conversation = self.load(id).await?;
         let actor = self.member(id, &who.user_id).await?;
-        if actor.is_none() && !(who.is_agent() || who.is_admin()) {
-            // Strangers cannot probe which conversations exist.
+        if actor.is_none() && !who.is_admin() && !rules::agent_may_see(&conversation, who) {
+            // Strangers, agents included, cannot probe which conversations exist.
             return Err(ChatError::not_found("no such conversation"));
         }
         rules::can_add_member(&conversation, actor.as_ref(), who)?;
@@ -813,7 +813,16 @@ impl ChatService {
         self.throttle(LimitClass::UserJoins, &who.user_id).await?;
         let conversation = self.load(id).await?;
         let member = self.member(id, &who.user_id).await?;
-        let newly = match rules::join_role(&conversation, member.as_ref(), who)? {
+        let role = rules::join_role(&conversation, member.as_ref(), who).map_err(|e| {
+            // An agent probing conversations outside its departments learns nothing: the same
+            // answer as for an id that does not exist.
+            if who.is_agent() && !who.is_admin() {
+                ChatError::not_found("no such conversation")
+            } else {
+                e
+            }
+        })?;
+        let newly = match role {
             Some(role) => self
                 .store
                 .add_member(id, &who.user_id, role)
@@ -1204,8 +1213,11 @@ impl ChatService {
         })
     }
 
+    /// Status and last-seen of the users who share a conversation with `who` (and of `who`);
+    /// everyone else is `unknown`, so presence cannot be used to watch strangers.
     pub async fn presence(
         &self,
+        who: &Identity,
         users: Vec<UserId>,
     ) -> Result<HashMap<UserId, UserStatus>, ChatError> {
         if users.len() > 100 {
@@ -1214,10 +1226,31 @@ impl ChatService {
         for u in &users {
             check_user_id("userIds[]", u)?;
         }
-        self.presence
-            .statuses(&users)
+        let known: HashSet<UserId> = self
+            .store
+            .co_members(&who.user_id)
             .await
-            .map_err(|e| unavailable("presence", e))
+            .map_err(store_err)?
+            .into_iter()
+            .chain([who.user_id.clone()])
+            .collect();
+        let (visible, hidden): (Vec<UserId>, Vec<UserId>) =
+            users.into_iter().partition(|u| known.contains(u));
+        let mut statuses = self
+            .presence
+            .statuses(&visible)
+            .await
+            .map_err(|e| unavailable("presence", e))?;
+        for u in hidden {
+            statuses.insert(
+                u,
+                UserStatus {
+                    status: model::Status::Unknown,
+                    last_seen: None,
+                },
+            );
+        }
+        Ok(statuses)
     }
 
     /// An event for one connection only (not shared state), e.g. `message_delivered`.
