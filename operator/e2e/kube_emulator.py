@@ -31,6 +31,7 @@ RESOURCES: dict[str, tuple[str, bool]] = {
     "apps/v1/statefulsets": ("StatefulSet", True),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True),
+    "networking.k8s.io/v1/ingresses": ("Ingress", True),
     "events.k8s.io/v1/events": ("Event", True),
     "coordination.k8s.io/v1/leases": ("Lease", True),
 }
@@ -91,7 +92,12 @@ class StampingEmulator(kmock.KubernetesEmulator):
                 # kmock matches reactions to requests by identity among those it recorded.
                 self._requests[:] = [prepared if r is request else r for r in self._requests]
                 request = prepared
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        except kmock.KubernetesObjectNotFoundError:
+            # The API server's reason, which clients (kube's get_opt) test for.
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message=f"{request.resource} {request.name!r} not found")
 
     def _prepare(self, request: kmock.Request) -> kmock.Request:
         content_type = request.headers.get("Content-Type", "")
