@@ -9,6 +9,9 @@ use serde_json::Value;
 
 use super::*;
 use crate::bus::LocalBus;
+use crate::chat::event::Outgoing;
+use crate::chat::hub::{ConnId, Outbound};
+use crate::chat::model::{Identity, MemberRole};
 use crate::limits::{LimitSettings, MemoryLimits, Quota};
 use crate::presence::MemoryPresence;
 use memory_store::MemoryStore;
