@@ -460,7 +460,8 @@ async fn degrade(
     let message = problems.join("; ");
     let mut status = cc.status.clone().unwrap_or_default();
     status.phase = Some(Phase::Degraded);
-    status.observed_generation = generation;
+    // Nothing of this generation was applied: observedGeneration stays where it was (the
+    // conditions carry this generation).
     status.conditions = vec![
         condition(
             previous,
@@ -488,8 +489,13 @@ async fn degrade(
         ),
     ];
     patch_status(ctx, cc, &status).await?;
-    let was_degraded = cc.status.as_ref().and_then(|s| s.phase) == Some(Phase::Degraded);
-    if !was_degraded || cc.status.as_ref().and_then(|s| s.observed_generation) != generation {
+    let reported = previous.iter().any(|c| {
+        c.type_ == "Degraded"
+            && c.reason == reason
+            && c.message == message
+            && c.observed_generation == generation
+    });
+    if !reported {
         publish(ctx, cc, EventType::Warning, reason, message).await;
     }
     // Secrets are not watched, so look again soon; a spec fix triggers a reconcile by itself.

@@ -626,9 +626,14 @@ async fn a_missing_secret_degrades_with_a_fix_and_applies_nothing() {
     );
     let status = &status_patch(&seen).body["status"];
     assert_eq!(status["phase"], "Degraded");
+    assert!(
+        status.get("observedGeneration").is_none(),
+        "nothing applied: {status:#}"
+    );
     let degraded = condition_of(status, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "SecretMissing");
+    assert_eq!(degraded["observedGeneration"], 1);
     let message = degraded["message"].as_str().expect("message");
     assert!(
         message.contains(
