@@ -162,6 +162,10 @@ impl Bench {
                     s("CONFAB_EVENT_BURST", "1000000"),
                     s("CONFAB_CONNECTS_PER_SECOND", "1000000"),
                     s("CONFAB_CONNECT_BURST", "1000000"),
+                    s("CONFAB_API_REQUESTS_PER_SECOND", "1000000"),
+                    s("CONFAB_API_REQUEST_BURST", "1000000"),
+                    // Every benchmark client connects from 127.0.0.1.
+                    s("CONFAB_MAX_CONNECTIONS_PER_ADDRESS", "1000000"),
                     // The same per-connection queue as the bare broadcaster's.
                     s("CONFAB_SEND_QUEUE", "1024"),
                     s("RUST_LOG", "warn"),

@@ -55,6 +55,26 @@ pub fn settings(cc: &ChatCluster) -> BTreeMap<String, String> {
         spec.limits.messages_per_second.to_string(),
     );
     set("CONFAB_MESSAGE_BURST", spec.limits.burst.to_string());
+    set(
+        "CONFAB_CONNECTS_PER_SECOND",
+        spec.limits.connects_per_second.to_string(),
+    );
+    set(
+        "CONFAB_CONNECT_BURST",
+        spec.limits.connect_burst.to_string(),
+    );
+    if let Some(per_address) = spec.limits.max_connections_per_address {
+        set(
+            "CONFAB_MAX_CONNECTIONS_PER_ADDRESS",
+            per_address.to_string(),
+        );
+    }
+    if !spec.gateway.trusted_proxies.is_empty() {
+        set(
+            "CONFAB_TRUSTED_PROXIES",
+            spec.gateway.trusted_proxies.join(","),
+        );
+    }
     if !spec.gateway.allowed_origins.is_empty() {
         set(
             "CONFAB_ALLOWED_ORIGINS",
@@ -110,6 +130,10 @@ mod tests {
         assert_eq!(data["CONFAB_MAX_FRAME_BYTES"], "65536");
         assert_eq!(data["CONFAB_MESSAGES_PER_SECOND"], "10");
         assert_eq!(data["CONFAB_MESSAGE_BURST"], "20");
+        assert_eq!(data["CONFAB_CONNECTS_PER_SECOND"], "50");
+        assert_eq!(data["CONFAB_CONNECT_BURST"], "200");
+        assert_eq!(data["CONFAB_MAX_CONNECTIONS_PER_ADDRESS"], "100");
+        assert_eq!(data["CONFAB_TRUSTED_PROXIES"], "10.0.0.10,10.0.0.11");
         assert_eq!(
             data["CONFAB_ALLOWED_ORIGINS"],
             "https://chat.example.com,https://app.example.com"
@@ -153,7 +177,11 @@ mod tests {
         cc.spec.redis = Some(external.clone());
         cc.spec.rabbitmq = Some(external);
         cc.spec.telemetry = None;
+        cc.spec.gateway.trusted_proxies.clear();
+        cc.spec.limits.max_connections_per_address = None;
         let data = settings(&cc);
+        assert!(!data.contains_key("CONFAB_TRUSTED_PROXIES"));
+        assert!(!data.contains_key("CONFAB_MAX_CONNECTIONS_PER_ADDRESS"));
         assert!(!data.contains_key("CONFAB_REDIS_URL"));
         assert!(!data.contains_key("CONFAB_AMQP_URL"));
         assert!(!data.contains_key("CONFAB_OTLP_ENDPOINT"));
