@@ -778,7 +778,13 @@ impl Bench {
                         f1(t.recv_p50_ms),
                         f1(t.recv_p99_ms),
                         f1(t.recv_max_ms),
-                        if step.sustained { "yes" } else { "no" }.into(),
+                        match (step.sustained, t.disconnects) {
+                            (true, 0) => "yes".into(),
+                            (false, 0) => "no".into(),
+                            (ok, n) => {
+                                format!("{} ({n} disconnected)", if ok { "yes" } else { "no" })
+                            }
+                        },
                         cpu_per(&t),
                     ]);
                     rows.push(
