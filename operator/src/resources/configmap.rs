@@ -200,7 +200,11 @@ mod tests {
             .keys()
             .filter(|key| !config.contains(&format!("env = \"{key}\"")))
             .collect();
-        assert_eq!(unknown, Vec::<&String>::new(), "names the gateway does not read");
+        assert_eq!(
+            unknown,
+            Vec::<&String>::new(),
+            "names the gateway does not read"
+        );
     }
 
     #[test]
