@@ -201,7 +201,8 @@ async def test_the_operator_in_the_situations_a_platform_engineer_meets() -> Non
         assert c.status()["phase"] == "Degraded"
         assert c.status()["observedGeneration"] == 2, "generation 3 is not fully applied"
         assert c.get("apps/v1/statefulsets", "demo-redis")["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
-        warnings = c.events("ApplyFailed")
+        # The event follows the status patch.
+        warnings = await eventually("a Warning event ApplyFailed", lambda: c.events("ApplyFailed"))
         assert warnings and warnings[0]["type"] == "Warning" and "StatefulSet demo-redis" in warnings[0]["note"], warnings
 
         # Put right, the generation is observed again.
@@ -212,6 +213,7 @@ async def test_the_operator_in_the_situations_a_platform_engineer_meets() -> Non
         # A paused cluster is left alone: a spec change is not applied, nothing is written.
         await c.patch_cc({"metadata": {"annotations": {"confab.dev/paused": "true"}}})
         await eventually("phase Paused", lambda: c.status().get("phase") == "Paused")
+        await eventually("the Paused event", lambda: c.events("Paused"))
         mark = len(c.requests())
         await c.patch_cc({"spec": {"gateway": {"image": "confab-gateway:3"}}})
         await asyncio.sleep(2)

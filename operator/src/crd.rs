@@ -796,6 +796,18 @@ mod tests {
     }
 
     #[test]
+    fn the_crd_fits_a_client_side_apply() {
+        // kubectl's (and Tilt's) client-side apply keeps the object as JSON in an annotation,
+        // and all annotations together may hold 256 KiB: leave room.
+        let json = serde_json::to_vec(&ChatCluster::crd()).expect("serializes");
+        assert!(
+            json.len() < 224 * 1024,
+            "the CRD is {} bytes of JSON",
+            json.len()
+        );
+    }
+
+    #[test]
     fn crds_directory_matches_the_generated_crd() {
         let generated = crd_yaml().expect("crd serializes");
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/chatcluster.yaml");
