@@ -337,6 +337,9 @@ pub struct Totals {
     pub all_caught_up_ms: f64,
     pub retries: u64,
     pub lost: u64,
+    /// The generator's CPU time in the round, all processes: senders and receivers.
+    pub generator_cpu_ms: f64,
+    pub receiver_cpu_ms: f64,
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -382,6 +385,8 @@ pub fn fold(results: &[WorkerResult], duration_s: f64, storm: bool) -> Result<To
         all_caught_up_ms: 0.0,
         retries: 0,
         lost: 0,
+        generator_cpu_ms: 0.0,
+        receiver_cpu_ms: 0.0,
     };
     for r in results {
         ack.add(decode_hist(&r.ack_hist)?)?;
@@ -404,6 +409,10 @@ pub fn fold(results: &[WorkerResult], duration_s: f64, storm: bool) -> Result<To
         t.all_reconnected_ms = t.all_reconnected_ms.max(r.all_reconnected_ms);
         t.all_caught_up_ms = t.all_caught_up_ms.max(r.all_caught_up_ms);
         t.retries += r.retries;
+        t.generator_cpu_ms += r.cpu_ms;
+        if r.sent == 0 {
+            t.receiver_cpu_ms += r.cpu_ms;
+        }
         for (f, m) in room_final.iter_mut().zip(&r.room_max_acked) {
             *f = (*f).max(*m);
         }

@@ -39,6 +39,12 @@ enum Cmd {
         /// checks; a table for BENCHMARKS.md needs all.
         #[arg(long, value_delimiter = ',', default_value = "all")]
         servers: Vec<String>,
+        /// S3 shapes as ROOMSxMEMBERS (comma-separated), for targeted checks; default: the mode's.
+        #[arg(long, value_delimiter = ',')]
+        shapes: Vec<String>,
+        /// S3's first offered rate (deliveries/s), for targeted checks; default 20000.
+        #[arg(long)]
+        s3_start: Option<f64>,
         #[arg(long, default_value = "artifacts/bench")]
         out: PathBuf,
         /// The Node peer (with node_modules installed).
@@ -162,6 +168,8 @@ fn main() -> Result<()> {
             mode,
             scenarios: which,
             servers,
+            shapes,
+            s3_start,
             out,
             node_dir,
             postgres_url,
@@ -172,6 +180,11 @@ fn main() -> Result<()> {
                 mode,
                 scenarios: which.iter().map(|s| s.to_lowercase()).collect(),
                 servers: servers.iter().map(|s| s.to_lowercase()).collect(),
+                shapes: shapes
+                    .iter()
+                    .map(|s| scenarios::parse_shape(s))
+                    .collect::<Result<_>>()?,
+                s3_start,
                 out_dir: out,
                 node_dir,
                 postgres_url,

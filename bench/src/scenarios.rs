@@ -26,6 +26,9 @@ pub struct Opts {
     pub scenarios: Vec<String>,
     /// confab, node, bare or all: the servers S1–S3 compare (S4 and S5 are Confab's alone).
     pub servers: Vec<String>,
+    /// S3 shapes (rooms, members) instead of the mode's; empty: the mode's.
+    pub shapes: Vec<(usize, usize)>,
+    pub s3_start: Option<f64>,
     pub out_dir: PathBuf,
     pub node_dir: PathBuf,
     pub postgres_url: String,
@@ -672,10 +675,12 @@ impl Bench {
                 Mode::Quick => (&[(1, 1000), (10, 1000), (100, 100)], 3, 2.1, 6),
                 Mode::Full => (&[(1, 1000), (10, 1000), (100, 100)], 4, KNEE_WITHIN, 9),
             };
+        let custom = self.opts.shapes.clone();
+        let shapes: &[(usize, usize)] = if custom.is_empty() { shapes } else { &custom };
         let targets = self.targets().await?;
         self.section(
             "S3 — room fan-out: one open-loop sender per room; sustained = 100 % of accepted × members delivered and p99 < 100 ms",
-            &["rooms × members", "server", "transport", "offered deliveries/s", "sends accepted", "refused (rate_limited)", "deliveries", "delivered % of accepted × members", "delivered/s", "p50 (ms)", "p99 (ms)", "max (ms)", "sustained"],
+            &["rooms × members", "server", "transport", "offered deliveries/s", "sends accepted", "refused (rate_limited)", "deliveries", "delivered % of accepted × members", "delivered/s", "p50 (ms)", "p99 (ms)", "max (ms)", "sustained", "generator CPU per delivery (ns)"],
         );
         self.note(format!(
             "Each step sends for {secs} s from a common start; delivered/s = deliveries ÷ (start → last delivery). \
@@ -711,7 +716,11 @@ impl Bench {
                 };
                 let start = match self.opts.mode {
                     Mode::Smoke => 200.0,
-                    _ => hint.get(&(target, transport)).copied().unwrap_or(S3_START),
+                    _ => hint
+                        .get(&(target, transport))
+                        .copied()
+                        .or(self.opts.s3_start)
+                        .unwrap_or(S3_START),
                 };
                 let mut tried: Vec<Step> = Vec::new();
                 while tried.len() < max_steps {
@@ -754,6 +763,7 @@ impl Bench {
                         f1(t.recv_p99_ms),
                         f1(t.recv_max_ms),
                         if step.sustained { "yes" } else { "no" }.into(),
+                        cpu_per(&t),
                     ]);
                     rows.push(
                         json!({"rooms": n_rooms, "members": members, "server": target.name(),
@@ -1166,6 +1176,17 @@ pub fn context_line(opts: &Opts) -> String {
     )
 }
 
+/// `ROOMSxMEMBERS`, as `--shapes` takes it.
+pub fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once(['x', '×'])
+        .and_then(|(r, m)| Some((r.trim().parse().ok()?, m.trim().parse().ok()?)));
+    match parsed {
+        Some((r, m)) if r > 0 && m > 1 => Ok((r, m)),
+        _ => bail!("--shapes: {s:?} is not ROOMSxMEMBERS (e.g. 1x1000)"),
+    }
+}
+
 /// Knees are placed to within this ratio (the highest sustained step ÷ the lowest unsustained).
 pub const KNEE_WITHIN: f64 = 1.25;
 /// The first S3 step for a server with no earlier shape's knee to start from.
@@ -1245,6 +1266,14 @@ pub fn next_rate(tried: &[Step], start: f64, within: f64) -> Option<f64> {
     };
     let fresh = !tried.iter().any(|s| (s.offered - next).abs() < 1e-6 * next);
     fresh.then_some(next)
+}
+
+/// The receiving processes' CPU time per delivery: what one generator core can read is 1 s ÷ it.
+fn cpu_per(t: &Totals) -> String {
+    if t.received == 0 || t.receiver_cpu_ms <= 0.0 {
+        return "–".into();
+    }
+    format!("{:.0}", t.receiver_cpu_ms * 1e6 / t.received as f64)
 }
 
 fn pct(f: f64) -> String {
@@ -1413,6 +1442,8 @@ mod tests {
             all_caught_up_ms: 0.0,
             retries: 0,
             lost: 0,
+            generator_cpu_ms: 1.0,
+            receiver_cpu_ms: 1.0,
         };
         let s = Step::of(10_000.0, 10, &t(4000, 40_000, 20.0));
         assert!(s.sustained && s.easy);

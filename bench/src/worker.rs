@@ -126,6 +126,14 @@ pub fn decode_hist(s: &str) -> Result<Histogram<u64>> {
         .map_err(|e| anyhow::anyhow!("histogram deserialization: {e:?}"))
 }
 
+/// Nanoseconds this thread has run on a CPU (`/proc/thread-self/schedstat`); 0 where unknown.
+pub fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
 pub fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -168,6 +176,9 @@ pub struct WorkerResult {
     pub all_caught_up_ms: f64,
     /// Join and sync requests retried after `unavailable` or `rate_limited`.
     pub retries: u64,
+    /// CPU time this process's thread ran during the round (all its work: one thread), so the
+    /// generator's cost per delivery can be read whatever else shares its core.
+    pub cpu_ms: f64,
     /// Per room: highest seq acked to a sender here.
     pub room_max_acked: Vec<u64>,
     /// Per room: receivers here, sum of their join seqs, sum of distinct seqs they saw above it.
@@ -386,6 +397,7 @@ async fn round(
         );
     }
     let start = Instant::now() + Duration::from_nanos(start_ns.saturating_sub(now_ns));
+    let cpu0 = thread_cpu_ns();
     let id = sh.round.get() + 1;
     sh.round.set(id);
     sh.round_ns.set(start_ns);
@@ -431,6 +443,7 @@ async fn round(
             break;
         }
     }
+    let cpu_ms = thread_cpu_ns().saturating_sub(cpu0) as f64 / 1e6;
     phase_tx.send_replace(Phase::Report);
     // Every live client folds its per-room counts in; the ones that died are counted as failed.
     let until = Instant::now() + Duration::from_secs(10);
@@ -466,6 +479,7 @@ async fn round(
         all_reconnected_ms: c.all_reconnected_us.get() as f64 / 1000.0,
         all_caught_up_ms: c.all_caught_up_us.get() as f64 / 1000.0,
         retries: c.retries.get(),
+        cpu_ms,
         room_max_acked: rooms.iter().map(|r| r[0]).collect(),
         room_receivers: rooms.iter().map(|r| r[1]).collect(),
         room_join_sum: rooms.iter().map(|r| r[2]).collect(),

@@ -199,7 +199,17 @@ impl Conn {
             self.buf
                 .reserve(need.max(self.buf.len() * 2).max(READ_BUF) - self.buf.len());
         }
-        Ok(self.tcp.read_buf(&mut self.buf).await?)
+        let spare = self.buf.capacity() - self.buf.len();
+        let n = self.tcp.read_buf(&mut self.buf).await?;
+        if n > 0 && n < spare {
+            // A short read drained the socket: forget its readiness now rather than learn it
+            // from a second read that fails with EAGAIN (one syscall less per wake-up). Safe on
+            // edge-triggered epoll: data arriving after the read raises a new event.
+            let _ = self.tcp.try_io(tokio::io::Interest::READABLE, || {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
+        }
+        Ok(n)
     }
 
     /// Hands out every complete message read so far; keeps a partial frame for the next read.
