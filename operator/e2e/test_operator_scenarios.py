@@ -13,7 +13,6 @@ from typing import Any, AsyncIterator
 import aiohttp
 import kmock
 import pytest
-import yaml
 
 import kube_emulator
 from rbac_check import ungranted
@@ -78,12 +77,7 @@ async def running_operator(namespaces: list[str], extra_env: dict[str, str] | No
                 emulator.seed("v1/secrets", secret("confab-auth", "jwt-secret", "c2VjcmV0", ns))
                 emulator.seed("v1/secrets", secret("confab-postgres", "url", "cG9zdGdyZXM6Ly9h", ns))
             kubeconfig = tmp / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-                "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
-                "users": [{"name": "nobody", "user": {}}],
-                "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "nobody", "namespace": "confab-system"}}],
-            }))
+            kube_emulator.write_kubeconfig(kubeconfig, server)
             env = dict(os.environ, KUBECONFIG=str(kubeconfig), POD_NAME="confab-operator-0", POD_NAMESPACE="confab-system",
                        CONFAB_OPERATOR_METRICS_ADDR=f"127.0.0.1:{free_port()}", RUST_LOG="info,kube=warn",
                        CONFAB_OPERATOR_LOG_FORMAT="text", CONFAB_OPERATOR_LEADER_ELECTION="false", **(extra_env or {}))
@@ -201,7 +195,8 @@ async def test_the_operator_in_the_situations_a_platform_engineer_meets() -> Non
         assert c.status()["phase"] == "Degraded"
         assert c.status()["observedGeneration"] == 2, "generation 3 is not fully applied"
         assert c.get("apps/v1/statefulsets", "demo-redis")["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "1Gi"
-        warnings = c.events("ApplyFailed")
+        # The event follows the status patch.
+        warnings = await eventually("a Warning event ApplyFailed", lambda: c.events("ApplyFailed"))
         assert warnings and warnings[0]["type"] == "Warning" and "StatefulSet demo-redis" in warnings[0]["note"], warnings
 
         # Put right, the generation is observed again.
@@ -212,6 +207,7 @@ async def test_the_operator_in_the_situations_a_platform_engineer_meets() -> Non
         # A paused cluster is left alone: a spec change is not applied, nothing is written.
         await c.patch_cc({"metadata": {"annotations": {"confab.dev/paused": "true"}}})
         await eventually("phase Paused", lambda: c.status().get("phase") == "Paused")
+        await eventually("the Paused event", lambda: c.events("Paused"))
         mark = len(c.requests())
         await c.patch_cc({"spec": {"gateway": {"image": "confab-gateway:3"}}})
         await asyncio.sleep(2)

@@ -598,7 +598,7 @@ async fn apply(cc: &ChatCluster, ctx: &Context) -> Result<Action> {
         secret_hash: Some(secret_hash),
         replicas_override: None,
     };
-    let applied = apply_deployment(cc, ctx, &mut children, inputs).await;
+    let applied = apply_deployment(cc, ctx, &mut children, inputs).await?;
     children.apply(&pdb::pdb(cc)?).await;
     let autoscaling = match hpa::hpa(cc)? {
         Some(hpa) => children.apply(&hpa).await.map(|h| autoscaling_status(&h)),
@@ -707,18 +707,14 @@ async fn apply_deployment(
     ctx: &Context,
     children: &mut Applier<'_>,
     mut inputs: deployment::Inputs,
-) -> Option<Deployment> {
+) -> Result<Option<Deployment>> {
     let key = object_key(cc);
     let Some(autoscaling) = &cc.spec.gateway.autoscaling else {
         Context::set_flag(&ctx.handed_over, &key, false);
-        return children
-            .apply(&deployment::deployment(cc, &inputs).ok()?)
-            .await;
+        return Ok(children.apply(&deployment::deployment(cc, &inputs)?).await);
     };
     if Context::flag(&ctx.handed_over, &key) {
-        return children
-            .apply(&deployment::deployment(cc, &inputs).ok()?)
-            .await;
+        return Ok(children.apply(&deployment::deployment(cc, &inputs)?).await);
     }
     let name = resources::gateway_name(cc);
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), children.ns);
@@ -726,32 +722,30 @@ async fn apply_deployment(
         Ok(live) => live,
         Err(e) => {
             children.refused::<Deployment>(&name, &e);
-            return None;
+            return Ok(None);
         }
     };
     let handover_replicas = match &live {
         None => {
             // Created at minReplicas by the operator, then handed over at once.
             inputs.replicas_override = Some(autoscaling.min_replicas);
-            let created = children
-                .apply(&deployment::deployment(cc, &inputs).ok()?)
-                .await?;
-            hand_over(ctx, children, &name, autoscaling.min_replicas).await;
-            return Some(created);
+            let created = children.apply(&deployment::deployment(cc, &inputs)?).await;
+            if created.is_some() {
+                hand_over(ctx, children, &name, autoscaling.min_replicas).await;
+            }
+            return Ok(created);
         }
         Some(live) if applies_replicas(live, FIELD_MANAGER) => live.spec.replicas,
         Some(_) => None,
     };
     if let Some(replicas) = handover_replicas {
         if !hand_over(ctx, children, &name, replicas).await {
-            return None;
+            return Ok(None);
         }
     } else {
         Context::set_flag(&ctx.handed_over, &key, true);
     }
-    children
-        .apply(&deployment::deployment(cc, &inputs).ok()?)
-        .await
+    Ok(children.apply(&deployment::deployment(cc, &inputs)?).await)
 }
 
 /// The documented server-side-apply transfer: a second manager applies only `spec.replicas`

@@ -351,10 +351,15 @@ pub struct ManagedBackend {
     pub replicas: i32,
     /// Size of the data volume, e.g. `1Gi`.
     #[serde(default = "default_storage")]
-    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    // Bounded lengths keep the CEL transition rules' estimated cost small.
+    #[schemars(
+        regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"),
+        length(max = 32)
+    )]
     pub storage: String,
     /// StorageClass of the data volume; the cluster's default when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
     /// Overrides the default image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -792,6 +797,18 @@ mod tests {
             vec![
                 "spec.gateway.trustedProxies[1] (\"ingress-nginx\") is not an IP address: list the ingress controller's addresses"
             ]
+        );
+    }
+
+    #[test]
+    fn the_crd_fits_a_client_side_apply() {
+        // kubectl's (and Tilt's) client-side apply keeps the object as JSON in an annotation,
+        // and all annotations together may hold 256 KiB: leave room.
+        let json = serde_json::to_vec(&ChatCluster::crd()).expect("serializes");
+        assert!(
+            json.len() < 224 * 1024,
+            "the CRD is {} bytes of JSON",
+            json.len()
         );
     }
 

@@ -44,6 +44,8 @@ enum Scenario {
     AutoscalingTurnedOn,
     /// `confab.dev/paused: "true"`.
     Paused,
+    /// The HPA reports it cannot read `confab_connections` (no custom-metrics adapter).
+    NoMetricsAdapter,
     /// No Redis, no RabbitMQ, no autoscaling, no ingress, one gateway: the optional children
     /// do not exist.
     Minimal,
@@ -139,7 +141,7 @@ impl Scenario {
                 });
                 cc
             }
-            Scenario::AutoscalingTurnedOn => with_finalizer(cc),
+            Scenario::AutoscalingTurnedOn | Scenario::NoMetricsAdapter => with_finalizer(cc),
             Scenario::Paused => {
                 let mut cc = with_finalizer(cc);
                 cc.metadata.annotations =
@@ -328,6 +330,12 @@ impl Scenario {
                     // The HPA holds the fleet at three; the rollout has surged.
                     applied["spec"]["replicas"] = json!(3);
                     applied["status"] = json!({"observedGeneration": 2, "replicas": 5, "readyReplicas": 4, "updatedReplicas": 1});
+                }
+                Scenario::NoMetricsAdapter if path.contains("/horizontalpodautoscalers/") => {
+                    applied["status"] = json!({"currentReplicas": 3, "desiredReplicas": 3, "conditions": [
+                        {"type": "AbleToScale", "status": "True", "reason": "SucceededGetScale"},
+                        {"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric",
+                         "message": "the HPA was unable to compute the replica count: unable to get metric confab_connections: no custom metrics API (custom.metrics.k8s.io) registered"}]});
                 }
                 Scenario::ReadyFleet | Scenario::BusyFleet if path.contains("/statefulsets/") => {
                     applied["status"] = json!({"replicas": 1, "readyReplicas": 1});
@@ -1159,4 +1167,53 @@ async fn rotating_a_secret_changes_the_pod_template_hash() {
     assert_ne!(hash(&seen), before);
     assert_eq!(hash(&seen).len(), 32);
     assert!(!hash(&seen).contains("c2VjcmV0"));
+}
+
+#[tokio::test]
+async fn an_hpa_without_its_metric_shows_in_status_and_warns_once() {
+    let mock = Mock::new(Scenario::NoMetricsAdapter);
+    let (result, seen) = mock.reconcile().await;
+    result.expect("reconcile succeeds");
+    let autoscaling = &status_patch(&seen).body["status"]["autoscaling"];
+    assert_eq!(autoscaling["scalingActive"], false);
+    assert_eq!(autoscaling["reason"], "FailedGetPodsMetric");
+    assert!(
+        autoscaling["message"]
+            .as_str()
+            .expect("message")
+            .contains("custom.metrics.k8s.io")
+    );
+    assert_eq!(
+        (
+            autoscaling["currentReplicas"].clone(),
+            autoscaling["desiredReplicas"].clone()
+        ),
+        (json!(3), json!(3))
+    );
+    let warnings: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path.ends_with("/events") && s.body["reason"] == "AutoscalingInactive")
+        .collect();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(warnings[0].body["type"], "Warning");
+    assert!(
+        warnings[0].body["note"]
+            .as_str()
+            .expect("note")
+            .contains("custom-metrics adapter")
+    );
+    // Already reported: the next reconcile does not warn again.
+    let (_, seen) = mock.reconcile().await;
+    assert!(
+        seen.iter()
+            .all(|s| s.body["reason"] != "AutoscalingInactive")
+    );
+}
+
+#[test]
+fn an_hpa_that_has_not_run_yet_is_not_reported_failing() {
+    let hpa = HorizontalPodAutoscaler::default();
+    let status = autoscaling_status(&hpa);
+    assert!(status.scaling_active);
+    assert_eq!(status.reason, None);
 }

@@ -188,6 +188,26 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_the_configmap_sets_is_one_the_gateway_reads() {
+        let config = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../gateway/src/config.rs"
+        ))
+        .expect("gateway/src/config.rs");
+        let data = settings(&sample());
+        assert!(data.len() >= 18, "the sample sets every setting: {data:?}");
+        let unknown: Vec<_> = data
+            .keys()
+            .filter(|key| !config.contains(&format!("env = \"{key}\"")))
+            .collect();
+        assert_eq!(
+            unknown,
+            Vec::<&String>::new(),
+            "names the gateway does not read"
+        );
+    }
+
+    #[test]
     fn bus_follows_the_configured_backends() {
         let mut cc = sample();
         assert_eq!(bus(&cc), "rabbitmq");
