@@ -689,7 +689,7 @@ impl Bench {
             match self.opts.mode {
                 Mode::Smoke => (&[(1, 10), (2, 10)], 2, f64::INFINITY, 1),
                 Mode::Quick => (&[(1, 1000), (10, 1000), (100, 100)], 3, 2.1, 6),
-                Mode::Full => (&[(1, 1000), (10, 1000), (100, 100)], 4, KNEE_WITHIN, 9),
+                Mode::Full => (&[(1, 1000), (10, 1000), (100, 100)], 3, KNEE_WITHIN, 9),
             };
         let custom = self.opts.shapes.clone();
         let shapes: &[(usize, usize)] = if custom.is_empty() { shapes } else { &custom };
