@@ -708,6 +708,8 @@ impl Bench {
         // Per shape: the highest sustained step of each server: (delivered/s, offered, p99, lowest failed).
         let mut knees: Vec<Knee> = Vec::new();
         let mut hint: std::collections::HashMap<(Target, Transport), f64> = Default::default();
+        // The fastest step of the run, and how busy the receiving processes were in it.
+        let mut peak = (0.0f64, 0.0f64, String::new());
         for &(n_rooms, members) in shapes {
             for &(target, transport) in &targets {
                 let server = self.start(target, &[]).await?;
@@ -753,6 +755,18 @@ impl Bench {
                         }
                     };
                     let step = Step::of(offered, members, &t);
+                    if step.delivered_per_s > peak.0 {
+                        // CPU seconds per second of the round, over the generator's cores.
+                        let busy = t.receiver_cpu_ms
+                            / 1000.0
+                            / t.window_s.max(t.duration_s)
+                            / self.opts.pin.generator_cores() as f64;
+                        peak = (
+                            step.delivered_per_s,
+                            busy,
+                            format!("{n_rooms}×{members} {} {}", target.name(), transport.name()),
+                        );
+                    }
                     eprintln!(
                         "   {n_rooms}×{members} {} {} offered {offered:.0}/s: accepted {} refused {}, {:.0}/s ({:.2} % of accepted × members), p50 {:.1} p99 {:.1} ms{}",
                         target.name(),
@@ -834,6 +848,28 @@ impl Bench {
         }
         self.json.insert("s3".into(), Value::Array(rows));
         self.s3_knees(&knees);
+        if peak.0 > 0.0 {
+            self.goal(
+                "S3 generator headroom: its receivers' CPU share at the run's fastest step".into(),
+                format!(
+                    "{:.0} deliveries/s ({}) at {:.0} % of the generator's cores{}",
+                    peak.0,
+                    peak.2,
+                    peak.1 * 100.0,
+                    if peak.1 > 0.8 {
+                        " — the generator was the limit there"
+                    } else {
+                        ""
+                    }
+                ),
+                "–".into(),
+                "–".into(),
+            );
+            self.json.insert(
+                "s3_generator_peak".into(),
+                json!({"delivered_per_s": peak.0, "receiver_cpu_share": peak.1, "step": peak.2}),
+            );
+        }
         Ok(())
     }
 
