@@ -77,18 +77,10 @@ impl FromRequestParts<Arc<Gateway>> for Caller {
         parts: &mut Parts,
         gw: &Arc<Gateway>,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        gw.auth.verify(token).map(Caller).map_err(|e| {
-            let http = crate::telemetry::Transport::Http;
-            gw.service.metrics().auth_failed(http, e.reason());
-            crate::telemetry::audit::auth_failed(http, e.reason(), &e, None);
-            ApiError(ChatError::Unauthorized(e.to_string()))
-        })
+        let token = super::connection::bearer(&parts.headers);
+        super::connection::authenticate(gw, crate::telemetry::Transport::Http, token, None)
+            .map(Caller)
+            .map_err(|e| ApiError(ChatError::Unauthorized(e.to_string())))
     }
 }
 
