@@ -20,7 +20,13 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+    /// Not before: a token is refused until then (with [`NBF_LEEWAY_SECONDS`] for clock skew).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
 }
+
+/// Clock skew allowed on `nbf` between the token's issuer and this gateway.
+pub const NBF_LEEWAY_SECONDS: i64 = 30;
 
 /// Why a token was refused; the `reason` is safe to show the client and to use as a metric label.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -33,6 +39,8 @@ pub enum AuthError {
     BadSignature,
     #[error("malformed token")]
     Malformed,
+    #[error("token not valid yet (nbf is in the future)")]
+    NotYetValid,
     #[error("invalid token claims: {0}")]
     Claims(&'static str),
 }
@@ -44,6 +52,7 @@ impl AuthError {
             Self::Expired => "expired",
             Self::BadSignature => "bad_signature",
             Self::Malformed => "malformed",
+            Self::NotYetValid => "not_yet_valid",
             Self::Claims(_) => "claims",
         }
     }
@@ -88,6 +97,8 @@ impl Authenticator {
         let mut v = Validation::new(alg);
         v.leeway = 0;
         v.validate_exp = true;
+        // `nbf` is checked in `verify` with its own leeway: `leeway` here would also stretch `exp`.
+        v.validate_nbf = false;
         v.set_required_spec_claims(&["exp", "sub"]);
         v
     }
@@ -106,6 +117,11 @@ impl Authenticator {
                 _ => AuthError::Malformed,
             })?;
         let c = data.claims;
+        if c.nbf
+            .is_some_and(|nbf| nbf > Utc::now().timestamp() + NBF_LEEWAY_SECONDS)
+        {
+            return Err(AuthError::NotYetValid);
+        }
         if c.sub.is_empty() || c.sub.len() > 200 || c.sub.chars().any(char::is_control) {
             return Err(AuthError::Claims("sub must be 1-200 printable characters"));
         }
@@ -142,6 +158,7 @@ impl Authenticator {
             departments,
             exp: now + ttl.num_seconds(),
             iat: Some(now),
+            nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, key).ok()
     }
@@ -202,6 +219,7 @@ mod tests {
             departments: vec![],
             exp: Utc::now().timestamp() + 600,
             iat: None,
+            nbf: None,
         };
         let key = EncodingKey::from_rsa_pem(private).expect("private key");
         let token =
@@ -221,6 +239,38 @@ mod tests {
             "no minting with a public key"
         );
         assert!(Authenticator::with_public_key(b"not a pem").is_err());
+    }
+
+    fn signed(claims: &serde_json::Value) -> String {
+        let key = EncodingKey::from_secret(SECRET);
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &key).expect("sign")
+    }
+
+    #[test]
+    fn a_token_whose_nbf_is_ahead_is_refused_until_then_within_a_small_leeway() {
+        let auth = Authenticator::with_secret(SECRET).expect("secret");
+        let now = Utc::now().timestamp();
+        let claims = |nbf: i64| serde_json::json!({"sub": "a", "exp": now + 7200, "nbf": nbf});
+        assert_eq!(
+            auth.verify(&signed(&claims(now + 3600))),
+            Err(AuthError::NotYetValid),
+            "a token valid one hour from now"
+        );
+        assert_eq!(AuthError::NotYetValid.reason(), "not_yet_valid");
+        assert_eq!(
+            auth.verify(&signed(&claims(now + NBF_LEEWAY_SECONDS + 5))),
+            Err(AuthError::NotYetValid),
+            "just past the leeway"
+        );
+        let skewed = auth
+            .verify(&signed(&claims(now + NBF_LEEWAY_SECONDS - 5)))
+            .expect("an issuer a few seconds ahead is within the leeway");
+        assert_eq!(skewed.user_id, "a");
+        auth.verify(&signed(&claims(now - 60)))
+            .expect("an nbf in the past is fine");
+        // `exp` keeps no leeway: the nbf leeway does not stretch it.
+        let expired = serde_json::json!({"sub": "a", "exp": now - 2});
+        assert_eq!(auth.verify(&signed(&expired)), Err(AuthError::Expired));
     }
 
     #[test]

@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 import kube_emulator
+from rbac_check import ungranted
+from test_manifests import EXPECTED_RULES, LEASE_RULES
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BINARY = os.environ.get("CONFAB_OPERATOR_BIN", str(ROOT / "target/debug/confab-operator"))
@@ -239,6 +241,9 @@ async def scenario(tmp: pathlib.Path) -> None:
         assert code == 0, f"operator exited with {code}"
         released = get(emulator, "coordination.k8s.io/v1/leases", "confab-operator", "confab-system")
         assert not released["spec"].get("holderIdentity"), released
+        # Everything it asked for, leader lease included, the chart's RBAC grants.
+        assert ungranted(emulator.log, {None: EXPECTED_RULES, "confab-system": LEASE_RULES}) == []
+        assert any("/leases" in path for _, path, _ in emulator.log)
     except BaseException:
         print((tmp / "operator.log").read_text(errors="replace")[-6000:] if (tmp / "operator.log").exists() else "no operator log")
         raise

@@ -57,6 +57,27 @@ for (const [transportName, connect] of Object.entries(transports)) {
       alice.close(); bob.close();
     });
 
+    it('stores and delivers the same clientMsgId in a second conversation as a new message', async () => {
+      const { alice, bob, conversationId, ta, b } = await pair();
+      const other = await api(gw.url, ta, 'POST', '/api/conversations', { kind: 'group', title: 'Other', members: [b] });
+      assert.equal(other.status, 201, JSON.stringify(other.body));
+      const second = other.body.conversation.id;
+      for (const c of [alice, bob]) await c.request('join_conversation', { conversationId: second });
+      // Ids numbered per conversation, as a client may do.
+      const clientMsgId = `c-1-${randomUUID().slice(0, 8)}`;
+      const first = await alice.request('send_message', { conversationId, content: 'to the first', type: 'text', clientMsgId });
+      const next = await alice.request('send_message', { conversationId: second, content: 'to the second', type: 'text', clientMsgId });
+      assert.notEqual(next.message.id, first.message.id);
+      assert.equal(next.message.conversationId, second);
+      assert.equal(next.message.content, 'to the second');
+      assert.equal(next.message.seq, 1);
+      const got = await bob.waitFor('new_message', (m) => m.conversationId === second && m.clientMsgId === clientMsgId);
+      assert.deepEqual(got, next.message);
+      const page = await bob.request('history', { conversationId: second });
+      assert.deepEqual(page.messages.map((m) => m.content), ['to the second']);
+      alice.close(); bob.close();
+    });
+
     it('shows typing and ends it 5 s after a start that is not renewed', async () => {
       const { alice, bob, conversationId, a } = await pair();
       const started = Date.now();
@@ -178,7 +199,8 @@ for (const [transportName, connect] of Object.entries(transports)) {
       assert.equal(alice.of('user_online', (u) => u.userId === b).length, onlineBefore + 1, 'online again, once');
       const p = await alice.request('presence', { userIds: [b, 'nobody-at-all'] });
       assert.equal(p.statuses[b].status, 'online');
-      assert.equal(p.statuses['nobody-at-all'].status, 'offline');
+      // No shared conversation: nothing is told about them.
+      assert.equal(p.statuses['nobody-at-all'].status, 'unknown');
       back.close(); alice.close();
     });
 

@@ -1,9 +1,15 @@
-//! Typing state: who is typing where, with a generation per start so a stale expiry is ignored.
+//! Typing: the rules of `typing_start`/`typing_stop`, and the in-memory typing state (who is
+//! typing where, with a generation per start so a stale expiry is ignored).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use super::model::{ConversationId, UserId};
+use super::error::ChatError;
+use super::event::{ConversationUser, Event, Route, Typing};
+use super::model::{ConversationId, Identity, UserId};
+use super::rules;
+use super::service::ChatService;
+use super::unavailable;
 
 #[derive(Default)]
 pub struct TypingTracker {
@@ -51,5 +57,92 @@ impl TypingTracker {
 
     pub fn is_typing(&self, conversation: ConversationId, user: &str) -> bool {
         self.active().contains_key(&(conversation, user.to_owned()))
+    }
+}
+
+impl ChatService {
+    pub async fn typing_start(
+        self: &Arc<Self>,
+        who: &Identity,
+        id: ConversationId,
+    ) -> Result<(), ChatError> {
+        let member = self.member(id, &who.user_id).await?;
+        rules::can_participate(member.as_ref())?;
+        let (new, generation) = self
+            .presence
+            .typing_start(id, &who.user_id, self.settings.typing_ttl)
+            .await
+            .map_err(|e| unavailable("typing", e))?;
+        if new {
+            self.publish(
+                Route::Conversation {
+                    id,
+                    also_users: vec![],
+                },
+                Event::UserTyping(Typing {
+                    conversation_id: id,
+                    user_id: who.user_id.clone(),
+                    user_name: who.name.clone(),
+                }),
+            )
+            .await;
+        }
+        let service = Arc::downgrade(self);
+        let user = who.user_id.clone();
+        let ttl = self.settings.typing_ttl;
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let Some(service) = service.upgrade() else {
+                return;
+            };
+            if service
+                .presence
+                .typing_expire(id, &user, generation)
+                .await
+                .unwrap_or(false)
+            {
+                service
+                    .publish(
+                        Route::Conversation {
+                            id,
+                            also_users: vec![],
+                        },
+                        Event::UserStoppedTyping(ConversationUser {
+                            conversation_id: id,
+                            user_id: user,
+                        }),
+                    )
+                    .await;
+            }
+        });
+        Ok(())
+    }
+
+    pub async fn typing_stop(&self, who: &Identity, id: ConversationId) -> Result<(), ChatError> {
+        let member = self.member(id, &who.user_id).await?;
+        rules::can_participate(member.as_ref())?;
+        if self
+            .presence
+            .typing_stop(id, &who.user_id)
+            .await
+            .map_err(|e| unavailable("typing", e))?
+        {
+            self.publish(
+                Route::Conversation {
+                    id,
+                    also_users: vec![],
+                },
+                Event::UserStoppedTyping(ConversationUser {
+                    conversation_id: id,
+                    user_id: who.user_id.clone(),
+                }),
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    pub async fn is_typing(&self, id: ConversationId, user: &str) -> bool {
+        self.presence.is_typing(id, user).await.unwrap_or(false)
     }
 }

@@ -27,6 +27,7 @@ pub async fn run(store: &dyn Store) {
     conversations_and_members(store).await;
     messages_get_gap_free_sequence_numbers(store).await;
     retry_with_same_client_msg_id_returns_original_message(store).await;
+    same_client_msg_id_in_another_conversation_is_another_message(store).await;
     history_pages_backwards_and_sync_reads_forwards(store).await;
     read_watermark_only_rises(store).await;
     co_members_lists_everyone_sharing_a_conversation(store).await;
@@ -223,6 +224,57 @@ async fn retry_with_same_client_msg_id_returns_original_message(store: &dyn Stor
         panic!("another sender's key is independent")
     };
     assert_eq!(bobs.seq, 2);
+}
+
+/// A client that numbers its ids per conversation ("c-1" in each) sends two messages: the key is
+/// `(conversation, sender, clientMsgId)`, so the second is stored, not answered with the first.
+async fn same_client_msg_id_in_another_conversation_is_another_message(store: &dyn Store) {
+    let alice = unique("alice");
+    let mut ids = Vec::new();
+    for title in ["first", "second"] {
+        let c = store
+            .create_conversation(NewConversation {
+                kind: ConversationKind::Group,
+                title: Some(title.into()),
+                department_id: None,
+                members: vec![(alice.clone(), MemberRole::Owner)],
+            })
+            .await
+            .expect("create");
+        ids.push(c.id);
+    }
+    let key = unique("c-1");
+    let Inserted::New(first) = store
+        .insert_message(text(ids[0], &alice, &key, "to the first"))
+        .await
+        .expect("insert")
+    else {
+        panic!("first insert is new")
+    };
+    let Inserted::New(second) = store
+        .insert_message(text(ids[1], &alice, &key, "to the second"))
+        .await
+        .expect("insert")
+    else {
+        panic!("the same clientMsgId in another conversation is a new message")
+    };
+    assert_ne!(first.id, second.id);
+    assert_eq!(second.conversation_id, ids[1]);
+    assert_eq!(second.seq, 1);
+    assert_eq!(second.content, "to the second");
+    let stored = store.messages_after(ids[1], 0, 10).await.expect("read");
+    assert_eq!(stored, vec![second.clone()]);
+    // And a retry in each conversation still finds that conversation's own message.
+    let again = store
+        .insert_message(text(ids[1], &alice, &key, "retry"))
+        .await
+        .expect("retry");
+    assert_eq!(again, Inserted::Existing(second));
+    let again = store
+        .insert_message(text(ids[0], &alice, &key, "retry"))
+        .await
+        .expect("retry");
+    assert_eq!(again, Inserted::Existing(first));
 }
 
 async fn history_pages_backwards_and_sync_reads_forwards(store: &dyn Store) {

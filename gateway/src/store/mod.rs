@@ -52,7 +52,8 @@ pub struct NewMessage {
 pub enum Inserted {
     /// Committed now with the next `seq` of its conversation.
     New(Message),
-    /// The same `(sender_id, client_msg_id)` was committed before; this is that message.
+    /// The same `(conversation_id, sender_id, client_msg_id)` was committed before; this is that
+    /// message.
     Existing(Message),
 }
 
@@ -92,7 +93,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Member>, StoreError>;
     async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError>;
     /// Commits a message with the conversation's next `seq` in one transaction, or returns the
-    /// message already committed under the same `(sender_id, client_msg_id)`.
+    /// message already committed under the same `(conversation_id, sender_id, client_msg_id)`.
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError>;
     /// Up to `limit` messages with `seq < before_seq` (all if `None`), oldest first.
     async fn messages_before(

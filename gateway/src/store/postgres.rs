@@ -87,12 +87,15 @@ impl PostgresStore {
 
     async fn message_by_client_id(
         conn: &mut sqlx::PgConnection,
+        conversation: ConversationId,
         sender: &str,
         client_msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = $1 AND client_msg_id = $2"
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND sender_id = $2 \
+             AND client_msg_id = $3"
         )))
+        .bind(conversation)
         .bind(sender)
         .bind(client_msg_id)
         .fetch_optional(conn)
@@ -104,8 +107,13 @@ impl PostgresStore {
     /// won the race and its transaction has not settled in our favour: look again.
     async fn try_insert(&self, new: &NewMessage) -> Result<Option<Inserted>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if let Some(existing) =
-            Self::message_by_client_id(&mut tx, &new.sender_id, &new.client_msg_id).await?
+        if let Some(existing) = Self::message_by_client_id(
+            &mut tx,
+            new.conversation_id,
+            &new.sender_id,
+            &new.client_msg_id,
+        )
+        .await?
         {
             return Ok(Some(Inserted::Existing(existing)));
         }
@@ -134,7 +142,7 @@ impl PostgresStore {
         let inserted = sqlx::query(
             "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
+             ON CONFLICT (conversation_id, sender_id, client_msg_id) DO NOTHING",
         )
         .bind(message.id)
         .bind(message.conversation_id)
@@ -151,11 +159,14 @@ impl PostgresStore {
             // Give the seq back: the other insert is the message.
             tx.rollback().await?;
             let mut conn = self.pool.acquire().await?;
-            return Ok(
-                Self::message_by_client_id(&mut conn, &new.sender_id, &new.client_msg_id)
-                    .await?
-                    .map(Inserted::Existing),
-            );
+            return Ok(Self::message_by_client_id(
+                &mut conn,
+                new.conversation_id,
+                &new.sender_id,
+                &new.client_msg_id,
+            )
+            .await?
+            .map(Inserted::Existing));
         }
         tx.commit().await?;
         Ok(Some(Inserted::New(message)))

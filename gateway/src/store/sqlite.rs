@@ -151,13 +151,15 @@ impl SqliteStore {
 
     async fn message_by_client_id(
         conn: &mut sqlx::SqliteConnection,
+        conversation: ConversationId,
         sender: &str,
         client_msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
         let row = sqlx::query(
             "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at \
-             FROM messages WHERE sender_id = ? AND client_msg_id = ?",
+             FROM messages WHERE conversation_id = ? AND sender_id = ? AND client_msg_id = ?",
         )
+        .bind(conversation.to_string())
         .bind(sender)
         .bind(client_msg_id)
         .fetch_optional(conn)
@@ -437,7 +439,8 @@ impl SqliteStore {
         new: NewMessage,
     ) -> Result<Inserted, StoreError> {
         if let Some(existing) =
-            Self::message_by_client_id(tx, &new.sender_id, &new.client_msg_id).await?
+            Self::message_by_client_id(tx, new.conversation_id, &new.sender_id, &new.client_msg_id)
+                .await?
         {
             return Ok(Inserted::Existing(existing));
         }

@@ -16,11 +16,11 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::protocol::ErrorReply;
 use super::{Gateway, Session, dispatch};
 use crate::auth::AuthError;
-use crate::chat::ChatService;
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
 use crate::chat::hub::{CloseReason, ConnId, Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
+use crate::chat::{ChatService, Cursors};
 use crate::limits::LimitClass;
 use crate::telemetry::{ConnectionGuard, Metrics, Stamp, Transport, audit};
 
@@ -492,11 +492,13 @@ pub fn too_many_requests() -> ChatError {
 
 /// Starts the worker that completes the connection (bus topics, presence) and then runs its
 /// requests one after another, in the order they arrived, so a client sees its own requests
-/// take effect in order. Answers go to `outbox`, encoded by `answer`.
+/// take effect in order. `cursors` (a resume in the handshake) replay what the client missed
+/// before any live event. Answers go to `outbox`, encoded by `answer`.
 pub fn spawn_worker<R: std::marker::Send + 'static>(
     gw: Arc<Gateway>,
     connection: &Connection,
     change: TopicChange,
+    cursors: Option<Cursors>,
     outbox: Arc<Outbox>,
     answer: Answer<R>,
 ) -> (Requests<R>, tokio::task::JoinHandle<()>) {
@@ -506,7 +508,10 @@ pub fn spawn_worker<R: std::marker::Send + 'static>(
     let worker = tokio::spawn(async move {
         // The big futures are boxed, so the task an idle connection keeps is only as large as
         // its wait for the next request.
-        if let Err(e) = Box::pin(gw.service.connected(&identity, session.conn, change)).await {
+        let connected = gw
+            .service
+            .connected_resuming(&identity, session.conn, change, cursors);
+        if let Err(e) = Box::pin(connected).await {
             tracing::warn!(error = %e, "could not complete a connection");
             outbox.close(Disconnect::Internal);
             return;

@@ -25,6 +25,7 @@ use crate::chat::model::{
     Conversation, ConversationKind, ConversationSummary, Identity, Member, MemberRole, Message,
     MessageKind,
 };
+use crate::limits::LimitClass;
 
 /// A failed request: the status and `{error: {code, message}}` of its `ChatError`.
 pub struct ApiError(pub ChatError);
@@ -78,9 +79,14 @@ impl FromRequestParts<Arc<Gateway>> for Caller {
         gw: &Arc<Gateway>,
     ) -> Result<Self, Self::Rejection> {
         let token = super::connection::bearer(&parts.headers);
-        super::connection::authenticate(gw, crate::telemetry::Transport::Http, token, None)
-            .map(Caller)
-            .map_err(|e| ApiError(ChatError::Unauthorized(e.to_string())))
+        let who =
+            super::connection::authenticate(gw, crate::telemetry::Transport::Http, token, None)
+                .map_err(|e| ApiError(ChatError::Unauthorized(e.to_string())))?;
+        // One bucket per user over every API route: 429 + Retry-After past it.
+        gw.service
+            .throttle(LimitClass::UserRequests, &who.user_id)
+            .await?;
+        Ok(Caller(who))
     }
 }
 

@@ -14,13 +14,13 @@ use socketioxide::socket::DisconnectReason;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::Notify;
 
-use super::protocol::ErrorReply;
+use super::protocol::{ErrorReply, parse_cursors};
 use super::{EVENTS, Gateway, Session, client_address, dispatch};
-use crate::chat::ChatService;
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
 use crate::chat::hub::{CloseReason, ConnId, Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
+use crate::chat::{ChatService, Cursors};
 use crate::limits::LimitClass;
 use crate::telemetry::metrics::unix_micros;
 use crate::telemetry::{Metrics, Transport, audit};
@@ -155,6 +155,17 @@ fn token_of(s: &SocketRef, auth: &Result<Value, impl std::fmt::Debug>) -> Option
         .map(str::to_owned)
 }
 
+/// Resume cursors from the handshake's `auth: {token, cursors}`; malformed ones refuse the
+/// connection (`connect_error` "invalid: …").
+fn cursors_of(auth: &Result<Value, impl std::fmt::Debug>) -> Result<Option<Cursors>, Refused> {
+    match auth.as_ref().ok().and_then(|a| a.get("cursors")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => parse_cursors(v)
+            .map(Some)
+            .map_err(|e| Refused(format!("{}: {e}", e.code()))),
+    }
+}
+
 /// Checks the token and the client address's connect budget before the socket joins a namespace:
 /// no event is processed before a valid token.
 async fn authenticate(
@@ -192,18 +203,41 @@ fn reply(ack: AckSender, result: Result<Value, ChatError>) {
     };
 }
 
+/// A session's token has expired: `session_expired`, then the close.
+fn expire(socket: SocketRef, metrics: Arc<Metrics>) {
+    ChatService::direct(
+        &SocketOut::new(socket.clone(), metrics),
+        &Outgoing::new(
+            "session_expired",
+            &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
+        ),
+    );
+    // socketioxide's disconnect can overtake packets still queued for the socket: give
+    // `session_expired` a moment to be written before the close.
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let _ = socket.disconnect();
+    });
+}
+
 /// What the handshake middleware set up, for the connect handler to finish.
 #[derive(Clone)]
 struct Attached {
     identity: Arc<Identity>,
     conn: ConnId,
     change: TopicChange,
+    cursors: Option<Cursors>,
 }
 
 /// Registers the connection and every event handler. Runs inside the handshake middleware,
 /// because socketioxide sends the client its CONNECT before it spawns the connect handler: an
 /// event the client emits at once would find no handler and be lost.
-fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached {
+fn attach(
+    gw: &Arc<Gateway>,
+    s: &SocketRef,
+    identity: Arc<Identity>,
+    cursors: Option<Cursors>,
+) -> Attached {
     let metrics = gw.service.metrics().clone();
     let socket_out = Arc::new(SocketOut::new(s.clone(), metrics.clone()));
     let in_flight = socket_out.in_flight.clone();
@@ -217,19 +251,7 @@ fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached
     let expiring = s.clone();
     let expiring_metrics = metrics.clone();
     session.watch_expiry(gw.settings.token_warning, move || {
-        ChatService::direct(
-            &SocketOut::new(expiring.clone(), expiring_metrics),
-            &Outgoing::new(
-                "session_expired",
-                &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
-            ),
-        );
-        // socketioxide's disconnect can overtake packets still queued for the socket: give
-        // `session_expired` a moment to be written before the close.
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            let _ = expiring.disconnect();
-        });
+        expire(expiring, expiring_metrics)
     });
     for &name in EVENTS {
         let gw = gw.clone();
@@ -243,7 +265,10 @@ fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached
                 let received = metrics.enabled().then(Instant::now);
                 let result = match data {
                     Ok(payload) => dispatch(&gw, &session, name, payload).await,
-                    Err(e) => Err(ChatError::invalid(format!("invalid {name} payload: {e}"))),
+                    Err(e) => Err(ChatError::invalid(format!(
+                        "invalid {name} payload: {}",
+                        super::protocol::redact(&e)
+                    ))),
                 };
                 reply(ack, result);
                 if let Some(received) = received {
@@ -278,6 +303,7 @@ fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached
         identity,
         conn,
         change,
+        cursors,
     }
 }
 
@@ -290,6 +316,7 @@ async fn on_connect(gw: Arc<Gateway>, s: SocketRef) {
         identity,
         conn,
         change,
+        cursors,
     } = attached;
     let peer = s
         .req_parts()
@@ -299,7 +326,11 @@ async fn on_connect(gw: Arc<Gateway>, s: SocketRef) {
     let address = client_address(peer, &s.req_parts().headers, &gw.settings.trusted_proxies);
     tracing::debug!(sid = %s.id, conn, "socket.io connected");
     audit::connected(Transport::SocketIo, &identity.user_id, conn, Some(address));
-    if let Err(e) = gw.service.connected(&identity, conn, change).await {
+    if let Err(e) = gw
+        .service
+        .connected_resuming(&identity, conn, change, cursors)
+        .await
+    {
         tracing::warn!(error = %e, "could not complete a connection");
         let _ = s.disconnect();
     }
@@ -314,8 +345,16 @@ fn attach_agent(
     let out: Arc<dyn Outbound> = Arc::new(SocketOut::new(s.clone(), gw.service.metrics().clone()));
     let (conn, change) = gw
         .service
-        .register_agent(identity, out)
+        .register_agent(identity, out.clone())
         .map_err(|e| Refused(format!("{}: {e}", e.code())))?;
+    // Expiry as on the main namespace: warned ahead, closed at `exp` (the inbox carries the
+    // content of every support conversation of the departments).
+    let session = Session::new(conn, identity.clone(), out, Transport::SocketIo);
+    let expiring = s.clone();
+    let expiring_metrics = gw.service.metrics().clone();
+    session.watch_expiry(gw.settings.token_warning, move || {
+        expire(expiring, expiring_metrics)
+    });
     s.on_fallback(|Event(name): Event, ack: AckSender| async move {
         let e = ChatError::invalid(format!(
             "the /department namespace only receives; {:?} is not an event here",
@@ -324,7 +363,11 @@ fn attach_agent(
         let _ = ack.send(&ErrorReply::from(&e));
     });
     let service = gw.service.clone();
-    s.on_disconnect(move || async move { service.disconnect_agent(conn).await });
+    s.on_disconnect(move || async move {
+        // Dropping the session ends its expiry watch.
+        drop(session);
+        service.disconnect_agent(conn).await
+    });
     Ok(change)
 }
 
@@ -341,6 +384,9 @@ pub fn layer(gw: Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
         // Small read buffers keep idle connections cheap; they grow on demand.
         .ws_read_buffer_size(4096)
         .max_buffer_size(st.send_queue)
+        // A connection that never sends CONNECT for a namespace is closed as soon as a `/ws`
+        // client that never authenticates.
+        .connect_timeout(st.auth_timeout)
         .build_layer();
 
     let main_gw = gw.clone();
@@ -351,8 +397,9 @@ pub fn layer(gw: Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
             move |s: SocketRef, TryData(auth): TryData<Value>| {
                 let gw = auth_gw.clone();
                 async move {
+                    let cursors = cursors_of(&auth)?;
                     let who = authenticate(&gw, &s, auth).await?;
-                    let attached = attach(&gw, &s, Arc::new(who));
+                    let attached = attach(&gw, &s, Arc::new(who), cursors);
                     s.extensions.insert(attached);
                     Ok::<(), Refused>(())
                 }

@@ -22,9 +22,10 @@ use super::connection::{
     authenticate, bearer, refused, spawn_worker, too_many_requests,
 };
 use super::protocol::{
-    AuthRequest, ClientFrame, Connected, ErrorReply, RequestId, ServerFrame, parse,
+    AuthRequest, ClientFrame, Connected, ErrorReply, RequestId, ServerFrame, parse, parse_cursors,
 };
 use super::{Gateway, client_address};
+use crate::chat::Cursors;
 use crate::chat::error::ChatError;
 use crate::chat::event::{JSON_ENVELOPE, Outgoing};
 use crate::config::WsCompression;
@@ -75,6 +76,8 @@ pub enum WsError {
     Upgrade(#[from] yawc::WebSocketError),
     #[error("too many connections from this address: {0}")]
     RateLimited(ChatError),
+    #[error("{0}")]
+    Invalid(ChatError),
 }
 
 impl IntoResponse for WsError {
@@ -85,6 +88,7 @@ impl IntoResponse for WsError {
                 ChatError::invalid(self.to_string()),
             ),
             Self::RateLimited(e) => (StatusCode::TOO_MANY_REQUESTS, e.clone()),
+            Self::Invalid(e) => (StatusCode::BAD_REQUEST, e.clone()),
         };
         (status, axum::Json(ErrorReply::from(&e))).into_response()
     }
@@ -138,6 +142,28 @@ pub fn routes(gw: Arc<Gateway>, echo: bool) -> Router {
 #[derive(Debug, Default, Deserialize)]
 struct TokenQuery {
     token: Option<String>,
+    /// Resume cursors as JSON, `{"<conversationId>": lastSeq, …}`.
+    cursors: Option<String>,
+}
+
+/// What the upgrade request carried: a token (`None`: expect an `auth` frame) and resume
+/// cursors (from `?cursors=`, or else from the `auth` frame).
+struct Handshake {
+    token: Option<String>,
+    cursors: Option<Cursors>,
+}
+
+/// `?cursors=` parsed; a malformed value refuses the upgrade with 400.
+fn cursors_of(req: &Request) -> Result<Option<Cursors>, ChatError> {
+    let Some(raw) = Query::<TokenQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.cursors)
+    else {
+        return Ok(None);
+    };
+    let value: serde_json::Value = serde_json::from_str(&raw)
+        .map_err(|e| ChatError::invalid(format!("cursors is not JSON: {e}")))?;
+    parse_cursors(&value).map(Some)
 }
 
 /// The token from `?token=` or `Authorization: Bearer`; `None` means "expect an `auth` frame".
@@ -179,10 +205,13 @@ async fn upgrade(State(state): State<WsState>, mut req: Request) -> Result<Respo
         .map(|c| c.0);
     let address = client_address(peer, req.headers(), &gw.settings.trusted_proxies);
     admit(&gw, address).await.map_err(WsError::RateLimited)?;
-    let token = token_of(&req);
+    let handshake = Handshake {
+        token: token_of(&req),
+        cursors: cursors_of(&req).map_err(WsError::Invalid)?,
+    };
     first_deflate_offer(req.headers_mut());
     let (response, upgraded) = WebSocket::upgrade_with_options(&mut req, state.options)?;
-    tokio::spawn(connection(gw, upgraded, token, address));
+    tokio::spawn(connection(gw, upgraded, handshake, address));
     Ok(response.map(Body::new))
 }
 
@@ -190,7 +219,7 @@ async fn upgrade(State(state): State<WsState>, mut req: Request) -> Result<Respo
 async fn connection(
     gw: Arc<Gateway>,
     upgraded: yawc::UpgradeFut,
-    token: Option<String>,
+    handshake: Handshake,
     address: IpAddr,
 ) {
     // Boxed once, and out of the match before `serve` starts: a socket held by value would
@@ -199,7 +228,7 @@ async fn connection(
         Ok(ws) => Box::new(ws),
         Err(e) => return tracing::debug!(error = %e, "/ws upgrade did not complete"),
     };
-    serve(gw, ws, token, address).await;
+    serve(gw, ws, handshake, address).await;
 }
 
 pub(super) type Ws = WebSocket<HttpStream>;
@@ -262,8 +291,8 @@ impl From<String> for Unauthenticated {
     }
 }
 
-/// Waits for `{"type":"auth","payload":{"token"}}` as the first data frame.
-async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<String, Unauthenticated> {
+/// Waits for `{"type":"auth","payload":{"token","cursors"?}}` as the first data frame.
+async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<AuthRequest, Unauthenticated> {
     let until = Instant::now() + deadline;
     loop {
         let frame = match tokio::time::timeout_at(until, ws.next_frame()).await {
@@ -295,27 +324,37 @@ async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<String, Unauthent
                     .into());
             }
         }
-        let frame =
-            ClientFrame::decode(frame.payload()).map_err(|(_, e)| format!("unauthorized: {e}"))?;
+        // Nothing the client sent is repeated here: the reason is logged, and a client that
+        // puts its token in the wrong place would find it in the audit log.
+        const SHAPE: &str =
+            r#"the first frame must be auth {"type":"auth","payload":{"token":"…"}}"#;
+        let Ok(frame) = ClientFrame::decode(frame.payload()) else {
+            return Err(format!("unauthorized: missing token; {SHAPE}: not a JSON frame").into());
+        };
         if frame.kind != "auth" {
-            return Err(format!(
-                "unauthorized: missing token; the first frame must be auth, not {:?}",
-                frame.kind.chars().take(64).collect::<String>()
-            )
-            .into());
+            return Err(format!("unauthorized: missing token; {SHAPE}").into());
         }
-        let auth: AuthRequest =
-            parse("auth", frame.payload).map_err(|e| format!("unauthorized: {e}"))?;
-        return Ok(auth.token);
+        let Ok(auth) = parse::<AuthRequest>("auth", frame.payload) else {
+            return Err(format!("unauthorized: missing token; {SHAPE}: bad payload").into());
+        };
+        return Ok(auth);
     }
 }
 
 /// One `/ws` connection, from the upgrade to the end.
-async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, token: Option<String>, address: IpAddr) {
+async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address: IpAddr) {
     let st = &gw.settings;
-    let token = match token {
+    let mut cursors = Ok(handshake.cursors);
+    let token = match handshake.token {
         Some(t) => Ok(t),
-        None => Box::pin(auth_frame(&mut ws, st.auth_timeout)).await,
+        None => Box::pin(auth_frame(&mut ws, st.auth_timeout))
+            .await
+            .map(|auth| {
+                if let Some(v) = auth.cursors.filter(|v| !v.is_null()) {
+                    cursors = parse_cursors(&v).map(Some);
+                }
+                auth.token
+            }),
     };
     let identity = match token {
         Ok(t) => authenticate(&gw, Transport::Ws, Some(&t), Some(address))
@@ -333,6 +372,20 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, token: Option<String>, address
                 &mut ws,
                 close_code::UNAUTHORIZED,
                 &reason,
+                st.send_deadline,
+            ))
+            .await;
+            return;
+        }
+    };
+
+    let cursors = match cursors {
+        Ok(c) => c,
+        Err(e) => {
+            Box::pin(close_socket(
+                &mut ws,
+                close_code::POLICY,
+                &format!("{}: {e}", e.code()),
                 st.send_deadline,
             ))
             .await;
@@ -366,8 +419,14 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, token: Option<String>, address
     }
     .encode();
 
-    let (requests, mut worker) =
-        spawn_worker(gw.clone(), &connection, change, outbox.clone(), answer);
+    let (requests, mut worker) = spawn_worker(
+        gw.clone(),
+        &connection,
+        change,
+        cursors,
+        outbox.clone(),
+        answer,
+    );
     let mut reader = JsonReader {
         requests,
         outbox: &outbox,

@@ -151,11 +151,11 @@ impl Store for MemoryStore {
 
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
         let mut d = self.data();
-        if let Some(m) = d
-            .messages
-            .iter()
-            .find(|m| m.sender_id == new.sender_id && m.client_msg_id == new.client_msg_id)
-        {
+        if let Some(m) = d.messages.iter().find(|m| {
+            m.conversation_id == new.conversation_id
+                && m.sender_id == new.sender_id
+                && m.client_msg_id == new.client_msg_id
+        }) {
             return Ok(Inserted::Existing(m.clone()));
         }
         let c = d

@@ -793,7 +793,9 @@ pub fn settings_of(gw: &Gateway) -> EngineSettings {
         send_queue: st.send_queue,
         send_deadline: st.send_deadline,
         upgrade_timeout: Duration::from_secs(10),
-        connect_timeout: st.auth_timeout.max(Duration::from_secs(10)),
+        // A session that never connects a namespace is closed as soon as a `/ws` client that
+        // never authenticates.
+        connect_timeout: st.auth_timeout,
     }
 }
 

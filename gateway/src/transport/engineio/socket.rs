@@ -22,7 +22,7 @@ use crate::transport::connection::{
     Codec, Connection, Disconnect, Endpoint, Pending, Requests, Role, admit, authenticate,
     spawn_worker, too_many_requests,
 };
-use crate::transport::protocol::ErrorReply;
+use crate::transport::protocol::{ErrorReply, parse_cursors};
 
 /// The main namespace.
 pub const MAIN: &str = "/";
@@ -182,6 +182,13 @@ impl SocketSession {
         if let Err(e) = admit(gw, self.hs.address).await {
             return connect_error(session, nsp, &format!("rate_limited: {e}"));
         }
+        let cursors = match auth.as_ref().and_then(|a| a.get("cursors")) {
+            None | Some(Value::Null) => None,
+            Some(v) => match parse_cursors(v) {
+                Ok(c) => Some(c),
+                Err(e) => return connect_error(session, nsp, &format!("{}: {e}", e.code())),
+            },
+        };
         let token = auth
             .as_ref()
             .and_then(|a| a.get("token"))
@@ -235,6 +242,7 @@ impl SocketSession {
                     gw.clone(),
                     &connection,
                     change,
+                    cursors,
                     session.outbox.clone(),
                     answer,
                 );
