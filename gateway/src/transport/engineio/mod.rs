@@ -525,7 +525,12 @@ async fn post(engine: &Arc<Engine>, session: &Arc<EngineSession>, body: Body) ->
         match p {
             EnginePacket::Close => {
                 session.close(Disconnect::ClientClosed);
-                session.wake_poll.notify_waiters();
+                if session.lock().polling {
+                    // The waiting poll answers `6` and ends the session.
+                    session.wake_poll.notify_waiters();
+                } else {
+                    engine.end(session).await;
+                }
                 break;
             }
             EnginePacket::Pong(_) => session.pong.store(true, Ordering::Release),

@@ -262,6 +262,7 @@ impl SocketSession {
                 }
             }
         };
+        tracing::debug!(sid = %session.sid, nsp, conn = ns.connection.as_ref().map(Connection::conn), "socket.io connected");
         namespaces.insert(nsp, ns);
     }
 }
