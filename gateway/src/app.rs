@@ -16,17 +16,20 @@ use tokio::net::TcpListener;
 use crate::auth::{Authenticator, KeyError};
 use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
 use crate::chat::{ChatService, ChatSettings};
-use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
+use crate::config::{
+    BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, SocketIoEngine, StoreBackend,
+};
 use crate::drain::{Drain, DrainState};
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
+use crate::server::{self, Caps, ServerSettings};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError};
 use crate::telemetry::instrumented::{
     InstrumentedBus, InstrumentedLimits, InstrumentedPresence, InstrumentedStore,
 };
 use crate::telemetry::{self, TelemetryError};
 use crate::transport::origin::{self, OriginPolicy};
-use crate::transport::{Gateway, TransportSettings, http, socketio, web, ws};
+use crate::transport::{Gateway, TransportSettings, engineio, http, socketio, web, ws};
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -47,6 +50,8 @@ pub enum AppError {
         setting: &'static str,
         reason: String,
     },
+    #[error("{0}")]
+    Descriptors(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -95,6 +100,8 @@ pub struct App {
     pub gateway: Arc<Gateway>,
     /// Set when running on the generated dev secret: tokens may be minted for the newcomer.
     pub dev_secret_path: Option<std::path::PathBuf>,
+    /// Timeouts and caps of the HTTP server.
+    pub server: ServerSettings,
 }
 
 /// Reads the dev secret, generating it on first start.
@@ -107,7 +114,7 @@ fn dev_secret(path: &Path) -> Result<Vec<u8>, AppError> {
         }
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+        private_dir(dir)?;
     }
     let bytes: [u8; 32] = rand::random();
     let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
@@ -127,6 +134,40 @@ fn dev_secret(path: &Path) -> Result<Vec<u8>, AppError> {
     Ok(secret.into_bytes())
 }
 
+/// Creates `dir` (and its parents) if missing, the last one readable by this user only.
+fn private_dir(dir: &Path) -> Result<(), AppError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| AppError::Io {
+            context: format!("cannot create {}", dir.display()),
+            source,
+        })
+}
+
+/// The SQLite file, readable and writable by this user only (mode 0600), created so if missing
+/// and tightened if it exists: it holds every message. SQLite gives its `-wal` and `-shm` files
+/// the database file's mode.
+fn private_file(path: &Path) -> Result<(), AppError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| AppError::Io {
+        context: format!("cannot create {} with mode 0600", path.display()),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)
+}
+
 /// The authenticator for the configured key, and where the dev secret lives if that is in use.
 pub fn authenticator(
     config: &Config,
@@ -142,6 +183,18 @@ impl App {
     /// Builds backends and routes. `local` is the bound address, for the default origin list.
     pub async fn build(config: &Config, local: SocketAddr) -> Result<Self, AppError> {
         config.validate()?;
+        let server = ServerSettings {
+            header_timeout: Duration::from_millis(config.http_header_timeout_ms),
+            body_timeout: Duration::from_millis(config.http_body_timeout_ms),
+            idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
+            max_connections: server::connection_cap(
+                config.max_connections,
+                server::descriptor_limit(),
+            )
+            .map_err(AppError::Descriptors)?,
+            max_connections_per_address: config.max_connections_per_address as usize,
+            trusted_proxies: config.trusted_proxies.clone(),
+        };
         let (auth, dev_secret_path) = authenticator(config)?;
         let wait = config.wait_for_backends;
         let node_id = config
@@ -152,11 +205,9 @@ impl App {
         let store: Arc<dyn Store> = match config.store()? {
             StoreBackend::SqliteFile(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).map_err(|source| AppError::Io {
-                        context: format!("cannot create {}", dir.display()),
-                        source,
-                    })?;
+                    private_dir(dir)?;
                 }
+                private_file(&path)?;
                 Arc::new(SqliteStore::open(&path).await?)
             }
             StoreBackend::SqliteMemory => Arc::new(SqliteStore::in_memory().await?),
@@ -290,13 +341,28 @@ impl App {
         let policy = Arc::new(OriginPolicy {
             allowed: allowed_origins,
         });
-        let router = http::routes()
+        let mut router = http::routes()
             .merge(web::routes(dev_secret_path.is_some()))
             .with_state(gateway.clone())
             .merge(ws::routes(gateway.clone(), config.ws_echo_route))
             .merge(telemetry::routes(metrics))
-            .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize))
-            .layer(sio_layer)
+            .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize));
+        router = match config.socketio_engine {
+            SocketIoEngine::Socketioxide => router.layer(sio_layer),
+            SocketIoEngine::Confab => router.merge(engineio::routes(
+                "/socket.io/",
+                engineio::Engine::new(
+                    engineio::settings_of(&gateway),
+                    Arc::new(engineio::socket::ChatSockets {
+                        gw: gateway.clone(),
+                    }),
+                    ws::options(&gateway.settings),
+                    gateway.service.metrics().clone(),
+                    gateway.settings.trusted_proxies.clone(),
+                ),
+            )),
+        };
+        let router = router
             .layer(axum::middleware::from_fn_with_state(
                 gateway.clone(),
                 http::refuse_while_draining,
@@ -307,6 +373,7 @@ impl App {
             io,
             gateway,
             dev_secret_path,
+            server,
         })
     }
 }
@@ -335,12 +402,8 @@ pub async fn serve(
         });
     }
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(
-        listener,
-        app.router
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let caps = Caps::new(&app.server, gateway.service.metrics().clone());
+    let server = server::serve(listener, app.router, app.server, caps, async move {
         // A drain asked over HTTP or by the annotation leaves the process up, not ready and
         // empty, until its signal: exiting would only have the container restarted.
         tokio::select! {
@@ -352,7 +415,7 @@ pub async fn serve(
         }
         io.close().await;
         for out in gateway.service.hub().all() {
-            out.close("server shutting down");
+            out.close(crate::chat::hub::CloseReason::Shutdown);
         }
         let _ = stopped_tx.send(());
     });

@@ -30,6 +30,16 @@ pub enum Command {
     Token(TokenArgs),
     /// Ask a running gateway to drain (the Kubernetes preStop hook), optionally until it has.
     Drain(DrainArgs),
+    /// Serve what the Socket.IO project's protocol test suites expect (socketio/engine.io-protocol
+    /// at `/engine.io/`, socketio/socket.io-protocol at `/socket.io/`); for testing only.
+    Conformance(ConformanceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConformanceArgs {
+    /// Where to listen; the suites expect 127.0.0.1:3000 (they call it localhost:3000).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +90,15 @@ pub enum WsCompression {
     /// permessage-deflate (RFC 7692) when the client offers it.
     Deflate,
     Off,
+}
+
+/// Which implementation serves `/socket.io/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SocketIoEngine {
+    /// Confab's own Engine.IO v4 / Socket.IO v5 on the shared connection core.
+    Confab,
+    /// socketioxide (being replaced).
+    Socketioxide,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -161,6 +180,10 @@ pub struct Config {
     /// HS256 secret (at least 32 bytes). Without it and without a public key: dev mode.
     #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<String>,
+    /// Dev mode (no JWT key: anyone may mint tokens at `POST /api/dev/token`) on an address other
+    /// than loopback. Without it, dev mode refuses to listen beyond this machine.
+    #[arg(long, env = "CONFAB_DEV", default_value_t = false, global = true)]
+    pub dev: bool,
     /// RS256 public key: PEM text or a path to a PEM file.
     #[arg(long, env = "CONFAB_JWT_PUBLIC_KEY", global = true)]
     pub jwt_public_key: Option<String>,
@@ -223,6 +246,36 @@ pub struct Config {
     #[arg(long, env = "CONFAB_CONNECT_BURST", default_value_t = 200,
           value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub connect_burst: u32,
+    /// HTTP API requests per second per user (token bucket refill).
+    #[arg(long, env = "CONFAB_API_REQUESTS_PER_SECOND", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub api_requests_per_second: u32,
+    /// Burst of HTTP API requests per user.
+    #[arg(long, env = "CONFAB_API_REQUEST_BURST", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub api_request_burst: u32,
+    /// Milliseconds a client has to send a whole request head, from the connection's start or
+    /// from the moment a kept-alive connection goes idle (slowloris).
+    #[arg(long, env = "CONFAB_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+    pub http_header_timeout_ms: u64,
+    /// Milliseconds a request body has to arrive, from its head; past it: 408 and the close.
+    #[arg(long, env = "CONFAB_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+    pub http_body_timeout_ms: u64,
+    /// Milliseconds an HTTP connection may sit with no request in flight before it is closed.
+    #[arg(long, env = "CONFAB_HTTP_IDLE_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+    pub http_idle_timeout_ms: u64,
+    /// Open connections on this gateway; past it new ones get 503 + Retry-After (default: what
+    /// the file descriptor limit allows, less 128 kept for the gateway itself).
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub max_connections: Option<u64>,
+    /// Open connections from one client address (trusted proxies excepted); past it: 503.
+    #[arg(long, env = "CONFAB_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..), global = true)]
+    pub max_connections_per_address: u64,
     /// Outgoing packets queued per connection before a slow reader is disconnected.
     #[arg(long, env = "CONFAB_SEND_QUEUE", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(8..=65536), global = true)]
@@ -254,6 +307,15 @@ pub struct Config {
         global = true
     )]
     pub ws_compression: WsCompression,
+    /// The implementation that serves `/socket.io/`.
+    #[arg(
+        long,
+        env = "CONFAB_SOCKETIO_ENGINE",
+        value_enum,
+        default_value = "socketioxide",
+        global = true
+    )]
+    pub socketio_engine: SocketIoEngine,
     /// Serve `/ws/echo`, an echo endpoint with the `/ws` WebSocket settings, for the
     /// Autobahn|Testsuite. Never on in production.
     #[arg(
@@ -559,6 +621,10 @@ impl Config {
                 per_second: self.connects_per_second,
                 burst: self.connect_burst,
             },
+            user_requests: Quota {
+                per_second: self.api_requests_per_second,
+                burst: self.api_request_burst,
+            },
         }
     }
 
@@ -597,8 +663,28 @@ impl Config {
                 ),
             ));
         }
-        self.jwt()?;
+        if matches!(self.jwt()?, JwtKey::DevSecret(_))
+            && !self.listen.ip().is_loopback()
+            && !self.dev
+        {
+            return Err(bad(
+                "CONFAB_LISTEN",
+                format!(
+                    "{} is not a loopback address, and without CONFAB_JWT_SECRET or CONFAB_JWT_PUBLIC_KEY this is dev mode, where anyone can mint tokens; set a key, listen on 127.0.0.1, or pass --dev (CONFAB_DEV=true) to serve dev mode there anyway",
+                    self.listen
+                ),
+            ));
+        }
         self.origins()?;
+        if self.http_idle_timeout_ms > self.http_header_timeout_ms {
+            return Err(bad(
+                "CONFAB_HTTP_IDLE_TIMEOUT_MS",
+                format!(
+                    "{} exceeds CONFAB_HTTP_HEADER_TIMEOUT_MS={}, which already ends an idle connection",
+                    self.http_idle_timeout_ms, self.http_header_timeout_ms
+                ),
+            ));
+        }
         if self.max_content_bytes + 1024 > self.max_frame_bytes {
             return Err(bad(
                 "CONFAB_MAX_CONTENT_BYTES",
@@ -673,6 +759,34 @@ mod tests {
         assert_eq!(e.setting, "CONFAB_BACKEND_PREFIX");
         assert!(Cli::try_parse_from(["confab-gateway", "--listen", "nowhere"]).is_err());
         assert!(Cli::try_parse_from(["confab-gateway", "--max-frame-bytes", "10"]).is_err());
+    }
+
+    #[test]
+    fn dev_mode_serves_only_on_loopback_unless_dev_is_given() {
+        for loopback in ["127.0.0.1:8080", "[::1]:8080"] {
+            parse(&["--listen", loopback])
+                .validate()
+                .expect("dev mode on loopback");
+        }
+        for open in ["0.0.0.0:8080", "[::]:8080", "192.0.2.10:8080"] {
+            let e = parse(&["--listen", open])
+                .validate()
+                .expect_err("dev mode beyond loopback");
+            assert_eq!(e.setting, "CONFAB_LISTEN", "{open}");
+            assert!(e.to_string().contains("--dev"), "{e}");
+            assert!(!e.to_string().contains('\n'));
+            parse(&["--listen", open, "--dev"])
+                .validate()
+                .expect("--dev accepts it");
+            parse(&[
+                "--listen",
+                open,
+                "--jwt-secret",
+                "a-real-secret-a-real-secret-a-real-secret",
+            ])
+            .validate()
+            .expect("not dev mode with a key");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`presence`]: who is online and typing behind `Presence` (in memory, or Redis with the node registry).
 //! - [`limits`]: token-bucket rate limits behind `Limits` (in memory, or shared in Redis).
 //! - [`redis`]: connection settings shared by the Redis backends.
+//! - [`server`]: the HTTP accept loop: header, body and idle timeouts, connection caps.
 //! - [`auth`]: JWT verification and minting.
 //! - [`transport`]: Socket.IO, HTTP API, origin checks, and the wire types they share.
 //! - [`telemetry`]: metrics (`/metrics`, OTLP), logs, audit events and spans.
@@ -21,6 +22,7 @@ pub mod drain;
 pub mod limits;
 pub mod presence;
 pub mod redis;
+pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

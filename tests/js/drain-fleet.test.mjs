@@ -49,6 +49,11 @@ describe('draining gateways of a busy fleet', () => {
       CONFAB_DATABASE_POOL_SIZE: '8',
       CONFAB_CONNECTS_PER_SECOND: '100000',
       CONFAB_CONNECT_BURST: '100000',
+      // The end check pages through every conversation's history, one owner each.
+      CONFAB_API_REQUESTS_PER_SECOND: '100000',
+      CONFAB_API_REQUEST_BURST: '100000',
+      // Every device connects from 127.0.0.1.
+      CONFAB_MAX_CONNECTIONS_PER_ADDRESS: '100000',
       CONFAB_EVENTS_PER_SECOND: '1000',
       CONFAB_EVENT_BURST: '1000',
       CONFAB_PRESENCE_TTL_MS: '10000',

@@ -60,7 +60,7 @@ describe('draining one gateway', () => {
   });
 
   it('spreads reconnect slots over the window, refuses newcomers, answers in-flight sends, closes with 1012', async () => {
-    const gw = await startGateway({ env: { CONFAB_DRAIN_SECONDS: '4', CONFAB_MESSAGES_PER_SECOND: '1000', CONFAB_MESSAGE_BURST: '1000', CONFAB_EVENTS_PER_SECOND: '1000', CONFAB_EVENT_BURST: '1000' } });
+    const gw = await startGateway({ env: { CONFAB_DRAIN_SECONDS: '4', CONFAB_API_REQUEST_BURST: '1000', CONFAB_MESSAGES_PER_SECOND: '1000', CONFAB_MESSAGE_BURST: '1000', CONFAB_EVENTS_PER_SECOND: '1000', CONFAB_EVENT_BURST: '1000' } });
     try {
       const owner = uid('owner');
       const users = Array.from({ length: 12 }, (_, i) => uid(`u${i}`));

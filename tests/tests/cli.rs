@@ -46,6 +46,27 @@ async fn no_arguments_serves_embedded_defaults_and_prints_the_url_and_two_workin
         assert_eq!(res.status(), 200);
     }
     assert!(dir.path().join("confab-data/confab.db").exists());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .expect("exists")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(
+            mode("confab-data/confab.db"),
+            0o600,
+            "the database is private"
+        );
+        assert_eq!(mode("confab-data"), 0o700, "the data directory is private");
+        for side in ["confab-data/confab.db-wal", "confab-data/confab.db-shm"] {
+            if dir.path().join(side).exists() {
+                assert_eq!(mode(side), 0o600, "{side}");
+            }
+        }
+    }
     let secret = std::fs::read_to_string(dir.path().join("confab-data/dev-jwt-secret"))
         .expect("dev secret kept");
     assert!(secret.len() >= 32);
@@ -111,6 +132,43 @@ async fn the_token_command_mints_tokens_the_gateway_accepts() {
         .trim()
         .to_owned();
     assert_eq!(conversations(&running.url, &foreign).await.status(), 401);
+}
+
+#[tokio::test]
+async fn dev_mode_refuses_a_non_loopback_listen_address_unless_dev_is_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The Docker image's CONFAB_LISTEN, without a secret: refused before anything is bound.
+    let out = gateway(dir.path())
+        .env("CONFAB_LISTEN", "0.0.0.0:0")
+        .output()
+        .expect("gateway runs");
+    assert!(!out.status.success(), "dev mode on 0.0.0.0 must not serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line, got {stderr:?}");
+    assert!(
+        lines[0].contains("CONFAB_LISTEN") && lines[0].contains("--dev"),
+        "{:?}",
+        lines[0]
+    );
+    assert!(out.stdout.is_empty(), "no URL, no dev token printed");
+    assert!(
+        !dir.path().join("confab-data/dev-jwt-secret").exists(),
+        "no dev secret generated"
+    );
+
+    // --dev accepts it: dev tokens are printed and work.
+    let mut cmd = gateway(dir.path());
+    cmd.env("CONFAB_LISTEN", "0.0.0.0:0").arg("--dev");
+    let running = start(cmd);
+    let token = running
+        .stdout
+        .iter()
+        .find(|l| l.starts_with("Dev token for alice"))
+        .and_then(|l| l.rsplit(' ').next())
+        .expect("a dev token")
+        .to_owned();
+    assert_eq!(conversations(&running.url, &token).await.status(), 200);
 }
 
 #[test]

@@ -64,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
                         .env("CONFAB_JWT_SECRET", SECRET)
                         .env("CONFAB_CONNECTS_PER_SECOND", "1000000")
                         .env("CONFAB_CONNECT_BURST", "1000000")
+                        .env("CONFAB_MAX_CONNECTIONS_PER_ADDRESS", "1000000")
                         .env("RUST_LOG", "error")
                         .stdout(Stdio::piped())
                         .stderr(Stdio::null())

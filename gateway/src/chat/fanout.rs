@@ -173,7 +173,7 @@ impl ChatService {
     /// An event for one connection only (not shared state), e.g. `message_delivered`.
     pub fn direct(out: &dyn Outbound, event: &Arc<Outgoing>) {
         if out.send(event).is_err() {
-            out.close("send queue full");
+            out.close(super::hub::CloseReason::QueueFull);
         }
     }
 }

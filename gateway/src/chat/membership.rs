@@ -126,8 +126,8 @@ impl ChatService {
         check_user_id("userId", user)?;
         let conversation = self.load(id).await?;
         let actor = self.member(id, &who.user_id).await?;
-        if actor.is_none() && !(who.is_agent() || who.is_admin()) {
-            // Strangers cannot probe which conversations exist.
+        if actor.is_none() && !who.is_admin() && !rules::agent_may_see(&conversation, who) {
+            // Strangers, agents included, cannot probe which conversations exist.
             return Err(ChatError::not_found("no such conversation"));
         }
         rules::can_add_member(&conversation, actor.as_ref(), who)?;
@@ -265,7 +265,16 @@ impl ChatService {
         // From the node's conversation state: no store read for a member's join.
         let state = self.state(id).await?;
         let member = state.member(&who.user_id);
-        let newly = match rules::join_role(&state.conversation, member.as_ref(), who)? {
+        let role = rules::join_role(&state.conversation, member.as_ref(), who).map_err(|e| {
+            // An agent probing conversations outside its departments learns nothing: the same
+            // answer as for an id that does not exist.
+            if who.is_agent() && !who.is_admin() {
+                ChatError::not_found("no such conversation")
+            } else {
+                e
+            }
+        })?;
+        let newly = match role {
             Some(role) => self
                 .store
                 .add_member(id, &who.user_id, role)

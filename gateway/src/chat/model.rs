@@ -175,6 +175,8 @@ impl Identity {
 pub enum Status {
     Online,
     Offline,
+    /// Not told: the user shares no conversation with the asker.
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

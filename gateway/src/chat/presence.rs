@@ -6,9 +6,9 @@ use std::sync::Arc;
 use super::error::ChatError;
 use super::event::{Event, Route, UserRef};
 use super::hub::ConnId;
-use super::model::{UserId, UserStatus};
+use super::model::{Identity, Status, UserId, UserStatus};
 use super::service::ChatService;
-use super::{check_user_id, unavailable};
+use super::{check_user_id, store_err, unavailable};
 
 impl ChatService {
     /// Runs the presence backend's upkeep (heartbeats, sweeps) for as long as the service
@@ -74,8 +74,11 @@ impl ChatService {
         self.publish(Route::Users { ids: others }, event).await;
     }
 
+    /// Status and last-seen of the users who share a conversation with `who` (and of `who`);
+    /// everyone else is `unknown`, so presence cannot be used to watch strangers.
     pub async fn presence(
         &self,
+        who: &Identity,
         users: Vec<UserId>,
     ) -> Result<HashMap<UserId, UserStatus>, ChatError> {
         if users.len() > 100 {
@@ -84,9 +87,30 @@ impl ChatService {
         for u in &users {
             check_user_id("userIds[]", u)?;
         }
-        self.presence
-            .statuses(&users)
+        let known: std::collections::HashSet<UserId> = self
+            .store
+            .co_members(&who.user_id)
             .await
-            .map_err(|e| unavailable("presence", e))
+            .map_err(store_err)?
+            .into_iter()
+            .chain([who.user_id.clone()])
+            .collect();
+        let (visible, hidden): (Vec<UserId>, Vec<UserId>) =
+            users.into_iter().partition(|u| known.contains(u));
+        let mut statuses = self
+            .presence
+            .statuses(&visible)
+            .await
+            .map_err(|e| unavailable("presence", e))?;
+        for u in hidden {
+            statuses.insert(
+                u,
+                UserStatus {
+                    status: Status::Unknown,
+                    last_seen: None,
+                },
+            );
+        }
+        Ok(statuses)
     }
 }

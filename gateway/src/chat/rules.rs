@@ -39,6 +39,17 @@ pub fn join_role(
     }
 }
 
+/// Whether the conversation is one an agent works on without being a member: a support
+/// conversation of one of its departments.
+pub fn agent_may_see(conversation: &Conversation, who: &Identity) -> bool {
+    who.is_agent()
+        && conversation.kind == ConversationKind::Support
+        && conversation
+            .department_id
+            .as_deref()
+            .is_some_and(|d| who.in_department(d))
+}
+
 /// Whether `actor` may add someone to the conversation.
 pub fn can_add_member(
     conversation: &Conversation,

@@ -38,7 +38,7 @@ impl Outbound for Recorder {
         Ok(())
     }
 
-    fn close(&self, _reason: &'static str) {
+    fn close(&self, _reason: crate::chat::hub::CloseReason) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
@@ -101,6 +101,7 @@ fn service_on(bus: Arc<dyn crate::bus::Bus>) -> Arc<ChatService> {
         connection_events: generous,
         user_joins: generous,
         address_connects: generous,
+        user_requests: generous,
     };
     ChatService::new(
         Arc::new(MemoryStore::default()),
@@ -303,7 +304,8 @@ async fn support_conversations_are_joinable_by_agents_of_their_department_only()
             .await
             .expect_err("sales agent")
             .code(),
-        "forbidden"
+        "not_found",
+        "another department's conversation is answered as if it did not exist"
     );
 }
 
@@ -591,6 +593,7 @@ async fn sync_reports_truncation_when_more_is_missing_than_it_returns() {
                 connection_events: generous,
                 user_joins: generous,
                 address_connects: generous,
+                user_requests: generous,
             })),
             settings,
         )
@@ -749,12 +752,56 @@ async fn presence_is_per_user_across_devices_with_a_grace_period_against_flappin
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(b_rec.named("user_offline").len(), 1);
     let statuses = svc
-        .presence(vec!["alice".into(), "bob".into()])
+        .presence(&bob, vec!["alice".into(), "bob".into()])
         .await
         .expect("presence");
     assert_eq!(statuses["alice"].status, model::Status::Offline);
     assert!(statuses["alice"].last_seen.is_some());
     assert_eq!(statuses["bob"].status, model::Status::Online);
+}
+
+#[tokio::test]
+async fn presence_tells_only_about_users_sharing_a_conversation_with_the_asker() {
+    let svc = service();
+    let (alice, bob, mallory) = (who("alice"), who("bob"), who("mallory"));
+    group(&svc, &alice, &["bob"]).await;
+    let (_a, _) = connect(&svc, &alice).await;
+    let (_b, _) = connect(&svc, &bob).await;
+    let asked = vec!["alice".to_owned(), "bob".to_owned()];
+    let statuses = svc
+        .presence(&mallory, asked.clone())
+        .await
+        .expect("presence");
+    for user in &asked {
+        assert_eq!(statuses[user].status, model::Status::Unknown, "{user}");
+        assert_eq!(statuses[user].last_seen, None, "{user}");
+    }
+    let statuses = svc.presence(&bob, asked).await.expect("presence");
+    assert_eq!(statuses["alice"].status, model::Status::Online);
+    assert_eq!(statuses["bob"].status, model::Status::Online, "oneself");
+}
+
+#[tokio::test]
+async fn an_agent_gets_the_same_not_found_for_a_conversation_it_may_not_see_as_for_none() {
+    let svc = service();
+    let alice = who("alice");
+    let mut agent = who("agent");
+    agent.roles = vec!["agent".into()];
+    agent.departments = vec!["billing".into()];
+    let private = group(&svc, &alice, &["bob"]).await;
+    let (conn, _) = connect(&svc, &agent).await;
+    let missing = uuid::Uuid::now_v7();
+    for id in [private.id, missing] {
+        let joined = svc.join(conn, &agent, id).await.expect_err("not visible");
+        assert_eq!(joined.code(), "not_found", "join {id}");
+        assert_eq!(joined.to_string(), "no such conversation");
+        let added = svc
+            .add_member(&agent, id, "agent")
+            .await
+            .expect_err("not visible");
+        assert_eq!(added.code(), "not_found", "add_member {id}");
+        assert_eq!(added.to_string(), "no such conversation");
+    }
 }
 
 #[tokio::test]
@@ -790,6 +837,10 @@ async fn rate_limited_sends_say_when_to_retry() {
             burst: 100,
         },
         address_connects: Quota {
+            per_second: 100,
+            burst: 100,
+        },
+        user_requests: Quota {
             per_second: 100,
             burst: 100,
         },

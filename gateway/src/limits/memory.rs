@@ -27,6 +27,7 @@ impl MemoryLimits {
             LimitClass::ConnectionEvents,
             LimitClass::UserJoins,
             LimitClass::AddressConnects,
+            LimitClass::UserRequests,
         ]
         .into_iter()
         .map(|class| {
@@ -85,6 +86,7 @@ mod tests {
             connection_events: q,
             user_joins: q,
             address_connects: q,
+            user_requests: q,
         }
     }
 

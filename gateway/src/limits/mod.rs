@@ -19,6 +19,8 @@ pub enum LimitClass {
     UserJoins,
     /// New connections from one client address.
     AddressConnects,
+    /// HTTP API requests by one user.
+    UserRequests,
 }
 
 /// How fast each class refills and how much it holds.
@@ -34,6 +36,7 @@ pub struct LimitSettings {
     pub connection_events: Quota,
     pub user_joins: Quota,
     pub address_connects: Quota,
+    pub user_requests: Quota,
 }
 
 impl LimitSettings {
@@ -43,6 +46,7 @@ impl LimitSettings {
             LimitClass::ConnectionEvents => self.connection_events,
             LimitClass::UserJoins => self.user_joins,
             LimitClass::AddressConnects => self.address_connects,
+            LimitClass::UserRequests => self.user_requests,
         }
     }
 }

@@ -50,6 +50,7 @@ fn class_name(class: LimitClass) -> &'static str {
         LimitClass::ConnectionEvents => "connection-events",
         LimitClass::UserJoins => "user-joins",
         LimitClass::AddressConnects => "address-connects",
+        LimitClass::UserRequests => "user-requests",
     }
 }
 
@@ -127,6 +128,7 @@ mod tests {
             connection_events: q,
             user_joins: q,
             address_connects: q,
+            user_requests: q,
         }
     }
 

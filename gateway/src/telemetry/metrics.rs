@@ -79,6 +79,7 @@ pub fn limit_class_label(class: LimitClass) -> &'static str {
         LimitClass::ConnectionEvents => "connection_events",
         LimitClass::UserJoins => "user_joins",
         LimitClass::AddressConnects => "address_connects",
+        LimitClass::UserRequests => "user_requests",
     }
 }
 

@@ -1,5 +1,7 @@
 //! Transports: wire frames in, domain calls, domain events out. Shared by Socket.IO and HTTP.
 
+pub mod connection;
+pub mod engineio;
 pub mod http;
 pub mod origin;
 pub mod protocol;
@@ -80,19 +82,33 @@ pub struct Gateway {
     pub drain: Arc<crate::drain::Drain>,
 }
 
-/// The client's address: the peer, or the first `X-Forwarded-For` hop when the peer is a
-/// trusted proxy.
+/// The client's address. From a trusted proxy, the rightmost `X-Forwarded-For` hop that is not
+/// itself a trusted proxy: proxies (nginx, ALB, Envoy) append the address they saw, so every
+/// hop left of the last untrusted one is the client's own claim. Headers repeated are read in
+/// order, as one list. A hop that is not an address ends the walk: the peer is used.
 pub fn client_address(peer: Option<SocketAddr>, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
     let peer_ip = peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip());
     if !trusted.contains(&peer_ip) {
         return peer_ip;
     }
-    headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(peer_ip)
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer_ip;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            return peer_ip;
+        };
+        client = ip;
+        if !trusted.contains(&ip) {
+            break;
+        }
+    }
+    client
 }
 
 /// One authenticated connection: who it is (renewable by `refresh_token`) and how to reach it.
@@ -318,7 +334,7 @@ async fn run(
         }
         "presence" => {
             let req: PresenceRequest = parse(event, payload)?;
-            let statuses = service.presence(req.user_ids).await?;
+            let statuses = service.presence(&who, req.user_ids).await?;
             Ok(to_value(PresenceReply { statuses }))
         }
         "refresh_token" => {
@@ -422,7 +438,8 @@ mod tests {
         let trusted = [proxy.ip()];
         assert_eq!(
             client_address(Some(proxy), &headers, &trusted),
-            "203.0.113.7".parse::<IpAddr>().expect("ip")
+            "10.0.0.1".parse::<IpAddr>().expect("ip"),
+            "the rightmost hop the trusted proxy appended"
         );
         assert_eq!(
             client_address(Some(stranger), &headers, &trusted),
@@ -432,5 +449,57 @@ mod tests {
             client_address(Some(proxy), &HeaderMap::new(), &trusted),
             proxy.ip()
         );
+    }
+
+    fn xff(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append("x-forwarded-for", v.parse().expect("header"));
+        }
+        headers
+    }
+
+    #[test]
+    fn x_forwarded_for_yields_the_rightmost_untrusted_hop_never_the_clients_own_claim() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let edge: SocketAddr = "10.0.0.2:443".parse().expect("addr");
+        let inner = ip("10.0.0.3");
+        let trusted = [edge.ip(), inner];
+        // The client claims to be 1.2.3.4; nginx appended the address it really came from.
+        let chain = xff(&["1.2.3.4, 198.51.100.9"]);
+        assert_eq!(
+            client_address(Some(edge), &chain, &trusted),
+            ip("198.51.100.9")
+        );
+        // Two proxies: the inner one's hop is skipped because it is trusted.
+        let chain = xff(&["1.2.3.4, 198.51.100.9, 10.0.0.3"]);
+        assert_eq!(
+            client_address(Some(edge), &chain, &trusted),
+            ip("198.51.100.9")
+        );
+        // Repeated headers are one list, in order.
+        let chain = xff(&["1.2.3.4", "198.51.100.9", "10.0.0.3"]);
+        assert_eq!(
+            client_address(Some(edge), &chain, &trusted),
+            ip("198.51.100.9")
+        );
+        // IPv6 hops.
+        let chain = xff(&["2001:db8::1"]);
+        assert_eq!(
+            client_address(Some(edge), &chain, &trusted),
+            ip("2001:db8::1")
+        );
+        // Garbage where the proxy's hop should be: the peer, not a guess.
+        let chain = xff(&["1.2.3.4, not-an-ip"]);
+        assert_eq!(client_address(Some(edge), &chain, &trusted), edge.ip());
+        // Garbage left of the real hop is never reached.
+        let chain = xff(&["not-an-ip, 198.51.100.9"]);
+        assert_eq!(
+            client_address(Some(edge), &chain, &trusted),
+            ip("198.51.100.9")
+        );
+        // Only trusted hops: the leftmost of them.
+        let chain = xff(&["10.0.0.3"]);
+        assert_eq!(client_address(Some(edge), &chain, &trusted), inner);
     }
 }

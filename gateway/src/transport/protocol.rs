@@ -18,7 +18,74 @@ use crate::chat::model::{
 /// the problem.
 pub fn parse<T: DeserializeOwned>(event: &str, payload: Value) -> Result<T, ChatError> {
     serde_json::from_value(payload)
-        .map_err(|e| ChatError::invalid(format!("invalid {event} payload: {e}")))
+        .map_err(|e| ChatError::invalid(format!("invalid {event} payload: {}", redact(&e))))
+}
+
+/// A client event's payload, parsed by its schema: what `dispatch` parses for each event, in one
+/// call (the fuzz targets use it).
+#[derive(Debug)]
+pub enum Request {
+    Conversation(ConversationRequest),
+    SendMessage(SendMessageRequest),
+    MarkRead(MarkReadRequest),
+    History(HistoryRequest),
+    Sync(SyncRequest),
+    Presence(PresenceRequest),
+    RefreshToken(RefreshTokenRequest),
+}
+
+pub fn parse_request(event: &str, payload: Value) -> Result<Request, ChatError> {
+    Ok(match event {
+        "join_conversation" | "leave_conversation" | "typing_start" | "typing_stop" => {
+            Request::Conversation(parse(event, payload)?)
+        }
+        "send_message" => Request::SendMessage(parse(event, payload)?),
+        "mark_read" => Request::MarkRead(parse(event, payload)?),
+        "history" => Request::History(parse(event, payload)?),
+        "sync" => Request::Sync(parse(event, payload)?),
+        "presence" => Request::Presence(parse(event, payload)?),
+        "refresh_token" => Request::RefreshToken(parse(event, payload)?),
+        _ => return Err(ChatError::invalid("unknown event")),
+    })
+}
+
+/// Longest quoted client text a parse error may repeat: field names and enum variants fit,
+/// a token (or any large fragment of one) does not.
+const MAX_ECHOED_CHARS: usize = 24;
+
+/// A serde error's message without the client's own long values: serde quotes what it could
+/// not accept (`invalid type: string "eyJ…"`), and that may be a token sent in the wrong place.
+/// Longer quoted text becomes `"…(N characters)"`, so the message still names the problem.
+pub fn redact(e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len().min(256));
+    let mut rest = text.as_str();
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=open]);
+        let inner = &rest[open + 1..];
+        let Some(close) = inner.find(quote) else {
+            // Unterminated: whatever follows is the client's.
+            let n = inner.chars().count();
+            if n > MAX_ECHOED_CHARS {
+                out.push_str(&format!("…({n} characters)"));
+            } else {
+                out.push_str(inner);
+            }
+            return out;
+        };
+        let quoted = &inner[..close];
+        let n = quoted.chars().count();
+        if n > MAX_ECHOED_CHARS {
+            out.push_str(&format!("…({n} characters)"));
+        } else {
+            out.push_str(quoted);
+        }
+        out.push(quote);
+        rest = &inner[close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,7 +307,10 @@ impl ClientFrame {
                 .and_then(|v| v.get("id").cloned())
                 .and_then(|v| serde_json::from_value::<RequestId>(v).ok())
                 .filter(RequestId::is_acceptable);
-            (id, ChatError::invalid(format!("malformed frame: {e}")))
+            (
+                id,
+                ChatError::invalid(format!("malformed frame: {}", redact(&e))),
+            )
         })?;
         if let Some(id) = &frame.id
             && !id.is_acceptable()
@@ -350,4 +420,67 @@ pub struct ConversationList {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddMemberBody {
     pub user_id: UserId,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_name_the_problem_without_repeating_a_long_value() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ";
+        let e = parse::<RefreshTokenRequest>("refresh_token", Value::String(token.into()))
+            .expect_err("a string is not the payload");
+        let text = e.to_string();
+        assert!(text.contains("invalid type: string"), "{text}");
+        assert!(
+            text.contains(&format!("({} characters)", token.len())),
+            "{text}"
+        );
+        for part in token.split('.') {
+            assert!(!text.contains(part), "{text} repeats {part}");
+        }
+        // A token used as a field name is not repeated either; a short unknown field is.
+        let e = parse::<RefreshTokenRequest>("refresh_token", serde_json::json!({ token: 1 }))
+            .expect_err("unknown field");
+        assert!(!e.to_string().contains(&token[..30]), "{e}");
+        let e = parse::<RefreshTokenRequest>("refresh_token", serde_json::json!({"extra": 1}))
+            .expect_err("unknown field");
+        assert!(e.to_string().contains("unknown field `extra`"), "{e}");
+        let (_, e) = ClientFrame::decode(format!(r#"{{"type":{{"{token}":1}}}}"#).as_bytes())
+            .expect_err("bad frame");
+        assert!(!e.to_string().contains(&token[..30]), "{e}");
+    }
+
+    #[test]
+    fn every_client_event_has_a_payload_schema() {
+        for &event in crate::transport::EVENTS {
+            let e = parse_request(event, Value::Null).expect_err("null is no payload");
+            assert!(e.to_string().contains(event), "{event}: {e}");
+        }
+        assert!(matches!(
+            parse_request(
+                "typing_start",
+                serde_json::json!({"conversationId": Uuid::nil()})
+            ),
+            Ok(Request::Conversation(_))
+        ));
+    }
+
+    #[test]
+    fn redaction_keeps_short_quotes_and_cuts_unterminated_ones() {
+        assert_eq!(
+            redact(&"unknown variant `video`"),
+            "unknown variant `video`"
+        );
+        let long = "x".repeat(40);
+        assert_eq!(
+            redact(&format!("a \"{long}")),
+            "a \"…(40 characters)".to_owned()
+        );
+        assert_eq!(
+            redact(&format!("a `{long}` b \"ok\"")),
+            "a `…(40 characters)` b \"ok\"".to_owned()
+        );
+    }
 }

@@ -18,7 +18,7 @@ use super::protocol::{ErrorReply, parse_cursors};
 use super::{EVENTS, Gateway, Session, client_address, dispatch};
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
-use crate::chat::hub::{ConnId, Outbound, SendFailure, TopicChange};
+use crate::chat::hub::{CloseReason, ConnId, Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
 use crate::chat::{ChatService, Cursors};
 use crate::limits::LimitClass;
@@ -101,9 +101,9 @@ impl Outbound for SocketOut {
         }
     }
 
-    fn close(&self, reason: &'static str) {
-        tracing::debug!(sid = %self.socket.id, reason, "closing socket");
-        if reason == "send queue full" && !self.overflowed.swap(true, Ordering::Relaxed) {
+    fn close(&self, reason: CloseReason) {
+        tracing::debug!(sid = %self.socket.id, ?reason, "closing socket");
+        if reason == CloseReason::QueueFull && !self.overflowed.swap(true, Ordering::Relaxed) {
             self.metrics.send_queue_closed(Transport::SocketIo);
         }
         let _ = self.socket.clone().disconnect();
@@ -203,6 +203,23 @@ fn reply(ack: AckSender, result: Result<Value, ChatError>) {
     };
 }
 
+/// A session's token has expired: `session_expired`, then the close.
+fn expire(socket: SocketRef, metrics: Arc<Metrics>) {
+    ChatService::direct(
+        &SocketOut::new(socket.clone(), metrics),
+        &Outgoing::new(
+            "session_expired",
+            &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
+        ),
+    );
+    // socketioxide's disconnect can overtake packets still queued for the socket: give
+    // `session_expired` a moment to be written before the close.
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let _ = socket.disconnect();
+    });
+}
+
 /// What the handshake middleware set up, for the connect handler to finish.
 #[derive(Clone)]
 struct Attached {
@@ -234,19 +251,7 @@ fn attach(
     let expiring = s.clone();
     let expiring_metrics = metrics.clone();
     session.watch_expiry(gw.settings.token_warning, move || {
-        ChatService::direct(
-            &SocketOut::new(expiring.clone(), expiring_metrics),
-            &Outgoing::new(
-                "session_expired",
-                &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
-            ),
-        );
-        // socketioxide's disconnect can overtake packets still queued for the socket: give
-        // `session_expired` a moment to be written before the close.
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            let _ = expiring.disconnect();
-        });
+        expire(expiring, expiring_metrics)
     });
     for &name in EVENTS {
         let gw = gw.clone();
@@ -260,7 +265,10 @@ fn attach(
                 let received = metrics.enabled().then(Instant::now);
                 let result = match data {
                     Ok(payload) => dispatch(&gw, &session, name, payload).await,
-                    Err(e) => Err(ChatError::invalid(format!("invalid {name} payload: {e}"))),
+                    Err(e) => Err(ChatError::invalid(format!(
+                        "invalid {name} payload: {}",
+                        super::protocol::redact(&e)
+                    ))),
                 };
                 reply(ack, result);
                 if let Some(received) = received {
@@ -337,8 +345,16 @@ fn attach_agent(
     let out: Arc<dyn Outbound> = Arc::new(SocketOut::new(s.clone(), gw.service.metrics().clone()));
     let (conn, change) = gw
         .service
-        .register_agent(identity, out)
+        .register_agent(identity, out.clone())
         .map_err(|e| Refused(format!("{}: {e}", e.code())))?;
+    // Expiry as on the main namespace: warned ahead, closed at `exp` (the inbox carries the
+    // content of every support conversation of the departments).
+    let session = Session::new(conn, identity.clone(), out, Transport::SocketIo);
+    let expiring = s.clone();
+    let expiring_metrics = gw.service.metrics().clone();
+    session.watch_expiry(gw.settings.token_warning, move || {
+        expire(expiring, expiring_metrics)
+    });
     s.on_fallback(|Event(name): Event, ack: AckSender| async move {
         let e = ChatError::invalid(format!(
             "the /department namespace only receives; {:?} is not an event here",
@@ -347,7 +363,11 @@ fn attach_agent(
         let _ = ack.send(&ErrorReply::from(&e));
     });
     let service = gw.service.clone();
-    s.on_disconnect(move || async move { service.disconnect_agent(conn).await });
+    s.on_disconnect(move || async move {
+        // Dropping the session ends its expiry watch.
+        drop(session);
+        service.disconnect_agent(conn).await
+    });
     Ok(change)
 }
 
@@ -364,6 +384,9 @@ pub fn layer(gw: Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
         // Small read buffers keep idle connections cheap; they grow on demand.
         .ws_read_buffer_size(4096)
         .max_buffer_size(st.send_queue)
+        // A connection that never sends CONNECT for a namespace is closed as soon as a `/ws`
+        // client that never authenticates.
+        .connect_timeout(st.auth_timeout)
         .build_layer();
 
     let main_gw = gw.clone();

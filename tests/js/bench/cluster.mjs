@@ -9,7 +9,7 @@ import { createFleetBackends, startFleetGateway } from '../lib/cluster.mjs';
 
 const [messages = 2000, perNode = 25, senders = 8, bus = 'rabbitmq'] = process.argv.slice(2).map((v, i) => (i < 3 ? Number(v) : v));
 const backends = createFleetBackends();
-const env = { CONFAB_MESSAGES_PER_SECOND: '100000', CONFAB_MESSAGE_BURST: '100000', CONFAB_EVENTS_PER_SECOND: '100000', CONFAB_EVENT_BURST: '100000', CONFAB_CONNECTS_PER_SECOND: '10000', CONFAB_CONNECT_BURST: '10000' };
+const env = { CONFAB_MESSAGES_PER_SECOND: '100000', CONFAB_MESSAGE_BURST: '100000', CONFAB_EVENTS_PER_SECOND: '100000', CONFAB_EVENT_BURST: '100000', CONFAB_CONNECTS_PER_SECOND: '10000', CONFAB_CONNECT_BURST: '10000', CONFAB_MAX_CONNECTIONS_PER_ADDRESS: '100000' };
 const g1 = await startFleetGateway(backends, { bus, env });
 const [g2, g3] = await Promise.all([startFleetGateway(backends, { bus, env }), startFleetGateway(backends, { bus, env })]);
 try {

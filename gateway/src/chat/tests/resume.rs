@@ -16,6 +16,7 @@ fn resuming_service(max_resume: u32) -> Arc<ChatService> {
             connection_events: generous,
             user_joins: generous,
             address_connects: generous,
+            user_requests: generous,
         })),
         ChatSettings {
             max_resume,
