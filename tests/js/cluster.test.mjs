@@ -145,6 +145,32 @@ describe('three gateways as one service', () => {
     frank.close(); gina.close();
   });
 
+  it('drops a gateway\'s conversation state when its broker connection was lost: a removal it never heard of still takes effect', async () => {
+    const [o, v] = [uid('otto'), uid('vera')];
+    const [to, tv] = [token(o), token(v)];
+    const conversationId = await conversation(to, [v]);
+    const otto = await connect(g1.url, to);
+    const vera = await connect(g3.url, tv); // g3 reaches RabbitMQ through the fault proxy
+    // Vera's send puts the conversation in g3's state (its topic is bound there).
+    const first = await vera.request('send_message', { conversationId, content: 'hi', type: 'text', clientMsgId: randomUUID() });
+    assert.ok(first.message, JSON.stringify(first));
+    await otto.waitFor('new_message', (m) => m.id === first.message.id);
+    amqpProxy.cut();
+    await until('g3 to report not ready', async () => (await api(g3.url, null, 'GET', '/readyz')).status === 503 || null, 5000);
+    // Removed while g3 is cut off: the removal's events never reach it.
+    assert.equal((await api(g1.url, to, 'DELETE', `/api/conversations/${conversationId}/members/${v}`)).status, 204);
+    amqpProxy.restore();
+    await until('g3 to be ready again', async () => (await api(g3.url, null, 'GET', '/readyz')).status === 200, 10000);
+    await sleep(500);
+    const refused = await vera.request('send_message', { conversationId, content: 'still here?', type: 'text', clientMsgId: randomUUID() });
+    assert.equal(refused.error?.code, 'forbidden', JSON.stringify(refused));
+    const after = await otto.request('send_message', { conversationId, content: 'after', type: 'text', clientMsgId: randomUUID() });
+    assert.ok(after.message);
+    await sleep(500);
+    assert.deepEqual(vera.of('new_message', (m) => m.id === after.message.id), [], 'out of the room on g3 too');
+    otto.close(); vera.close();
+  });
+
   it('answers sends during a Postgres outage with unavailable, and the retry succeeds', async () => {
     const h = uid('hank');
     const th = token(h);
@@ -168,6 +194,71 @@ describe('three gateways as one service', () => {
     hank.close();
   });
 
+  it('keeps every node\'s conversation state exact under concurrent adds and removes: a removed member receives nothing sent after the removal\'s ack, on any node', async () => {
+    const owner = uid('olga');
+    const to = token(owner);
+    const gws = [g1, g2, g3];
+    const conversationId = await conversation(to, []);
+    // One sender per gateway, sending all along; victims on every gateway, added and removed
+    // over and over through the HTTP API of varying gateways, all at once.
+    const senders = await Promise.all(gws.map(async (g, i) => {
+      const id = uid(`sender${i}`);
+      assert.equal((await api(g1.url, to, 'POST', `/api/conversations/${conversationId}/members`, { userId: id })).status, 204);
+      return connect(g.url, token(id));
+    }));
+    const victims = await Promise.all(Array.from({ length: 6 }, async (_, i) => {
+      const id = uid(`victim${i}`);
+      return { id, i, client: await connect(gws[i % 3].url, token(id)), windows: [] };
+    }));
+    const startedAt = new Map(); // seq → when its send was issued
+    const ackedAt = new Map(); // seq → when it was acked
+    let sending = true;
+    const traffic = Promise.all(senders.map(async (s, i) => {
+      for (let n = 0; sending; n += 1) {
+        const at = Date.now();
+        const ack = await s.request('send_message', { conversationId, content: `s${i}-${n}`, type: 'text', clientMsgId: randomUUID() });
+        assert.ok(ack.message, JSON.stringify(ack));
+        startedAt.set(ack.message.seq, at);
+        ackedAt.set(ack.message.seq, Date.now());
+        await sleep(5);
+      }
+    }));
+    await Promise.all(victims.map(async (v) => {
+      for (let round = 0; round < 3; round += 1) {
+        const via = gws[(v.i + round) % 3];
+        const addStarted = Date.now();
+        const added = await api(via.url, to, 'POST', `/api/conversations/${conversationId}/members`, { userId: v.id });
+        assert.equal(added.status, 204, JSON.stringify(added.body));
+        await sleep(150 + 20 * v.i);
+        const removed = await api(gws[(v.i + round + 1) % 3].url, to, 'DELETE', `/api/conversations/${conversationId}/members/${v.id}`);
+        assert.equal(removed.status, 204, JSON.stringify(removed.body));
+        v.windows.push({ addStarted, removedAt: Date.now() });
+        await sleep(60);
+      }
+    }));
+    await sleep(300);
+    sending = false;
+    await traffic;
+    await sleep(300);
+    let delivered = 0;
+    for (const v of victims) {
+      const got = v.client.of('new_message', (m) => m.conversationId === conversationId);
+      delivered += got.length;
+      for (const m of got) {
+        const at = startedAt.get(m.seq);
+        // Sent after a removal's ack, and acked before the next add began: must not arrive.
+        const late = v.windows.some((w, k) => at > w.removedAt && ackedAt.get(m.seq) < (v.windows[k + 1]?.addStarted ?? Infinity));
+        if (late) assert.fail(`victim ${v.i} (on g${(v.i % 3) + 1}) got seq ${m.seq}, sent ${at - v.windows.findLast((w) => at > w.removedAt).removedAt} ms after its removal was acked`);
+      }
+      assert.equal(v.client.of('conversation_removed').length, 3);
+    }
+    console.log(`# ${startedAt.size} messages, ${delivered} delivered to victims while members, none after a removal`);
+    assert.ok(delivered > 0, 'victims receive while they are members (attached on add, no join)');
+    // And the senders, members all along, on every node, were never refused.
+    for (const s of senders) s.close();
+    for (const v of victims) v.client.close();
+  });
+
   for (const [transportName, client] of Object.entries(transports)) {
     it(`resumes over ${transportName} after a kill -9 of the client's gateway: what was missed arrives once, in seq order, before live traffic, with no join or sync`, async () => {
       const [a, b] = [uid('ann'), uid('ben')];
@@ -175,7 +266,9 @@ describe('three gateways as one service', () => {
       const convs = [await conversation(ta, [b]), await conversation(ta, [b])];
       const doomed = await startFleetGateway(backends);
       const ann = await connect(g1.url, ta);
-      const ben = await client(doomed.url, tb, { cursors: {} });
+      // Cursors from the start (nothing seen yet): what is sent while the connection is being
+      // attached is replayed, not lost.
+      const ben = await client(doomed.url, tb, { cursors: Object.fromEntries(convs.map((c) => [c, 0])) });
       // Attached to both conversations at connect: live delivery with no join.
       const sent = [];
       const send = async (conversationId, content) => {

@@ -313,6 +313,22 @@ impl Hub {
         change
     }
 
+    /// Every room held here with the distinct users of its connections.
+    pub fn rooms_and_users(&self) -> Vec<(ConversationId, Vec<UserId>)> {
+        let inner = self.read();
+        inner
+            .rooms
+            .iter()
+            .map(|(room, conns)| {
+                let users: HashSet<&UserId> = conns
+                    .iter()
+                    .filter_map(|c| inner.conns.get(c).map(|c| &c.user))
+                    .collect();
+                (*room, users.into_iter().cloned().collect())
+            })
+            .collect()
+    }
+
     pub fn is_in_room(&self, id: ConnId, conversation: ConversationId) -> bool {
         self.read()
             .conns

@@ -82,6 +82,7 @@ impl ChatService {
                 service.receive(&envelope);
             }
         }));
+        service.spawn_room_check();
         service
     }
 

@@ -8,14 +8,16 @@
 //! changes): events published meanwhile may never have arrived, so nothing cached is trusted.
 //! Members' `last_read_seq` is not kept here (the watermark lives in the store).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::model::{Conversation, ConversationId, Member, MemberRole, UserId, now};
+use super::service::ChatService;
 
 /// A membership change, carried on the envelope of the event that announces it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +91,53 @@ impl ConversationState {
         }
     }
 }
+
+impl ChatService {
+    /// When the bus may have lost events (its epoch moved), the rooms held here are checked
+    /// against the store: a removal whose event was lost still takes the removed user's
+    /// connections out of the room. The cache itself drops on its next look-up.
+    pub(super) fn spawn_room_check(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let mut seen = self.bus.epoch();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(ROOM_CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(service) = weak.upgrade() else { break };
+                let epoch = service.bus.epoch();
+                if epoch == seen {
+                    continue;
+                }
+                seen = epoch;
+                service.check_rooms().await;
+            }
+        });
+    }
+
+    async fn check_rooms(&self) {
+        for (id, users) in self.hub.rooms_and_users() {
+            let members: HashSet<UserId> = match self.store.members(id).await {
+                Ok(members) => members.into_iter().map(|m| m.user_id).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check a room's members after a bus reconnect");
+                    continue;
+                }
+            };
+            for user in users.iter().filter(|u| !members.contains(*u)) {
+                tracing::info!(conversation = %id, "a removal was missed while the bus was away; evicting");
+                let change = self.hub.evict(user, id);
+                self.apply(change).await;
+            }
+        }
+    }
+}
+
+/// How often the bus epoch is looked at for [`ChatService::spawn_room_check`].
+const ROOM_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct Entries {

@@ -901,6 +901,9 @@ impl crate::bus::Bus for SlowBus {
     async fn ready(&self) -> bool {
         true
     }
+    fn epoch(&self) -> u64 {
+        0
+    }
 }
 
 #[tokio::test]

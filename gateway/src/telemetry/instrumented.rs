@@ -183,6 +183,9 @@ impl Bus for InstrumentedBus {
         self.calls.record("ready", start.elapsed(), !ready);
         ready
     }
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
 }
 
 /// A [`Presence`] whose calls are timed.

@@ -185,7 +185,7 @@ async fn sends_by_members_read_membership_from_the_node_state_until_the_bus_reco
     let svc = service_on(bus.clone());
     let (alice, bob) = (who("alice"), who("bob"));
     let c = group(&svc, &alice, &["bob"]).await;
-    let (_, _b) = connect(&svc, &bob).await;
+    let (_, b) = connect(&svc, &bob).await;
     svc.send(&bob, text(&c, "b1", "x")).await.expect("member");
     assert_eq!(svc.conversations.len(), 1, "held while its topic is bound");
     // A removal this node never heard of (its event lost with the broker connection): the
@@ -205,6 +205,14 @@ async fn sends_by_members_read_membership_from_the_node_state_until_the_bus_reco
         .await
         .expect_err("reloaded");
     assert_eq!(refused.code(), "forbidden");
+    // And the room check after the reconnect takes bob's connection out of the room.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    svc.send(&alice, text(&c, "a1", "x")).await.expect("send");
+    assert_eq!(
+        seqs(&b, &c),
+        vec![1, 2],
+        "nothing after the missed removal was found"
+    );
 }
 
 #[tokio::test]
