@@ -2,6 +2,7 @@
 # Benchmarks: Confab beside a Node Socket.IO peer and a bare tokio-tungstenite broadcaster, one
 # invocation (S1–S5, see BENCHMARKS.md). --quick: fewer rate steps; --smoke: seconds, small numbers
 # (run by scripts/test.sh so the harness cannot rot). Other arguments go to `confab-bench run`.
+# The full run with no other arguments ends by writing its tables into BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/confab-target}"
@@ -58,3 +59,10 @@ rm -f "artifacts/bench/$mode/results.json" "artifacts/bench/$mode/results.md"
 echo "== confab-bench run --mode $mode (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
 CONFAB_GATEWAY_BIN="$bin/confab-gateway" CONFAB_BARE_BIN="$bin/confab-bare" \
   "$bin/confab-bench" run --mode "$mode" --out "artifacts/bench/$mode" ${args[@]+"${args[@]}"}
+
+# The whole full run is what BENCHMARKS.md shows: its generated part is rewritten from results.json
+# (a subset or another mode would replace the full tables with partial ones, so they do not).
+if [ "$mode" = full ] && [ ${#args[@]} -eq 0 ]; then
+  "$bin/confab-bench" check "artifacts/bench/full/results.json" || echo "!! the full run's results contradict themselves (above); BENCHMARKS.md is updated anyway, check before committing"
+  "$bin/confab-bench" report "artifacts/bench/full/results.json" --into BENCHMARKS.md
+fi

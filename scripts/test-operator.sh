@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Operator checks beyond cargo: Helm 4 render + lint of the chart, strict Kubernetes 1.37 schema
 # validation of every rendered object and builder output, the example ChatCluster against the
-# CRD schema, and the operator binary against a Kubernetes API emulator. Works on a fresh
+# CRD schema, the operator binary against a Kubernetes API emulator (scenarios, and its requests
+# against the chart's RBAC) and the Tilt build context (cargo metadata --locked --offline on exactly
+# what Tilt sends). Works on a fresh
 # machine: it makes (or reuses) a venv with pinned tools and builds the binary if needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,20 +4,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio::net::TcpSocket;
 
 use crate::wire::{self, Incoming, Transport};
-
-pub type Ws = WebSocketStream<TcpStream>;
+use crate::ws::Conn;
 
 /// An open, authenticated connection.
 pub struct Client {
-    pub ws: Ws,
+    pub conn: Conn,
     pub transport: Transport,
     next_id: u64,
 }
@@ -46,21 +41,16 @@ pub async fn connect(
         .with_context(|| format!("binding source address {source}"))?;
     let tcp = sock.connect(addr).await.context("tcp connect")?;
     tcp.set_nodelay(true)?;
-    // Small buffers keep the generator's own memory low at 19k connections per process.
-    let cfg = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0);
-    let url = transport.url(base, token);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(cfg))
+    let conn = Conn::upgrade(tcp, addr, &transport.path(token))
         .await
         .context("websocket upgrade")?;
     let mut c = Client {
-        ws,
+        conn,
         transport,
         next_id: 0,
     };
     if transport == Transport::Sio {
-        c.ws.send(Message::text(wire::sio_connect(token))).await?;
+        c.conn.send_text(&wire::sio_connect(token)).await?;
     }
     // The handshake has a deadline so a stuck server shows up as a failed connect, not a hang.
     tokio::time::timeout(Duration::from_secs(30), c.await_connected())
@@ -72,46 +62,33 @@ pub async fn connect(
 impl Client {
     async fn await_connected(&mut self) -> Result<()> {
         loop {
-            let text = self.next_text().await?;
+            let text = self.conn.next_text().await?;
             match wire::classify(self.transport, &text) {
                 Incoming::Connected => return Ok(()),
                 Incoming::Refused(why) => bail!("refused: {why}"),
-                Incoming::Ping => self.ws.send(Message::text(wire::PONG)).await?,
+                Incoming::Ping => self.conn.send_text(wire::PONG).await?,
                 _ => {}
             }
         }
     }
 
-    /// The next text frame; closes and errors end the connection.
-    pub async fn next_text(&mut self) -> Result<String> {
-        loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_owned()),
-                Some(Ok(Message::Close(f))) => bail!("closed by server: {f:?}"),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => bail!("connection ended"),
-            }
-        }
+    /// The id the next request gets.
+    pub fn next_request_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
     }
 
     /// Sends a request and returns its ack id.
     pub async fn send_request(&mut self, event: &str, payload: &Value) -> Result<u64> {
-        self.next_id += 1;
-        let id = self.next_id;
-        self.ws
-            .send(Message::text(wire::request(
-                self.transport,
-                id,
-                event,
-                payload,
-            )))
+        let id = self.next_request_id();
+        self.conn
+            .send_text(&wire::request(self.transport, id, event, payload))
             .await?;
         Ok(id)
     }
 
-    /// Sends a request and waits for its ack, answering pings and skipping events meanwhile
-    /// (used only during set-up and recovery, where events are handled by the caller's `on_event`).
+    /// Sends a request and waits for its ack, answering pings meanwhile; events go to `on_event`
+    /// (set-up only: the timed phase handles acks in the worker's receive loop).
     pub async fn call(
         &mut self,
         event: &str,
@@ -120,19 +97,16 @@ impl Client {
     ) -> Result<Value> {
         let want = self.send_request(event, payload).await?;
         loop {
-            let text = self.next_text().await?;
+            let text = self.conn.next_text().await?;
             match wire::classify(self.transport, &text) {
                 Incoming::Ack { id, body } if id == want => {
                     let v: Value = serde_json::from_str(body)?;
-                    if let Some(e) = v.get("error").or_else(|| {
-                        (v.get("type").and_then(Value::as_str) == Some("error"))
-                            .then(|| &v["payload"])
-                    }) {
+                    if let Some(e) = wire::ack_error(&v) {
                         bail!("{event} failed: {e}");
                     }
                     return Ok(v);
                 }
-                Incoming::Ping => self.ws.send(Message::text(wire::PONG)).await?,
+                Incoming::Ping => self.conn.send_text(wire::PONG).await?,
                 Incoming::Event { frame } => on_event(frame),
                 Incoming::Refused(why) => bail!("{event} refused: {why}"),
                 _ => {}

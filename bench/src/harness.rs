@@ -22,6 +22,17 @@ pub struct Pinning {
 }
 
 impl Pinning {
+    /// Cores the generator may use (one when it is not pinned: it then shares with the server).
+    pub fn generator_cores(&self) -> usize {
+        match &self.generator {
+            Some(range) => range
+                .split_once('-')
+                .and_then(|(a, b)| Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?))
+                .unwrap_or(1),
+            None => 1,
+        }
+    }
+
     pub fn detect(disabled: bool) -> Pinning {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let taskset = std::path::Path::new("/usr/bin/taskset").exists();
@@ -155,16 +166,42 @@ pub fn sources_for(worker: usize) -> Vec<IpAddr> {
         .collect()
 }
 
+/// How the clients `0..count` are split over processes: the senders (the first
+/// `rooms × senders_per_room` indices) alone in the first, so a receive backlog never delays a
+/// scheduled send; the receivers over at least one process per generator core and at most
+/// [`CLIENTS_PER_WORKER`] each. Returns `(first, count)` per process.
+pub fn split(count: usize, senders: usize, cores: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let senders = senders.min(count);
+    if senders > 0 && senders < count {
+        out.push((0, senders));
+    }
+    let first = if out.is_empty() { 0 } else { senders };
+    let rest = count - first;
+    let n = rest
+        .div_ceil(CLIENTS_PER_WORKER)
+        .max(cores.max(1))
+        .min(rest.max(1));
+    let mut at = first;
+    for w in 0..n {
+        let c = rest / n + usize::from(w < rest % n);
+        out.push((at, c));
+        at += c;
+    }
+    out
+}
+
 impl Fleet {
-    /// Splits `template` over as many workers as `template.count` needs.
+    /// Splits `template.count` clients over processes as [`split`] says.
     pub async fn spawn(pin: &Pinning, template: &WorkerSpec) -> Result<Fleet> {
         let exe = std::env::current_exe()?;
         let exe = exe.to_str().context("exe path")?;
-        let n = template.count.div_ceil(CLIENTS_PER_WORKER).max(1);
+        let senders = template.rooms.len() * template.senders_per_room;
         let mut workers = Vec::new();
-        let mut first = template.first;
-        for w in 0..n {
-            let count = template.count / n + usize::from(w < template.count % n);
+        for (w, (first, count)) in split(template.count, senders, pin.generator_cores())
+            .into_iter()
+            .enumerate()
+        {
             let spec = WorkerSpec {
                 worker: w,
                 first,
@@ -172,7 +209,6 @@ impl Fleet {
                 sources: sources_for(w),
                 ..template.clone()
             };
-            first += count;
             let mut cmd = pinned(&pin.generator, exe);
             cmd.arg("worker")
                 .arg("--spec")
@@ -219,24 +255,42 @@ impl Fleet {
         Ok((ok, failed))
     }
 
-    /// Starts the timed phase everywhere at once and collects the results.
+    async fn tell(&mut self, line: &str) -> Result<()> {
+        for (_, stdin, _) in &mut self.workers {
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Runs one round everywhere from one common instant (a little ahead, so every process has
+    /// the line before it) and collects the results.
     pub async fn go(
         &mut self,
         rate_per_sender: f64,
         timeout: Duration,
     ) -> Result<Vec<WorkerResult>> {
-        for (_, stdin, _) in &mut self.workers {
-            stdin
-                .write_all(format!("go {rate_per_sender}\n").as_bytes())
-                .await?;
-            stdin.flush().await?;
-        }
+        let start = crate::worker::unix_nanos() + 300_000_000;
+        self.tell(&format!("go {rate_per_sender} {start}\n"))
+            .await?;
         let mut out = Vec::new();
         for (_, _, lines) in &mut self.workers {
             let v = Self::next_event(lines, "result", timeout).await?;
             out.push(serde_json::from_value(v["result"].clone())?);
         }
         Ok(out)
+    }
+
+    /// Waits until no worker has received anything for 0.5 s (at most `max`): an overloaded
+    /// step's backlog must not run into the next step. Returns the longest wait.
+    pub async fn quiet(&mut self, max: Duration) -> Result<Duration> {
+        self.tell(&format!("quiet {}\n", max.as_millis())).await?;
+        let mut longest = Duration::ZERO;
+        for (_, _, lines) in &mut self.workers {
+            let v = Self::next_event(lines, "quiet", max + Duration::from_secs(30)).await?;
+            longest = longest.max(Duration::from_millis(v["waited_ms"].as_u64().unwrap_or(0)));
+        }
+        Ok(longest)
     }
 
     pub async fn stop(mut self) {
@@ -259,9 +313,14 @@ pub struct Totals {
     pub connected: u64,
     pub failed: u64,
     pub sent: u64,
-    pub acked: u64,
-    pub ack_errors: u64,
+    pub accepted: u64,
+    pub refused: u64,
+    pub errors: u64,
+    pub unanswered: u64,
     pub received: u64,
+    pub stale: u64,
+    /// The send window, and the time from the round's start to its last delivery.
+    pub duration_s: f64,
     pub window_s: f64,
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
@@ -270,10 +329,17 @@ pub struct Totals {
     pub recv_p99_ms: f64,
     pub recv_max_ms: f64,
     pub disconnects: u64,
+    pub dropped: u64,
     pub reconnected: u64,
-    pub synced: u64,
-    pub all_synced_ms: f64,
+    pub caught_up: u64,
+    pub not_caught_up: u64,
+    pub all_reconnected_ms: f64,
+    pub all_caught_up_ms: f64,
+    pub retries: u64,
     pub lost: u64,
+    /// The generator's CPU time in the round, all processes: senders and receivers.
+    pub generator_cpu_ms: f64,
+    pub receiver_cpu_ms: f64,
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -284,7 +350,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 pub fn fold(results: &[WorkerResult], duration_s: f64, storm: bool) -> Result<Totals> {
-    let mut ack = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut ack = crate::worker::new_hist();
     let mut recv = ack.clone();
     let rooms = results
         .iter()
@@ -296,9 +362,13 @@ pub fn fold(results: &[WorkerResult], duration_s: f64, storm: bool) -> Result<To
         connected: 0,
         failed: 0,
         sent: 0,
-        acked: 0,
-        ack_errors: 0,
+        accepted: 0,
+        refused: 0,
+        errors: 0,
+        unanswered: 0,
         received: 0,
+        stale: 0,
+        duration_s,
         window_s: duration_s,
         ack_p50_ms: 0.0,
         ack_p99_ms: 0.0,
@@ -307,10 +377,16 @@ pub fn fold(results: &[WorkerResult], duration_s: f64, storm: bool) -> Result<To
         recv_p99_ms: 0.0,
         recv_max_ms: 0.0,
         disconnects: 0,
+        dropped: 0,
         reconnected: 0,
-        synced: 0,
-        all_synced_ms: 0.0,
+        caught_up: 0,
+        not_caught_up: 0,
+        all_reconnected_ms: 0.0,
+        all_caught_up_ms: 0.0,
+        retries: 0,
         lost: 0,
+        generator_cpu_ms: 0.0,
+        receiver_cpu_ms: 0.0,
     };
     for r in results {
         ack.add(decode_hist(&r.ack_hist)?)?;
@@ -318,14 +394,25 @@ pub fn fold(results: &[WorkerResult], duration_s: f64, storm: bool) -> Result<To
         t.connected += r.connected;
         t.failed += r.failed;
         t.sent += r.sent;
-        t.acked += r.acked;
-        t.ack_errors += r.ack_errors;
+        t.accepted += r.accepted;
+        t.refused += r.refused;
+        t.errors += r.errors;
+        t.unanswered += r.unanswered;
         t.received += r.received;
-        t.window_s = t.window_s.max(r.last_receive_ms / 1000.0);
+        t.stale += r.stale;
+        t.window_s = t.window_s.max(r.last_delivery_ms / 1000.0);
         t.disconnects += r.disconnects;
+        t.dropped += r.dropped;
         t.reconnected += r.reconnected;
-        t.synced += r.synced;
-        t.all_synced_ms = t.all_synced_ms.max(r.all_synced_ms);
+        t.caught_up += r.caught_up;
+        t.not_caught_up += r.not_caught_up;
+        t.all_reconnected_ms = t.all_reconnected_ms.max(r.all_reconnected_ms);
+        t.all_caught_up_ms = t.all_caught_up_ms.max(r.all_caught_up_ms);
+        t.retries += r.retries;
+        t.generator_cpu_ms += r.cpu_ms;
+        if r.sent == 0 {
+            t.receiver_cpu_ms += r.cpu_ms;
+        }
         for (f, m) in room_final.iter_mut().zip(&r.room_max_acked) {
             *f = (*f).max(*m);
         }
@@ -361,4 +448,26 @@ pub fn sibling_bin(env: &str, name: &str) -> Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn senders_get_a_process_of_their_own_and_receivers_are_spread() {
+        assert_eq!(split(1000, 1, 1), vec![(0, 1), (1, 999)]);
+        assert_eq!(split(10_000, 10, 1), vec![(0, 10), (10, 9990)]);
+        assert_eq!(
+            split(19_000, 100, 1),
+            vec![(0, 100), (100, 9450), (9550, 9450)]
+        );
+        assert_eq!(
+            split(1000, 1, 3),
+            vec![(0, 1), (1, 333), (334, 333), (667, 333)]
+        );
+        // Idle clients (no rooms) and a fleet of senders only stay whole.
+        assert_eq!(split(100, 0, 1), vec![(0, 100)]);
+        assert_eq!(split(20, 20, 1), vec![(0, 20)]);
+    }
 }

@@ -1,11 +1,16 @@
-//! `confab-bench`: runs the scenarios (orchestrator), one generator process (`worker`), or checks a run's results (`check`).
+//! `confab-bench`: runs the scenarios (orchestrator), one generator process (`worker`), checks a
+//! run's results (`check`), writes them into BENCHMARKS.md (`report`), or measures the
+//! generator's own receive path (`recv-bench`).
 
 mod check;
 mod client;
 mod harness;
+mod recv;
+mod report;
 mod scenarios;
 mod wire;
 mod worker;
+mod ws;
 
 use std::path::PathBuf;
 
@@ -30,6 +35,16 @@ enum Cmd {
         /// s1..s5 or all (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "all")]
         scenarios: Vec<String>,
+        /// confab, node, bare or all (comma-separated): the servers S1–S3 compare. For targeted
+        /// checks; a table for BENCHMARKS.md needs all.
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        servers: Vec<String>,
+        /// S3 shapes as ROOMSxMEMBERS (comma-separated), for targeted checks; default: the mode's.
+        #[arg(long, value_delimiter = ',')]
+        shapes: Vec<String>,
+        /// S3's first offered rate (deliveries/s), for targeted checks; default 20000.
+        #[arg(long)]
+        s3_start: Option<f64>,
         #[arg(long, default_value = "artifacts/bench")]
         out: PathBuf,
         /// The Node peer (with node_modules installed).
@@ -59,13 +74,28 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "all")]
         scenarios: Vec<String>,
     },
-    /// One generator process (started by `run`; speaks JSON lines on stdin/stdout).
+    /// Replaces the generated part of BENCHMARKS.md (between its markers) with the tables of
+    /// a run's results.json.
+    Report {
+        results: PathBuf,
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        into: PathBuf,
+    },
+    /// Measures the generator's receive path (WebSocket framing, scan for stamp and seq, tally,
+    /// histogram) over frames recorded from each server, on this thread; prints frames/s.
+    RecvBench {
+        /// Frames per server.
+        #[arg(long, default_value_t = 2_000_000)]
+        frames: usize,
+        /// Bytes handed to the parser per read (what one read from a busy socket returns).
+        #[arg(long, default_value_t = 16_384)]
+        read_bytes: usize,
+    },
+    /// One generator process (started by `run`; speaks JSON lines on stdin/stdout). One thread:
+    /// the orchestrator starts one process per generator core or more.
     Worker {
         #[arg(long)]
         spec: String,
-        /// Runtime threads; one is right when the generator has one core.
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
     },
 }
 
@@ -99,17 +129,47 @@ fn main() -> Result<()> {
             println!("{}: {} ok", results.display(), wanted.join(","));
             Ok(())
         }
-        Cmd::Worker { spec, threads } => {
+        Cmd::Worker { spec } => {
             let spec: worker::WorkerSpec = serde_json::from_str(&spec)?;
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if threads > 0 {
-                rt.worker_threads(threads);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(worker::run(spec))
+        }
+        Cmd::Report { results, into } => {
+            let text = std::fs::read_to_string(&results)
+                .with_context(|| format!("reading {}", results.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", results.display()))?;
+            let doc = std::fs::read_to_string(&into)
+                .with_context(|| format!("reading {}", into.display()))?;
+            let out = report::splice(&doc, &report::render(&json)?)
+                .with_context(|| format!("updating {}", into.display()))?;
+            std::fs::write(&into, out)?;
+            println!(
+                "{}: results of {} written",
+                into.display(),
+                results.display()
+            );
+            Ok(())
+        }
+        Cmd::RecvBench { frames, read_bytes } => {
+            println!(
+                "receive path on one thread: {frames} recorded frames per server, {read_bytes} bytes per read"
+            );
+            println!("| server | frame bytes (avg) | frames/s | ns/frame |");
+            println!("| --- | --- | --- | --- |");
+            for (name, rate, avg) in recv::bench(frames, read_bytes)? {
+                println!("| {name} | {avg} | {rate:.0} | {:.1} |", 1e9 / rate);
             }
-            rt.enable_all().build()?.block_on(worker::run(spec))
+            Ok(())
         }
         Cmd::Run {
             mode,
             scenarios: which,
+            servers,
+            shapes,
+            s3_start,
             out,
             node_dir,
             postgres_url,
@@ -119,6 +179,12 @@ fn main() -> Result<()> {
             let opts = scenarios::Opts {
                 mode,
                 scenarios: which.iter().map(|s| s.to_lowercase()).collect(),
+                servers: servers.iter().map(|s| s.to_lowercase()).collect(),
+                shapes: shapes
+                    .iter()
+                    .map(|s| scenarios::parse_shape(s))
+                    .collect::<Result<_>>()?,
+                s3_start,
                 out_dir: out,
                 node_dir,
                 postgres_url,

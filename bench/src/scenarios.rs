@@ -1,6 +1,5 @@
 //! Scenarios S1–S5 against Confab and its peers, in one invocation, into one JSON and one table.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,6 +24,11 @@ pub enum Mode {
 pub struct Opts {
     pub mode: Mode,
     pub scenarios: Vec<String>,
+    /// confab, node, bare or all: the servers S1–S3 compare (S4 and S5 are Confab's alone).
+    pub servers: Vec<String>,
+    /// S3 shapes (rooms, members) instead of the mode's; empty: the mode's.
+    pub shapes: Vec<(usize, usize)>,
+    pub s3_start: Option<f64>,
     pub out_dir: PathBuf,
     pub node_dir: PathBuf,
     pub postgres_url: String,
@@ -58,8 +62,12 @@ pub struct Bench {
     opts: Opts,
     gateway_bin: String,
     json: serde_json::Map<String, Value>,
-    md: String,
-    summary: Vec<String>,
+    /// Every table printed: `{title, note?, load, head, rows}` (rendered by `report`).
+    tables: Vec<Value>,
+    summary: Vec<Vec<String>>,
+    failures: Vec<String>,
+    /// Seconds each scenario took (the full run has a 25-minute budget).
+    timings: Vec<(String, u64)>,
     tmp: tempdir::Dir,
     ws_available: Option<bool>,
 }
@@ -119,8 +127,10 @@ impl Bench {
             opts,
             gateway_bin,
             json: serde_json::Map::new(),
-            md: String::new(),
+            tables: Vec::new(),
             summary: Vec::new(),
+            failures: Vec::new(),
+            timings: Vec::new(),
             tmp: tempdir::Dir::new()?,
             ws_available: None,
         })
@@ -196,6 +206,34 @@ impl Bench {
         harness::create_rooms(&server.url, &token(SECRET, "bench-admin")?, n).await
     }
 
+    /// Whether `--servers` lets `target` run (`confab` covers Confab with either store).
+    fn serves(&self, target: Target) -> bool {
+        let key = match target {
+            Target::Confab | Target::ConfabPostgres => "confab",
+            Target::Node => "node",
+            Target::Bare => "bare",
+        };
+        self.opts.servers.iter().any(|s| s == key || s == "all")
+    }
+
+    /// The servers and transports a scenario compares, as `--servers` allows.
+    async fn targets(&mut self) -> Result<Vec<(Target, Transport)>> {
+        let mut out = Vec::new();
+        if self.serves(Target::Confab) {
+            out.push((Target::Confab, Transport::Sio));
+            if self.confab_ws().await? {
+                out.push((Target::Confab, Transport::Ws));
+            }
+        }
+        if self.serves(Target::Node) {
+            out.push((Target::Node, Transport::Sio));
+        }
+        if self.serves(Target::Bare) {
+            out.push((Target::Bare, Transport::Ws));
+        }
+        Ok(out)
+    }
+
     /// Whether the gateway serves `/ws` (another branch adds it): probed once with one client.
     async fn confab_ws(&mut self) -> Result<bool> {
         if let Some(v) = self.ws_available {
@@ -224,9 +262,9 @@ impl Bench {
         rooms: Vec<String>,
         count: usize,
         senders_per_room: usize,
-        rate_per_sender: f64,
         duration_ms: u64,
         drain_ms: u64,
+        quiet_ms: u64,
         storm: bool,
     ) -> WorkerSpec {
         WorkerSpec {
@@ -239,9 +277,9 @@ impl Bench {
             count,
             rooms,
             senders_per_room,
-            rate_per_sender,
             duration_ms,
             drain_ms,
+            quiet_ms,
             storm,
             connect_concurrency: 256,
         }
@@ -268,29 +306,41 @@ impl Bench {
         harness::fold(&results, spec.duration_ms as f64 / 1000.0, spec.storm)
     }
 
-    async fn measure(&self, spec: &WorkerSpec) -> Result<Totals> {
+    async fn measure(&self, spec: &WorkerSpec, rate_per_sender: f64) -> Result<Totals> {
         let mut fleet = self.fleet(spec).await?;
-        let t = Self::round(&mut fleet, spec, spec.rate_per_sender).await;
+        let t = Self::round(&mut fleet, spec, rate_per_sender).await;
         fleet.stop().await;
         t
     }
 
     fn section(&mut self, title: &str, head: &[&str]) {
-        let _ = writeln!(
-            self.md,
-            "\n### {title}\n\nload average at start: {}\n",
-            loadavg()
-        );
-        let _ = writeln!(self.md, "| {} |", head.join(" | "));
-        let _ = writeln!(self.md, "|{}", " --- |".repeat(head.len()));
+        self.tables
+            .push(json!({"title": title, "load": loadavg(), "head": head, "rows": []}));
+    }
+
+    fn note(&mut self, note: String) {
+        if let Some(t) = self.tables.last_mut() {
+            t["note"] = json!(note);
+        }
     }
 
     fn row(&mut self, cells: &[String]) {
-        let _ = writeln!(self.md, "| {} |", cells.join(" | "));
+        if let Some(rows) = self
+            .tables
+            .last_mut()
+            .and_then(|t| t["rows"].as_array_mut())
+        {
+            rows.push(json!(cells));
+        }
+    }
+
+    fn goal(&mut self, goal: String, measured: String, vs_node: String, vs_bare: String) {
+        self.summary.push(vec![goal, measured, vs_node, vs_bare]);
     }
 
     pub async fn run(mut self) -> Result<()> {
         let started = std::time::SystemTime::now();
+        let started_at = utc_now();
         self.json
             .insert("mode".into(), json!(format!("{:?}", self.opts.mode)));
         self.json.insert("load_at_start".into(), json!(loadavg()));
@@ -298,12 +348,12 @@ impl Bench {
             "pinning".into(),
             json!({"server": self.opts.pin.server, "generator": self.opts.pin.generator}),
         );
-        let mut failures = Vec::new();
         for s in ["s1", "s2", "s3", "s4", "s5"] {
             if !self.wants(s) {
                 continue;
             }
             eprintln!("== {} (load {})", s.to_uppercase(), loadavg());
+            let t0 = std::time::Instant::now();
             let r = match s {
                 "s1" => self.s1().await,
                 "s2" => self.s2().await,
@@ -311,10 +361,12 @@ impl Bench {
                 "s4" => self.s4().await,
                 _ => self.s5().await,
             };
+            let took = t0.elapsed().as_secs();
+            eprintln!("== {} took {took} s", s.to_uppercase());
+            self.timings.push((s.to_owned(), took));
             if let Err(e) = r {
                 eprintln!("!! {s} failed: {e:#}");
-                let _ = writeln!(self.md, "\n**{s} failed:** {e:#}\n");
-                failures.push(format!("{s}: {e:#}"));
+                self.failures.push(format!("{s}: {e:#}"));
             }
         }
         self.json.insert("load_at_end".into(), json!(loadavg()));
@@ -322,30 +374,33 @@ impl Bench {
             "seconds".into(),
             json!(started.elapsed().map(|d| d.as_secs()).unwrap_or(0)),
         );
-        let mut out = format!(
-            "## Results ({:?} run; load average at end {})\n\n",
-            self.opts.mode,
-            loadavg()
+        self.json
+            .insert("context".into(), context(&self.opts, started_at));
+        self.json.insert("summary".into(), json!(self.summary));
+        self.json.insert("tables".into(), json!(self.tables));
+        self.json.insert("failures".into(), json!(self.failures));
+        self.json.insert(
+            "scenario_seconds".into(),
+            Value::Object(
+                self.timings
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect(),
+            ),
         );
-        if !self.summary.is_empty() {
-            out.push_str("| goal | measured | ratio Confab÷Node | ratio Confab÷bare |\n| --- | --- | --- | --- |\n");
-            for l in &self.summary {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out.push_str(&self.md);
-        std::fs::write(self.opts.out_dir.join("results.md"), &out)?;
+        let json = Value::Object(std::mem::take(&mut self.json));
         std::fs::write(
             self.opts.out_dir.join("results.json"),
-            serde_json::to_string_pretty(&Value::Object(self.json))?,
+            serde_json::to_string_pretty(&json)?,
         )?;
-        println!("{out}");
-        if !failures.is_empty() {
+        let md = crate::report::render(&json)?;
+        std::fs::write(self.opts.out_dir.join("results.md"), &md)?;
+        println!("{md}");
+        if !self.failures.is_empty() {
             bail!(
                 "{} scenario(s) failed: {}",
-                failures.len(),
-                failures.join("; ")
+                self.failures.len(),
+                self.failures.join("; ")
             );
         }
         Ok(())
@@ -358,12 +413,7 @@ impl Bench {
             Mode::Quick => &[1_000, 10_000],
             Mode::Full => &[1_000, 10_000, 19_000],
         };
-        let mut targets = vec![(Target::Confab, Transport::Sio)];
-        if self.confab_ws().await? {
-            targets.push((Target::Confab, Transport::Ws));
-        }
-        targets.push((Target::Node, Transport::Sio));
-        targets.push((Target::Bare, Transport::Ws));
+        let targets = self.targets().await?;
         self.section(
             "S1 — idle connections: server RSS per connection",
             &[
@@ -389,7 +439,7 @@ impl Bench {
                     vec![],
                     n,
                     0,
-                    0.0,
+                    0,
                     0,
                     0,
                     false,
@@ -447,20 +497,26 @@ impl Bench {
             .copied()
             .unwrap_or(f64::NAN);
         if let Some(&c) = at_10k.get(&(Target::Confab, Transport::Sio)) {
-            self.summary.push(format!(
-                "| S1 Socket.IO ≤ 16 KB per idle connection ({largest}) | {} KB {} | {} | {} |",
-                f1(c),
-                if c <= 16.0 { "✅" } else { "❌" },
+            self.goal(
+                format!("S1 Socket.IO ≤ 16 KB per idle connection ({largest})"),
+                format!("{} KB {}", f1(c), if c <= 16.0 { "✅" } else { "❌" }),
                 ratio(c, node),
-                ratio(c, bare)
-            ));
+                ratio(c, bare),
+            );
         }
         match at_10k.get(&(Target::Confab, Transport::Ws)) {
-            Some(&c) => self.summary.push(format!(
-                "| S1 /ws ≤ 8 KB per idle connection ({largest}) | {} KB {} | {} | {} |",
-                f1(c), if c <= 8.0 { "✅" } else { "❌" }, ratio(c, node), ratio(c, bare)
-            )),
-            None => self.summary.push("| S1 /ws ≤ 8 KB per idle connection | not measured: the gateway has no /ws yet | – | – |".into()),
+            Some(&c) => self.goal(
+                format!("S1 /ws ≤ 8 KB per idle connection ({largest})"),
+                format!("{} KB {}", f1(c), if c <= 8.0 { "✅" } else { "❌" }),
+                ratio(c, node),
+                ratio(c, bare),
+            ),
+            None => self.goal(
+                "S1 /ws ≤ 8 KB per idle connection".into(),
+                "not measured: the gateway has no /ws yet".into(),
+                "–".into(),
+                "–".into(),
+            ),
         }
         self.json.insert("s1".into(), Value::Array(rows));
         Ok(())
@@ -474,15 +530,16 @@ impl Bench {
             Mode::Full => (
                 500,
                 &[250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0],
-                8,
+                5,
             ),
         };
-        let mut targets = vec![(Target::Confab, Transport::Sio)];
-        if self.confab_ws().await? {
-            targets.push((Target::Confab, Transport::Ws));
-        }
-        targets.push((Target::Node, Transport::Sio));
-        if self.opts.mode != Mode::Smoke {
+        let mut targets: Vec<_> = self
+            .targets()
+            .await?
+            .into_iter()
+            .filter(|t| t.0 != Target::Bare)
+            .collect();
+        if self.opts.mode != Mode::Smoke && self.serves(Target::ConfabPostgres) {
             targets.push((Target::ConfabPostgres, Transport::Sio));
         }
         self.section(
@@ -525,9 +582,9 @@ impl Bench {
                 rooms.clone(),
                 pairs * 2,
                 1,
-                0.0,
                 secs * 1000,
-                2000,
+                3000,
+                500,
                 false,
             );
             let mut fleet = match self.fleet(&spec).await {
@@ -546,14 +603,14 @@ impl Bench {
                         return Err(e);
                     }
                 };
-                let ok = t.ack_p99_ms < 10.0 && t.ack_errors == 0 && t.acked == t.sent;
+                let ok = t.ack_p99_ms < 10.0 && t.errors + t.refused == 0 && t.accepted == t.sent;
                 eprintln!(
                     "   {} {} {rate} msg/s: ack p50 {:.2} p99 {:.2} ms, {}/{} acked",
                     target.name(),
                     transport.name(),
                     t.ack_p50_ms,
                     t.ack_p99_ms,
-                    t.acked,
+                    t.accepted,
                     t.sent
                 );
                 self.row(&[
@@ -561,8 +618,8 @@ impl Bench {
                     transport.name().into(),
                     store.into(),
                     format!("{rate:.0}"),
-                    format!("{}/{}", t.acked, t.sent),
-                    t.ack_errors.to_string(),
+                    format!("{}/{}", t.accepted, t.sent),
+                    (t.errors + t.refused).to_string(),
                     f1(t.ack_p50_ms),
                     f1(t.ack_p99_ms),
                     f1(t.ack_max_ms),
@@ -570,16 +627,16 @@ impl Bench {
                 ]);
                 rows.push(json!({"server": target.name(), "transport": transport.name(), "store": store, "rate": rate, "totals": t, "load": loadavg()}));
                 if self.opts.mode == Mode::Smoke
-                    && (t.sent == 0 || t.acked != t.sent || t.received == 0)
+                    && (t.sent == 0 || t.accepted != t.sent || t.received == 0)
                 {
                     fleet.stop().await;
                     server.stop().await;
                     bail!(
-                        "{} {}: sent {} acked {} received {}",
+                        "{} {}: sent {} accepted {} received {}",
                         target.name(),
                         transport.name(),
                         t.sent,
-                        t.acked,
+                        t.accepted,
                         t.received
                     );
                 }
@@ -587,7 +644,7 @@ impl Bench {
                     best.insert((target, transport), rate);
                 }
                 // Far past saturation the next step only queues more: stop the sweep.
-                if t.ack_p99_ms > 1000.0 || t.acked * 10 < t.sent * 9 {
+                if t.ack_p99_ms > 1000.0 || t.accepted * 10 < t.sent * 9 {
                     break;
                 }
             }
@@ -608,53 +665,50 @@ impl Bench {
         ] {
             if let Some(&c) = best.get(&key) {
                 let met = node.is_finite() && c >= 10.0 * node;
-                self.summary.push(format!(
-                    "| S2 ≥ 10× Node at p99 < 10 ms ({label}) | {c:.0} msg/s vs Node {} {} | {} | – |",
-                    f1(node), if met { "✅" } else { "❌" }, ratio(c, node)
-                ));
+                self.goal(
+                    format!("S2 ≥ 10× Node at p99 < 10 ms ({label})"),
+                    format!(
+                        "{c:.0} msg/s vs Node {} {}",
+                        f1(node),
+                        if met { "✅" } else { "❌" }
+                    ),
+                    ratio(c, node),
+                    "–".into(),
+                );
             }
         }
         self.json.insert("s2".into(), Value::Array(rows));
         Ok(())
     }
 
-    /// S3: room fan-out; deliveries/s and publish→receive latency, swept by offered deliveries.
+    /// S3: room fan-out. Per shape and server, the offered rate is searched for the knee (see
+    /// [`next_rate`]); every step reports sends accepted and refused, deliveries against accepted
+    /// × members, and publish → receive latency.
     async fn s3(&mut self) -> Result<()> {
-        let (shapes, steps, secs): (&[(usize, usize)], &[f64], u64) = match self.opts.mode {
-            Mode::Smoke => (&[(2, 10)], &[200.0], 2),
-            Mode::Quick => (
-                &[(10, 1000), (100, 100)],
-                &[50_000.0, 200_000.0, 800_000.0],
-                4,
-            ),
-            Mode::Full => (
-                &[(10, 1000), (100, 100)],
-                &[
-                    25_000.0,
-                    50_000.0,
-                    100_000.0,
-                    200_000.0,
-                    400_000.0,
-                    800_000.0,
-                    1_600_000.0,
-                ],
-                6,
-            ),
-        };
-        let mut targets = vec![(Target::Confab, Transport::Sio)];
-        if self.confab_ws().await? {
-            targets.push((Target::Confab, Transport::Ws));
-        }
-        targets.push((Target::Node, Transport::Sio));
-        targets.push((Target::Bare, Transport::Ws));
+        let (shapes, secs, within, max_steps): (&[(usize, usize)], u64, f64, usize) =
+            match self.opts.mode {
+                Mode::Smoke => (&[(1, 10), (2, 10)], 2, f64::INFINITY, 1),
+                Mode::Quick => (&[(1, 1000), (10, 1000), (100, 100)], 3, 2.1, 6),
+                Mode::Full => (&[(1, 1000), (10, 1000), (100, 100)], 4, KNEE_WITHIN, 9),
+            };
+        let custom = self.opts.shapes.clone();
+        let shapes: &[(usize, usize)] = if custom.is_empty() { shapes } else { &custom };
+        let targets = self.targets().await?;
         self.section(
-            "S3 — room fan-out: one open-loop sender per room; sustained = ≥ 99 % delivered and p99 < 1 s",
-            &["rooms × members", "server", "transport", "offered deliveries/s", "delivered/s", "delivered %", "p50 (ms)", "p99 (ms)", "max (ms)"],
+            "S3 — room fan-out: one open-loop sender per room; sustained = 100 % of accepted × members delivered and p99 < 100 ms",
+            &["rooms × members", "server", "transport", "offered deliveries/s", "sends accepted", "refused (rate_limited)", "deliveries", "delivered % of accepted × members", "delivered/s", "p50 (ms)", "p99 (ms)", "max (ms)", "sustained", "generator CPU per delivery (ns)"],
         );
+        self.note(format!(
+            "Each step sends for {secs} s from a common start; delivered/s = deliveries ÷ (start → last delivery). \
+             Offered rates are searched per server: ×4 while p99 < 25 ms, ×2 otherwise, then halved \
+             geometrically until the highest sustained and the lowest unsustained step are within {}×.",
+            if within.is_finite() { format!("{within:.2}") } else { "–".into() }
+        ));
         let mut rows = Vec::new();
+        // Per shape: the highest sustained step of each server: (delivered/s, offered, p99, lowest failed).
+        let mut knees: Vec<Knee> = Vec::new();
+        let mut hint: std::collections::HashMap<(Target, Transport), f64> = Default::default();
         for &(n_rooms, members) in shapes {
-            let mut best: std::collections::HashMap<(Target, Transport), (f64, f64, f64)> =
-                Default::default();
             for &(target, transport) in &targets {
                 let server = self.start(target, &[]).await?;
                 let rooms = self.rooms(target, &server, n_rooms).await?;
@@ -664,9 +718,9 @@ impl Bench {
                     rooms.clone(),
                     n_rooms * members,
                     1,
-                    0.0,
                     secs * 1000,
-                    3000,
+                    4000,
+                    1000,
                     false,
                 );
                 let mut fleet = match self.fleet(&spec).await {
@@ -676,7 +730,19 @@ impl Bench {
                         return Err(e);
                     }
                 };
-                for &offered in steps {
+                let start = match self.opts.mode {
+                    Mode::Smoke => 200.0,
+                    _ => hint
+                        .get(&(target, transport))
+                        .copied()
+                        .or(self.opts.s3_start)
+                        .unwrap_or(S3_START),
+                };
+                let mut tried: Vec<Step> = Vec::new();
+                while tried.len() < max_steps {
+                    let Some(offered) = next_rate(&tried, start, within) else {
+                        break;
+                    };
                     let msgs = offered / members as f64;
                     let t = match Self::round(&mut fleet, &spec, msgs / n_rooms as f64).await {
                         Ok(t) => t,
@@ -686,78 +752,184 @@ impl Bench {
                             return Err(e);
                         }
                     };
-                    let expected = (t.acked.max(t.sent)) as f64 * members as f64;
-                    let frac = if expected > 0.0 {
-                        t.received as f64 / expected
-                    } else {
-                        0.0
-                    };
-                    let rate = t.received as f64 / t.window_s.max(secs as f64);
+                    let step = Step::of(offered, members, &t);
                     eprintln!(
-                        "   {n_rooms}×{members} {} {} offered {offered:.0}/s: {rate:.0}/s ({:.1} %), p50 {:.1} p99 {:.1} ms",
+                        "   {n_rooms}×{members} {} {} offered {offered:.0}/s: accepted {} refused {}, {:.0}/s ({:.2} % of accepted × members), p50 {:.1} p99 {:.1} ms{}",
                         target.name(),
                         transport.name(),
-                        frac * 100.0,
+                        t.accepted,
+                        t.refused,
+                        step.delivered_per_s,
+                        step.fraction * 100.0,
                         t.recv_p50_ms,
-                        t.recv_p99_ms
+                        t.recv_p99_ms,
+                        if step.sustained { ", sustained" } else { "" }
                     );
                     self.row(&[
                         format!("{n_rooms} × {members}"),
                         target.name().into(),
                         transport.name().into(),
                         format!("{offered:.0}"),
-                        format!("{rate:.0}"),
-                        format!("{:.1}", frac * 100.0),
+                        t.accepted.to_string(),
+                        t.refused.to_string(),
+                        t.received.to_string(),
+                        pct(step.fraction),
+                        format!("{:.0}", step.delivered_per_s),
                         f1(t.recv_p50_ms),
                         f1(t.recv_p99_ms),
                         f1(t.recv_max_ms),
+                        match (step.sustained, t.disconnects) {
+                            (true, 0) => "yes".into(),
+                            (false, 0) => "no".into(),
+                            (ok, n) => {
+                                format!("{} ({n} disconnected)", if ok { "yes" } else { "no" })
+                            }
+                        },
+                        cpu_per(&t),
                     ]);
-                    rows.push(json!({"rooms": n_rooms, "members": members, "server": target.name(), "transport": transport.name(), "offered": offered, "delivered_per_s": rate, "fraction": frac, "totals": t, "load": loadavg()}));
-                    if self.opts.mode == Mode::Smoke && (t.sent == 0 || frac < 0.99) {
+                    rows.push(
+                        json!({"rooms": n_rooms, "members": members, "server": target.name(),
+                        "transport": transport.name(), "offered": offered,
+                        "expected": t.accepted * members as u64, "delivered": t.received,
+                        "fraction": step.fraction, "delivered_per_s": step.delivered_per_s,
+                        "sustained": step.sustained, "totals": t, "load": loadavg()}),
+                    );
+                    if self.opts.mode == Mode::Smoke && (t.sent == 0 || step.fraction < 1.0) {
                         fleet.stop().await;
                         server.stop().await;
                         bail!(
-                            "{} {}: sent {} received {} of {expected}",
+                            "{} {}: sent {} accepted {} delivered {} of {}",
                             target.name(),
                             transport.name(),
                             t.sent,
-                            t.received
+                            t.accepted,
+                            t.received,
+                            t.accepted * members as u64
                         );
                     }
-                    let sustained = frac >= 0.99 && t.recv_p99_ms < 1000.0;
-                    if sustained {
-                        best.insert((target, transport), (rate, t.recv_p50_ms, t.recv_p99_ms));
-                    } else {
-                        break;
+                    let sustained = step.sustained;
+                    tried.push(step);
+                    if !sustained {
+                        // An overloaded step's backlog must not run into the next step.
+                        let _ = fleet.quiet(Duration::from_secs(10)).await;
                     }
                 }
                 fleet.stop().await;
                 server.stop().await;
-            }
-            let get = |k| best.get(&k).map_or(f64::NAN, |v: &(f64, f64, f64)| v.0);
-            let node = get((Target::Node, Transport::Sio));
-            let bare = get((Target::Bare, Transport::Ws));
-            for tr in [Transport::Sio, Transport::Ws] {
-                if let Some(&(c, p50, p99)) = best.get(&(Target::Confab, tr)) {
-                    let met = c >= 20.0 * node && c >= 0.7 * bare;
-                    self.summary.push(format!(
-                        "| S3 {n_rooms}×{members} ≥ 20× Node and ≥ 70 % of bare ({}) | {c:.0} deliveries/s (p50 {} / p99 {} ms); Node {}, bare {} {} | {} | {} |",
-                        tr.name(), f1(p50), f1(p99), f1(node), f1(bare), if met { "✅" } else { "❌" }, ratio(c, node), ratio(c, bare)
-                    ));
+                let best = tried
+                    .iter()
+                    .filter(|s| s.sustained)
+                    .max_by(|a, b| a.offered.total_cmp(&b.offered))
+                    .cloned();
+                let above = tried
+                    .iter()
+                    .filter(|s| !s.sustained && best.as_ref().is_none_or(|b| s.offered > b.offered))
+                    .map(|s| s.offered)
+                    .min_by(f64::total_cmp);
+                if let Some(b) = &best {
+                    hint.insert((target, transport), b.offered);
                 }
+                knees.push(((n_rooms, members), target, transport, best, above));
             }
         }
         self.json.insert("s3".into(), Value::Array(rows));
+        self.s3_knees(&knees);
         Ok(())
     }
 
-    /// S4: every receiver dropped at once; time until all are back and synced, and messages lost.
+    fn s3_knees(&mut self, knees: &[Knee]) {
+        self.section(
+            "S3 — highest sustained rate per server (the knee), and the ratios at it",
+            &[
+                "rooms × members",
+                "server",
+                "transport",
+                "highest sustained deliveries/s",
+                "its p99 (ms)",
+                "lowest unsustained offered above it",
+                "Confab ÷ bare",
+                "Confab ÷ Node",
+            ],
+        );
+        let rate = |shape, target, tr| {
+            knees
+                .iter()
+                .find(|k| k.0 == shape && k.1 == target && k.2 == tr)
+                .and_then(|k| k.3.as_ref())
+                .map_or(f64::NAN, |s| s.delivered_per_s)
+        };
+        let mut js = Vec::new();
+        for (shape, target, tr, best, above) in knees {
+            let (r, p99) = best
+                .as_ref()
+                .map_or((f64::NAN, f64::NAN), |s| (s.delivered_per_s, s.p99_ms));
+            let bare = rate(*shape, Target::Bare, Transport::Ws);
+            let node = rate(*shape, Target::Node, Transport::Sio);
+            let confab = *target == Target::Confab;
+            self.row(&[
+                format!("{} × {}", shape.0, shape.1),
+                target.name().into(),
+                tr.name().into(),
+                if r.is_nan() {
+                    "none".into()
+                } else {
+                    format!("{r:.0}")
+                },
+                f1(p99),
+                above.map_or("none (search ended)".into(), |a| format!("{a:.0}")),
+                if confab { ratio(r, bare) } else { "–".into() },
+                if confab { ratio(r, node) } else { "–".into() },
+            ]);
+            js.push(json!({"rooms": shape.0, "members": shape.1, "server": target.name(),
+                "transport": tr.name(), "sustained_per_s": if r.is_nan() { Value::Null } else { json!(r) },
+                "lowest_unsustained": above}));
+            if confab {
+                let met = r >= 20.0 * node && r >= 0.7 * bare;
+                self.goal(
+                    format!(
+                        "S3 {}×{} ≥ 20× Node and ≥ 70 % of bare ({})",
+                        shape.0,
+                        shape.1,
+                        tr.name()
+                    ),
+                    format!(
+                        "{} deliveries/s sustained (p99 {} ms); Node {}, bare {} {}",
+                        f1(r),
+                        f1(p99),
+                        f1(node),
+                        f1(bare),
+                        if met { "✅" } else { "❌" }
+                    ),
+                    ratio(r, node),
+                    ratio(r, bare),
+                );
+            }
+        }
+        let headline = rate((1, 1000), Target::Bare, Transport::Ws);
+        if knees.iter().any(|k| k.0 == (1, 1000)) {
+            self.goal(
+                "S3 generator not the limit: bare broadcaster sustains ≥ 1M deliveries/s (1×1000)"
+                    .into(),
+                format!(
+                    "{} deliveries/s {}",
+                    f1(headline),
+                    if headline >= 1e6 { "✅" } else { "❌" }
+                ),
+                "–".into(),
+                "–".into(),
+            );
+        }
+        self.json.insert("s3_knees".into(), Value::Array(js));
+    }
+
+    /// S4: every receiver dropped at one instant; time until all are reconnected and until all
+    /// have caught up (re-joined and synced), and messages lost.
     async fn s4(&mut self) -> Result<()> {
-        // The drain after the timed phase bounds how long the storm may take to settle.
+        // The drain bounds how long the storm may take to settle after the send window.
         let (clients, n_rooms, secs, drain) = match self.opts.mode {
-            Mode::Smoke => (60, 3, 3, 3_000),
-            Mode::Quick => (5_000, 50, 12, 8_000),
-            Mode::Full => (19_000, 100, 15, 10_000),
+            Mode::Smoke => (60, 3, 3, 15_000),
+            Mode::Quick => (5_000, 50, 9, 60_000),
+            Mode::Full => (19_000, 100, 12, 90_000),
         };
         let mut transports = vec![Transport::Sio];
         if self.confab_ws().await? {
@@ -765,8 +937,14 @@ impl Bench {
         }
         self.section(
             &format!("S4 — reconnect storm: {clients} clients in {n_rooms} rooms, all receivers dropped at once at t = {}s while one sender per room sends 2 msg/s", secs / 3),
-            &["server", "transport", "clients", "dropped", "reconnected", "synced", "all back and synced (s)", "messages lost", "failed clients"],
+            &["server", "transport", "clients", "dropped", "reconnected", "all reconnected (s)", "caught up", "all caught up (s)", "retries", "messages lost", "failed clients"],
         );
+        self.note(format!(
+            "Times are from the drop instant to the last client reconnected (transport connected) and to the \
+             last caught up (joined and synced to the room's seq); a count below \"dropped\" means some \
+             did not get there within {} s of the send window's end.",
+            drain / 1000
+        ));
         let mut rows = Vec::new();
         for tr in transports {
             let server = self.start(Target::Confab, &[]).await?;
@@ -777,51 +955,73 @@ impl Bench {
                 rooms,
                 clients,
                 1,
-                2.0,
                 secs * 1000,
                 drain,
+                1000,
                 true,
             );
-            let t = self.measure(&spec).await;
+            let t = self.measure(&spec, 2.0).await;
             server.stop().await;
             let t = t?;
-            let secs_back = t.all_synced_ms / 1000.0;
-            let met = t.synced + n_rooms as u64 >= clients as u64
-                && secs_back < 5.0
-                && t.lost == 0
-                && t.failed == 0;
+            let all_back = t.caught_up == t.dropped && t.dropped > 0;
+            let back_s = t.all_caught_up_ms / 1000.0;
+            let met = all_back && back_s < 5.0 && t.lost == 0 && t.failed == 0;
             eprintln!(
-                "   storm {}: {} reconnected, {} synced, all back in {secs_back:.2} s, {} lost",
+                "   storm {}: {} dropped, {} reconnected (all in {:.2} s), {} caught up (all in {back_s:.2} s), {} lost, {} failed",
                 tr.name(),
+                t.dropped,
                 t.reconnected,
-                t.synced,
-                t.lost
+                t.all_reconnected_ms / 1000.0,
+                t.caught_up,
+                t.lost,
+                t.failed
             );
+            let when = |n: u64, ms: f64| {
+                if n == t.dropped && n > 0 {
+                    f1(ms / 1000.0)
+                } else {
+                    format!("not all ({n} of {})", t.dropped)
+                }
+            };
             self.row(&[
                 "Confab".into(),
                 tr.name().into(),
                 clients.to_string(),
-                t.disconnects.to_string(),
+                t.dropped.to_string(),
                 t.reconnected.to_string(),
-                t.synced.to_string(),
-                f1(secs_back),
+                when(t.reconnected, t.all_reconnected_ms),
+                t.caught_up.to_string(),
+                when(t.caught_up, t.all_caught_up_ms),
+                t.retries.to_string(),
                 t.lost.to_string(),
                 t.failed.to_string(),
             ]);
-            self.summary.push(format!(
-                "| S4 all back < 5 s, 0 lost ({}, {clients} clients) | {} s, {} lost, {} failed {} | – | – |",
-                tr.name(), f1(secs_back), t.lost, t.failed, if met { "✅" } else { "❌" }
-            ));
+            self.goal(
+                format!(
+                    "S4 all back < 5 s, 0 lost ({}, {clients} clients)",
+                    tr.name()
+                ),
+                format!(
+                    "reconnected {} s, caught up {} s, {} lost, {} failed {}",
+                    when(t.reconnected, t.all_reconnected_ms),
+                    when(t.caught_up, t.all_caught_up_ms),
+                    t.lost,
+                    t.failed,
+                    if met { "✅" } else { "❌" }
+                ),
+                "–".into(),
+                "–".into(),
+            );
             rows.push(json!({"transport": tr.name(), "clients": clients, "rooms": n_rooms, "totals": t, "load": loadavg()}));
-            if t.lost > 0 || t.sent == 0 || (self.opts.mode == Mode::Smoke && !met) {
+            if t.lost > 0 || t.sent == 0 || (self.opts.mode == Mode::Smoke && !all_back) {
                 self.json.insert("s4".into(), Value::Array(rows));
                 bail!(
-                    "storm over {}: {} lost, {} failed, {} of {} synced",
+                    "storm over {}: {} lost, {} failed, {} of {} dropped caught up",
                     tr.name(),
                     t.lost,
                     t.failed,
-                    t.synced,
-                    clients
+                    t.caught_up,
+                    t.dropped
                 );
             }
         }
@@ -876,7 +1076,12 @@ impl Bench {
                     let why = format!("{e:#}");
                     eprintln!("   S5 not measured: {why}");
                     self.row(&[format!("not measured: the gateway could not start with CONFAB_BUS=rabbitmq and a postgres:// store ({why})"), String::new(), String::new(), String::new(), String::new(), String::new(), String::new()]);
-                    self.summary.push("| S5 p99 < 20 ms across three gateways | not measured: the distributed backends are not in this build | – | – |".into());
+                    self.goal(
+                        "S5 p99 < 20 ms across three gateways".into(),
+                        "not measured: the distributed backends are not in this build".into(),
+                        "–".into(),
+                        "–".into(),
+                    );
                     return Ok(());
                 }
             }
@@ -887,41 +1092,42 @@ impl Bench {
                 harness::create_rooms(&urls[0], &token(SECRET, "bench-admin")?, n_rooms).await?;
             let mut rows = Vec::new();
             let mut best = None;
+            let spec = Self::spec(
+                urls.clone(),
+                Transport::Sio,
+                rooms.clone(),
+                n_rooms * members,
+                1,
+                secs * 1000,
+                3000,
+                1000,
+                false,
+            );
+            let mut fleet = self.fleet(&spec).await?;
             for &offered in steps {
                 let msgs = offered / members as f64;
-                let spec = Self::spec(
-                    urls.clone(),
-                    Transport::Sio,
-                    rooms.clone(),
-                    n_rooms * members,
-                    1,
-                    msgs / n_rooms as f64,
-                    secs * 1000,
-                    3000,
-                    false,
-                );
-                let t = self.measure(&spec).await?;
-                // Senders receive their own messages locally; count only the cross-node ones.
-                let cross = (members - 1) as f64;
-                let expected = t.acked.max(t.sent) as f64 * members as f64;
-                let frac = if expected > 0.0 {
-                    t.received as f64 / expected
-                } else {
-                    0.0
+                let t = match Self::round(&mut fleet, &spec, msgs / n_rooms as f64).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        fleet.stop().await;
+                        return Err(e);
+                    }
                 };
-                let rate = t.received as f64 / t.window_s.max(secs as f64);
+                let step = Step::of(offered, members, &t);
                 eprintln!(
-                    "   S5 offered {offered:.0}/s: {rate:.0}/s ({:.1} %), p99 {:.1} ms",
-                    frac * 100.0,
+                    "   S5 offered {offered:.0}/s: {:.0}/s ({:.1} %), p99 {:.1} ms",
+                    step.delivered_per_s,
+                    step.fraction * 100.0,
                     t.recv_p99_ms
                 );
-                rows.push((offered, rate, frac, t.clone(), cross));
-                if frac >= 0.99 && t.recv_p99_ms < 1000.0 {
-                    best = Some((rate, t.recv_p99_ms));
+                rows.push((offered, step.delivered_per_s, step.fraction, t.clone()));
+                if step.fraction >= 0.99 && t.recv_p99_ms < 1000.0 {
+                    best = Some((step.delivered_per_s, t.recv_p99_ms));
                 } else {
                     break;
                 }
             }
+            fleet.stop().await;
             anyhow::Ok((rows, best))
         }
         .await;
@@ -931,7 +1137,7 @@ impl Bench {
         let (rows, best) = result?;
         let mut js = Vec::new();
         let mut first_p99 = f64::NAN;
-        for (offered, rate, frac, t, _) in &rows {
+        for (offered, rate, frac, t) in &rows {
             if first_p99.is_nan() {
                 first_p99 = t.recv_p99_ms;
             }
@@ -945,17 +1151,25 @@ impl Bench {
                 f1(t.ack_p99_ms),
             ]);
             js.push(
-                json!({"offered": offered, "delivered_per_s": rate, "fraction": frac, "totals": t}),
+                json!({"offered": offered, "expected": t.accepted * members as u64, "delivered": t.received,
+                    "delivered_per_s": rate, "fraction": frac, "totals": t}),
             );
         }
         if self.opts.mode == Mode::Smoke && rows.iter().any(|r| r.2 < 0.99) {
             bail!("S5 smoke: not everything was delivered across gateways");
         }
         let (rate, _) = best.unwrap_or((f64::NAN, f64::NAN));
-        self.summary.push(format!(
-            "| S5 p99 < 20 ms across three gateways | p99 {} ms at the lowest step; {} deliveries/s sustained {} | – | – |",
-            f1(first_p99), f1(rate), if first_p99 < 20.0 { "✅" } else { "❌" }
-        ));
+        self.goal(
+            "S5 p99 < 20 ms across three gateways".into(),
+            format!(
+                "p99 {} ms at the lowest step; {} deliveries/s sustained {}",
+                f1(first_p99),
+                f1(rate),
+                if first_p99 < 20.0 { "✅" } else { "❌" }
+            ),
+            "–".into(),
+            "–".into(),
+        );
         self.json.insert("s5".into(), Value::Array(js));
         Ok(())
     }
@@ -982,4 +1196,284 @@ pub fn context_line(opts: &Opts) -> String {
         opts.pin.server,
         opts.pin.generator
     )
+}
+
+/// `ROOMSxMEMBERS`, as `--shapes` takes it.
+pub fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once(['x', '×'])
+        .and_then(|(r, m)| Some((r.trim().parse().ok()?, m.trim().parse().ok()?)));
+    match parsed {
+        Some((r, m)) if r > 0 && m > 1 => Ok((r, m)),
+        _ => bail!("--shapes: {s:?} is not ROOMSxMEMBERS (e.g. 1x1000)"),
+    }
+}
+
+/// Knees are placed to within this ratio (the highest sustained step ÷ the lowest unsustained).
+pub const KNEE_WITHIN: f64 = 1.25;
+/// The first S3 step for a server with no earlier shape's knee to start from.
+pub const S3_START: f64 = 20_000.0;
+
+/// Per S3 shape and server: the highest sustained step and the lowest unsustained rate above it.
+type Knee = ((usize, usize), Target, Transport, Option<Step>, Option<f64>);
+
+/// One S3 (or S5) step, judged.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub offered: f64,
+    pub sustained: bool,
+    /// Far from the knee: worth a bigger jump.
+    pub easy: bool,
+    pub fraction: f64,
+    pub delivered_per_s: f64,
+    pub p99_ms: f64,
+}
+
+impl Step {
+    /// Sustained: every accepted send delivered to every member, and p99 < 100 ms.
+    pub fn of(offered: f64, members: usize, t: &Totals) -> Step {
+        let expected = t.accepted as f64 * members as f64;
+        let fraction = if expected > 0.0 {
+            t.received as f64 / expected
+        } else {
+            0.0
+        };
+        let delivered_per_s = t.received as f64 / t.window_s.max(t.duration_s).max(1e-9);
+        let sustained = expected > 0.0 && t.received as f64 >= expected && t.recv_p99_ms < 100.0;
+        Step {
+            offered,
+            sustained,
+            easy: sustained && t.recv_p99_ms < 25.0,
+            fraction,
+            delivered_per_s,
+            p99_ms: t.recv_p99_ms,
+        }
+    }
+}
+
+fn nice(x: f64) -> f64 {
+    // Two significant digits keep the table readable.
+    let mag = 10f64.powf(x.log10().floor() - 1.0);
+    (x / mag).round() * mag
+}
+
+/// The next offered rate of a knee search, or `None` once the knee is placed to within
+/// `within` (the highest sustained rate ÷ the lowest unsustained rate above it): from `start`,
+/// ×4 while the highest sustained step was easy (p99 < 25 ms), ×2 when it was not, ÷2 while
+/// nothing was sustained (down to 1,000/s), then the geometric middle of the bracket.
+pub fn next_rate(tried: &[Step], start: f64, within: f64) -> Option<f64> {
+    if tried.is_empty() {
+        return Some(start);
+    }
+    let lo = tried
+        .iter()
+        .filter(|s| s.sustained)
+        .max_by(|a, b| a.offered.total_cmp(&b.offered));
+    let Some(lo) = lo else {
+        let min = tried
+            .iter()
+            .map(|s| s.offered)
+            .fold(f64::INFINITY, f64::min);
+        return (min / 2.0 >= 1_000.0).then(|| nice(min / 2.0));
+    };
+    let hi = tried
+        .iter()
+        .filter(|s| !s.sustained && s.offered > lo.offered)
+        .map(|s| s.offered)
+        .min_by(f64::total_cmp);
+    let next = match hi {
+        None => nice(lo.offered * if lo.easy { 4.0 } else { 2.0 }),
+        Some(hi) if hi / lo.offered <= within => return None,
+        Some(hi) => nice((hi * lo.offered).sqrt()),
+    };
+    let fresh = !tried.iter().any(|s| (s.offered - next).abs() < 1e-6 * next);
+    fresh.then_some(next)
+}
+
+/// The receiving processes' CPU time per delivery: what one generator core can read is 1 s ÷ it.
+fn cpu_per(t: &Totals) -> String {
+    if t.received == 0 || t.receiver_cpu_ms <= 0.0 {
+        return "–".into();
+    }
+    format!("{:.0}", t.receiver_cpu_ms * 1e6 / t.received as f64)
+}
+
+fn pct(f: f64) -> String {
+    // 100.0 is printed only when every expected delivery arrived, never by rounding.
+    if f >= 1.0 {
+        format!("{:.1}", f * 100.0)
+    } else {
+        format!("{:.1}", (f * 1000.0).floor() / 10.0)
+    }
+}
+
+fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Where and on what a run ran, for the generated BENCHMARKS.md.
+fn context(opts: &Opts, started: String) -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_else(|| "?".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mode = match opts.mode {
+        Mode::Smoke => " --smoke",
+        Mode::Quick => " --quick",
+        Mode::Full => "",
+    };
+    let scen = if opts.scenarios.iter().any(|s| s == "all") {
+        String::new()
+    } else {
+        format!(" --scenarios {}", opts.scenarios.join(","))
+    };
+    let servers = if opts.servers.iter().any(|s| s == "all") {
+        String::new()
+    } else {
+        format!(" --servers {}", opts.servers.join(","))
+    };
+    json!({
+        "command": format!("bash scripts/bench.sh{mode}{scen}{servers}"),
+        "started": started,
+        "finished": utc_now(),
+        "commit": first_line("git", &["rev-parse", "--short", "HEAD"]),
+        "cores": cores.to_string(),
+        "cpu": cpu,
+        "kernel": kernel,
+        "versions": format!("{}; Node {}", first_line("rustc", &["--version"]), first_line("node", &["--version"])),
+        "server_cpus": opts.pin.server.clone().unwrap_or_else(|| "any".into()),
+        "generator_cpus": opts.pin.generator.clone().unwrap_or_else(|| "any".into()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(offered: f64, sustained: bool, p99: f64) -> Step {
+        Step {
+            offered,
+            sustained,
+            easy: sustained && p99 < 25.0,
+            fraction: if sustained { 1.0 } else { 0.9 },
+            delivered_per_s: offered,
+            p99_ms: p99,
+        }
+    }
+
+    /// Runs a search against a server whose knee is at `knee` (sustained below it).
+    fn search(start: f64, knee: f64) -> Vec<Step> {
+        let mut tried = Vec::new();
+        while let Some(r) = next_rate(&tried, start, KNEE_WITHIN) {
+            // Far below the knee the tail is short; near it, long.
+            let p99 = if r < knee / 4.0 { 5.0 } else { 60.0 };
+            tried.push(step(r, r < knee, p99));
+            assert!(tried.len() < 20, "the search ends");
+        }
+        tried
+    }
+
+    #[test]
+    fn the_knee_search_brackets_the_knee_within_a_quarter() {
+        for knee in [3_000.0, 33_000.0, 140_000.0, 1_000_000.0, 2_600_000.0] {
+            let tried = search(S3_START, knee);
+            let lo = tried
+                .iter()
+                .filter(|s| s.sustained)
+                .map(|s| s.offered)
+                .fold(0.0, f64::max);
+            let hi = tried
+                .iter()
+                .filter(|s| !s.sustained)
+                .map(|s| s.offered)
+                .fold(f64::INFINITY, f64::min);
+            assert!(lo < knee && knee <= hi, "knee {knee}: {lo}..{hi}");
+            assert!(
+                hi / lo <= KNEE_WITHIN * 1.01,
+                "knee {knee}: {lo}..{hi} ({} steps)",
+                tried.len()
+            );
+            assert!(tried.len() <= 9, "knee {knee}: {} steps", tried.len());
+        }
+    }
+
+    #[test]
+    fn nothing_sustained_halves_down_to_a_floor() {
+        let tried = search(S3_START, 10.0);
+        assert!(tried.iter().all(|s| !s.sustained));
+        assert!(tried.last().is_some_and(|s| s.offered < 2_000.0));
+    }
+
+    #[test]
+    fn a_step_is_sustained_only_when_every_accepted_send_reached_every_member_in_time() {
+        let t = |accepted: u64, received: u64, p99: f64| Totals {
+            connected: 10,
+            failed: 0,
+            sent: accepted,
+            accepted,
+            refused: 0,
+            errors: 0,
+            unanswered: 0,
+            received,
+            stale: 0,
+            duration_s: 4.0,
+            window_s: 4.05,
+            ack_p50_ms: 1.0,
+            ack_p99_ms: 1.0,
+            ack_max_ms: 1.0,
+            recv_p50_ms: 1.0,
+            recv_p99_ms: p99,
+            recv_max_ms: p99,
+            disconnects: 0,
+            dropped: 0,
+            reconnected: 0,
+            caught_up: 0,
+            not_caught_up: 0,
+            all_reconnected_ms: 0.0,
+            all_caught_up_ms: 0.0,
+            retries: 0,
+            lost: 0,
+            generator_cpu_ms: 1.0,
+            receiver_cpu_ms: 1.0,
+        };
+        let s = Step::of(10_000.0, 10, &t(4000, 40_000, 20.0));
+        assert!(s.sustained && s.easy);
+        assert!((s.delivered_per_s - 40_000.0 / 4.05).abs() < 1e-6);
+        assert!(!Step::of(10_000.0, 10, &t(4000, 39_999, 20.0)).sustained);
+        assert!(!Step::of(10_000.0, 10, &t(4000, 40_000, 100.0)).sustained);
+        assert!(!Step::of(10_000.0, 10, &t(0, 0, f64::NAN)).sustained);
+        assert_eq!(pct(39_999.0 / 40_000.0), "99.9");
+        assert_eq!(pct(1.0), "100.0");
+    }
 }

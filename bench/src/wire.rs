@@ -21,13 +21,12 @@ impl Transport {
         }
     }
 
-    /// The WebSocket URL for `base` (`http://host:port`); `/ws` carries the token in the query
-    /// because a browser-like client cannot set headers on an upgrade.
-    pub fn url(self, base: &str, token: &str) -> String {
-        let ws = base.replacen("http", "ws", 1);
+    /// The upgrade's path; `/ws` carries the token in the query because a browser-like client
+    /// cannot set headers on an upgrade.
+    pub fn path(self, token: &str) -> String {
         match self {
-            Transport::Sio => format!("{ws}/socket.io/?EIO=4&transport=websocket"),
-            Transport::Ws => format!("{ws}/ws?token={token}"),
+            Transport::Sio => "/socket.io/?EIO=4&transport=websocket".into(),
+            Transport::Ws => format!("/ws?token={token}"),
         }
     }
 }
@@ -64,6 +63,20 @@ pub fn request(t: Transport, id: u64, event: &str, payload: &Value) -> String {
             serde_json::json!({ "type": event, "id": id, "payload": payload }).to_string()
         }
     }
+}
+
+/// The error an ack carries: Socket.IO `{error: {code, message}}`, `/ws` an `error` frame.
+pub fn ack_error(v: &Value) -> Option<&Value> {
+    v.get("error")
+        .or_else(|| (v.get("type").and_then(Value::as_str) == Some("error")).then(|| &v["payload"]))
+}
+
+/// The stable code of a refused request (`rate_limited`, `unavailable`, …) from an ack body.
+pub fn error_code(body: &str) -> Option<&str> {
+    if !body.contains("\"error\"") {
+        return None;
+    }
+    Some(str_field(body, "code").unwrap_or("unknown"))
 }
 
 /// Classifies one server text frame.
@@ -165,21 +178,6 @@ pub fn stamp(unix_nanos: u128, seq: u64) -> String {
     format!("bench ~T{unix_nanos}~ #{seq}")
 }
 
-/// The scheduled send time stamped into a message frame, if any.
-pub fn stamp_of(frame: &str) -> Option<u128> {
-    let at = frame.find("~T")? + 2;
-    let n = frame[at..].bytes().take_while(u8::is_ascii_digit).count();
-    frame[at..at + n].parse().ok()
-}
-
-/// Whether an event frame is a `new_message`.
-pub fn is_new_message(t: Transport, frame: &str) -> bool {
-    match t {
-        Transport::Sio => frame.starts_with("42[\"new_message\""),
-        Transport::Ws => frame.contains("\"type\":\"new_message\""),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,7 +200,6 @@ mod tests {
         );
         let ev = "42[\"new_message\",{\"seq\":1}]";
         assert_eq!(classify(t, ev), Incoming::Event { frame: ev });
-        assert!(is_new_message(t, ev));
     }
 
     #[test]
@@ -222,7 +219,6 @@ mod tests {
         let err = r#"{"type":"error","id":8,"payload":{"code":"invalid","message":"m"}}"#;
         assert_eq!(classify(t, err), Incoming::Ack { id: 8, body: err });
         let ev = r#"{"type":"new_message","payload":{"seq":2}}"#;
-        assert!(is_new_message(t, ev));
         assert_eq!(classify(t, ev), Incoming::Event { frame: ev });
     }
 
@@ -237,15 +233,5 @@ mod tests {
             .expect("valid json");
         assert_eq!(ws["id"], 5);
         assert_eq!(ws["type"], "join_conversation");
-    }
-
-    #[test]
-    fn stamps_round_trip_through_a_frame() {
-        let frame = format!(
-            "42[\"new_message\",{{\"content\":\"{}\",\"seq\":9}}]",
-            stamp(1_700_000_000_123_456_789, 4)
-        );
-        assert_eq!(stamp_of(&frame), Some(1_700_000_000_123_456_789));
-        assert_eq!(u64_field(&frame, "seq"), Some(9));
     }
 }

@@ -1,18 +1,27 @@
 //! A generator process: holds its share of the clients, sends open-loop, records latencies.
 //!
 //! The orchestrator starts several of these (each under the per-process descriptor limit, each
-//! from its own 127.x source addresses) and drives them over stdin/stdout: a `ready` line once its
-//! clients are connected and joined, `go` to start the timed phase, a `result` line at the end.
+//! from its own 127.x source addresses; senders in a process of their own, so a receive backlog
+//! never delays a scheduled send) and drives them over stdin/stdout: a `ready` line once its
+//! clients are connected and joined; `go RATE START_NS` starts a timed round at a common instant
+//! (every process counts a delivery in the round its stamp belongs to, so neither a late `go` nor
+//! a previous round's backlog is miscounted); a `result` line at the end; `quiet MS` waits until
+//! nothing has arrived for a while; `stop`.
+//!
+//! One thread per process (a current-thread runtime): the counters are plain cells, and each
+//! connection's task reads whatever the kernel has, then scans every frame in it
+//! ([`crate::recv`]); nothing per frame crosses a task or takes a lock.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer as _, V2Serializer};
 use rand::Rng as _;
@@ -20,10 +29,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::{Semaphore, watch};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::client::{self, Client};
+use crate::recv::{Scanner, Tally};
 use crate::wire::{self, Incoming, Transport};
+use crate::ws::Msg;
 
 /// What one worker does; serialised onto its command line by the orchestrator.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,11 +52,14 @@ pub struct WorkerSpec {
     pub rooms: Vec<String>,
     /// Members `0..senders_per_room` of each room send.
     pub senders_per_room: usize,
-    pub rate_per_sender: f64,
+    /// The send window of a round.
     pub duration_ms: u64,
-    /// Wait after the timed phase for deliveries still in flight.
+    /// After the window: the round ends once nothing of it has arrived for `quiet_ms` and every
+    /// send is answered, or `drain_ms` after the window at the latest.
     pub drain_ms: u64,
-    /// S4: receivers drop their connections a third into the run and reconnect at once.
+    pub quiet_ms: u64,
+    /// S4: receivers drop their connections a third into the window, reconnect, re-join and
+    /// sync; the round waits (up to `drain_ms`) until every one has caught up or failed.
     pub storm: bool,
     pub connect_concurrency: usize,
 }
@@ -56,7 +69,7 @@ impl WorkerSpec {
         (!self.rooms.is_empty()).then(|| i % self.rooms.len())
     }
 
-    fn is_sender(&self, i: usize) -> bool {
+    pub fn is_sender(&self, i: usize) -> bool {
         !self.rooms.is_empty() && i / self.rooms.len() < self.senders_per_room
     }
 
@@ -93,7 +106,7 @@ pub fn user_of(i: usize) -> String {
     format!("u{i}")
 }
 
-fn new_hist() -> Histogram<u64> {
+pub fn new_hist() -> Histogram<u64> {
     // Microseconds from 1 µs to 10 minutes, 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds are valid")
 }
@@ -113,25 +126,59 @@ pub fn decode_hist(s: &str) -> Result<Histogram<u64>> {
         .map_err(|e| anyhow::anyhow!("histogram deserialization: {e:?}"))
 }
 
-/// What a worker reports at the end.
+/// Nanoseconds this thread has run on a CPU (`/proc/thread-self/schedstat`); 0 where unknown.
+pub fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+pub fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// What a worker reports at the end of a round.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkerResult {
     pub worker: usize,
     pub connected: u64,
     pub failed: u64,
+    /// Sends made in the round, and how they were answered by the end of it.
     pub sent: u64,
-    pub acked: u64,
-    pub ack_errors: u64,
+    pub accepted: u64,
+    /// Refused with `rate_limited` (the server's backpressure).
+    pub refused: u64,
+    /// Refused with any other code.
+    pub errors: u64,
+    pub unanswered: u64,
+    /// Deliveries of this round's messages, and of earlier rounds' (not counted).
     pub received: u64,
-    /// Time from `go` to the last delivery, so deliveries/s covers the whole delivery window.
-    pub last_receive_ms: f64,
+    pub stale: u64,
+    /// From the round's start to its last delivery.
+    pub last_delivery_ms: f64,
     pub ack_hist: String,
     pub recv_hist: String,
+    /// Connections the server closed (or that broke) during the round; each reconnects.
     pub disconnects: u64,
-    // Reconnect storm.
+    // Reconnect storm (S4): the receivers dropped at one instant.
+    pub dropped: u64,
     pub reconnected: u64,
-    pub synced: u64,
-    pub all_synced_ms: f64,
+    pub caught_up: u64,
+    /// Dropped clients that gave up (a connect or join failed for good) or were still catching up
+    /// when the round ended.
+    pub not_caught_up: u64,
+    /// From the drop instant until the last of them was reconnected / caught up.
+    pub all_reconnected_ms: f64,
+    pub all_caught_up_ms: f64,
+    /// Join and sync requests retried after `unavailable` or `rate_limited`.
+    pub retries: u64,
+    /// CPU time this process's thread ran during the round (all its work: one thread), so the
+    /// generator's cost per delivery can be read whatever else shares its core.
+    pub cpu_ms: f64,
     /// Per room: highest seq acked to a sender here.
     pub room_max_acked: Vec<u64>,
     /// Per room: receivers here, sum of their join seqs, sum of distinct seqs they saw above it.
@@ -140,231 +187,304 @@ pub struct WorkerResult {
     pub room_seen_sum: Vec<u64>,
 }
 
-#[derive(Default)]
-struct Stats {
-    connected: AtomicU64,
-    failed: AtomicU64,
-    joined: AtomicU64,
-    sent: AtomicU64,
-    acked: AtomicU64,
-    ack_errors: AtomicU64,
-    received: AtomicU64,
-    last_receive_us: AtomicU64,
-    disconnects: AtomicU64,
-    reconnected: AtomicU64,
-    synced: AtomicU64,
-    all_synced_us: AtomicU64,
-    reported: AtomicU64,
-    /// When any client last got a frame (µs since the worker started): set-up is over only when
-    /// the server has finished telling rooms about the joins (`user_joined` fan-out is O(n²)).
-    last_frame_us: AtomicU64,
-    hists: Mutex<Option<(Histogram<u64>, Histogram<u64>)>>,
-    rooms: Mutex<Vec<[u64; 4]>>,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
     Setup,
     Go {
+        round: u64,
         start: Instant,
-        wall: u128,
+        start_ns: u64,
         rate: f64,
     },
     Report,
 }
 
-/// The process's reference instant, for timestamps kept in atomics.
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+/// Per-round counters; all on the worker's one thread.
+#[derive(Default)]
+struct Counts {
+    sent: Cell<u64>,
+    accepted: Cell<u64>,
+    refused: Cell<u64>,
+    errors: Cell<u64>,
+    outstanding: Cell<u64>,
+    received: Cell<u64>,
+    stale: Cell<u64>,
+    last_delivery_ns: Cell<u64>,
+    disconnects: Cell<u64>,
+    dropped: Cell<u64>,
+    reconnected: Cell<u64>,
+    caught_up: Cell<u64>,
+    gave_up: Cell<u64>,
+    all_reconnected_us: Cell<u64>,
+    all_caught_up_us: Cell<u64>,
+    retries: Cell<u64>,
 }
 
-fn unix_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default()
+fn add(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+fn max_into(c: &Cell<u64>, n: u64) {
+    c.set(c.get().max(n));
 }
 
-fn record(stats: &Stats, ack: Option<u64>, recv: Option<u64>) {
-    let mut g = stats.hists.lock().unwrap_or_else(|p| p.into_inner());
-    let (a, r) = g.get_or_insert_with(|| (new_hist(), new_hist()));
-    if let Some(v) = ack {
-        a.saturating_record(v);
-    }
-    if let Some(v) = recv {
-        r.saturating_record(v);
-    }
+struct Shared {
+    spec: WorkerSpec,
+    phase: watch::Receiver<Phase>,
+    gate: Semaphore,
+    scanner: Scanner,
+    connected: Cell<u64>,
+    joined: Cell<u64>,
+    failed: Cell<u64>,
+    reported: Cell<u64>,
+    round: Cell<u64>,
+    /// The current round's start (Unix ns): deliveries stamped earlier are stale.
+    round_ns: Cell<u64>,
+    counts: Counts,
+    /// When a frame (any) / a delivery of this round last arrived.
+    last_frame: Cell<Instant>,
+    last_delivery: Cell<Instant>,
+    ack_hist: RefCell<Histogram<u64>>,
+    recv_hist: RefCell<Histogram<u64>>,
+    /// Per room: max acked seq, receivers, join sum, seen sum.
+    rooms: RefCell<Vec<[u64; 4]>>,
 }
 
 pub async fn run(spec: WorkerSpec) -> Result<()> {
-    epoch();
-    let spec = Arc::new(spec);
-    let stats = Arc::new(Stats::default());
-    if !spec.rooms.is_empty() {
-        *stats.rooms.lock().unwrap_or_else(|p| p.into_inner()) = vec![[0; 4]; spec.rooms.len()];
-    }
-    let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
-    let gate = Arc::new(Semaphore::new(spec.connect_concurrency.max(1)));
-    let tag = format!("[w{}]", spec.worker);
+    tokio::task::LocalSet::new()
+        .run_until(run_local(spec))
+        .await
+}
 
-    for i in spec.first..spec.first + spec.count {
-        let spec = spec.clone();
-        let stats = stats.clone();
-        let gate = gate.clone();
-        let phase = phase_rx.clone();
-        tokio::spawn(async move {
-            let source = spec.sources[i % spec.sources.len()];
-            if let Err(e) = client_task(&spec, &stats, &gate, phase, i, source).await {
+async fn run_local(spec: WorkerSpec) -> Result<()> {
+    let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
+    let tag = format!("[w{}]", spec.worker);
+    let sh = Rc::new(Shared {
+        gate: Semaphore::new(spec.connect_concurrency.max(1)),
+        phase: phase_rx,
+        scanner: Scanner::default(),
+        connected: Cell::new(0),
+        joined: Cell::new(0),
+        failed: Cell::new(0),
+        reported: Cell::new(0),
+        round: Cell::new(0),
+        round_ns: Cell::new(u64::MAX),
+        counts: Counts::default(),
+        last_frame: Cell::new(Instant::now()),
+        last_delivery: Cell::new(Instant::now()),
+        ack_hist: RefCell::new(new_hist()),
+        recv_hist: RefCell::new(new_hist()),
+        rooms: RefCell::new(vec![[0; 4]; spec.rooms.len()]),
+        spec,
+    });
+
+    for i in sh.spec.first..sh.spec.first + sh.spec.count {
+        let sh = sh.clone();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = client_task(&sh, i).await {
                 // A client that fails is counted; the first few are shown for diagnosis.
-                let n = stats.failed.fetch_add(1, Ordering::Relaxed);
+                let n = sh.failed.get();
+                sh.failed.set(n + 1);
                 if n < 3 {
-                    eprintln!("[w{}] client {i}: {e:#}", spec.worker);
+                    eprintln!("[w{}] client {i}: {e:#}", sh.spec.worker);
                 }
             }
         });
     }
 
     // Progress while connecting.
-    let joined_target = spec.count as u64;
+    let target = sh.spec.count as u64;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let joined = stats.joined.load(Ordering::Relaxed);
-        let failed = stats.failed.load(Ordering::Relaxed);
-        eprintln!("{tag} connected {joined}/{joined_target} failed {failed}");
-        if joined + failed >= joined_target {
+        let (joined, failed) = (sh.joined.get(), sh.failed.get());
+        eprintln!("{tag} connected {joined}/{target} failed {failed}");
+        if joined + failed >= target {
             break;
         }
     }
-    let born = Instant::now();
-    let quiet_deadline = born + Duration::from_secs(180);
-    while Instant::now() < quiet_deadline {
-        let last = Duration::from_micros(stats.last_frame_us.load(Ordering::Relaxed));
-        let quiet = (Instant::now() - epoch()).saturating_sub(last);
-        if quiet >= Duration::from_secs(1) {
-            break;
-        }
-        eprintln!(
-            "{tag} waiting for set-up traffic to end (quiet for {} ms)",
-            quiet.as_millis()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // Set-up is over only when the server has finished telling rooms about the joins
+    // (`user_joined` fan-out is O(n²) in a room's size).
+    let waited = quiet(&sh, Duration::from_secs(1), Duration::from_secs(180)).await;
+    eprintln!("{tag} set-up traffic ended after {} ms", waited.as_millis());
     println!(
         "{}",
-        json!({"event": "ready", "connected": stats.joined.load(Ordering::Relaxed),
-               "failed": stats.failed.load(Ordering::Relaxed)})
+        json!({"event": "ready", "connected": sh.joined.get(), "failed": sh.failed.get()})
     );
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    // Rounds: `go [RATE]` runs one timed phase at RATE per sender (default: the spec's), prints a
-    // result and waits again, so a rate sweep reuses the connected and joined clients.
     loop {
-        let rate = loop {
-            match lines.next_line().await? {
-                Some(l) if l.trim() == "stop" => return Ok(()),
-                Some(l) if l.trim().starts_with("go") => {
-                    break l.trim()[2..]
-                        .trim()
-                        .parse::<f64>()
-                        .unwrap_or(spec.rate_per_sender);
-                }
-                Some(_) => {}
-                // The orchestrator went away: nothing left to do.
-                None => return Ok(()),
-            }
+        let Some(line) = lines.next_line().await? else {
+            // The orchestrator went away: nothing left to do.
+            return Ok(());
         };
-        let result = round(&spec, &stats, &phase_tx, rate, &tag).await?;
-        println!(
-            "{}",
-            json!({"event": "result", "result": serde_json::to_value(&result)?})
-        );
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("stop") => return Ok(()),
+            Some("go") => {
+                let rate: f64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0.0);
+                let start_ns: u64 = words
+                    .next()
+                    .and_then(|w| w.parse().ok())
+                    .unwrap_or_else(unix_nanos);
+                let result = round(&sh, &phase_tx, rate, start_ns, &tag).await?;
+                println!(
+                    "{}",
+                    json!({"event": "result", "result": serde_json::to_value(&result)?})
+                );
+            }
+            Some("quiet") => {
+                let max: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(10_000);
+                let waited =
+                    quiet(&sh, Duration::from_millis(500), Duration::from_millis(max)).await;
+                println!(
+                    "{}",
+                    json!({"event": "quiet", "waited_ms": waited.as_millis() as u64})
+                );
+            }
+            _ => {}
+        }
     }
 }
 
-async fn round(
-    spec: &WorkerSpec,
-    stats: &Stats,
-    phase_tx: &watch::Sender<Phase>,
-    rate: f64,
-    tag: &str,
-) -> Result<WorkerResult> {
-    for c in [
-        &stats.sent,
-        &stats.acked,
-        &stats.ack_errors,
-        &stats.received,
-        &stats.last_receive_us,
-        &stats.reported,
-    ] {
-        c.store(0, Ordering::Relaxed);
-    }
-    *stats.hists.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    let start = Instant::now();
-    phase_tx.send_replace(Phase::Go {
-        start,
-        wall: unix_nanos(),
-        rate,
-    });
-    let total = Duration::from_millis(spec.duration_ms + spec.drain_ms);
-    while start.elapsed() < total {
-        tokio::time::sleep(Duration::from_secs(1).min(total.saturating_sub(start.elapsed()))).await;
-        eprintln!(
-            "{tag} t={:.0}s sent {} acked {} recv {} reconnected {} synced {} failed {}",
-            start.elapsed().as_secs_f64(),
-            stats.sent.load(Ordering::Relaxed),
-            stats.acked.load(Ordering::Relaxed),
-            stats.received.load(Ordering::Relaxed),
-            stats.reconnected.load(Ordering::Relaxed),
-            stats.synced.load(Ordering::Relaxed),
-            stats.failed.load(Ordering::Relaxed),
-        );
-    }
-    phase_tx.send_replace(Phase::Report);
-    // Clients fold their per-room counts in; the ones that died are counted as failed instead.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while stats.reported.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)
-        < spec.count as u64
-        && Instant::now() < deadline
-    {
+/// Waits until no frame has arrived for `gap` (at most `max`); returns how long it waited.
+async fn quiet(sh: &Shared, gap: Duration, max: Duration) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < max && sh.last_frame.get().elapsed() < gap {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (ack_hist, recv_hist) = stats
-        .hists
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .unwrap_or_else(|| (new_hist(), new_hist()));
-    let rooms = stats
-        .rooms
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let result = WorkerResult {
-        worker: spec.worker,
-        connected: stats.connected.load(Ordering::Relaxed),
-        failed: stats.failed.load(Ordering::Relaxed),
-        sent: stats.sent.load(Ordering::Relaxed),
-        acked: stats.acked.load(Ordering::Relaxed),
-        ack_errors: stats.ack_errors.load(Ordering::Relaxed),
-        received: stats.received.load(Ordering::Relaxed),
-        last_receive_ms: stats.last_receive_us.load(Ordering::Relaxed) as f64 / 1000.0,
-        ack_hist: encode_hist(&ack_hist)?,
-        recv_hist: encode_hist(&recv_hist)?,
-        disconnects: stats.disconnects.load(Ordering::Relaxed),
-        reconnected: stats.reconnected.load(Ordering::Relaxed),
-        synced: stats.synced.load(Ordering::Relaxed),
-        all_synced_ms: stats.all_synced_us.load(Ordering::Relaxed) as f64 / 1000.0,
+    t0.elapsed()
+}
+
+async fn round(
+    sh: &Shared,
+    phase_tx: &watch::Sender<Phase>,
+    rate: f64,
+    start_ns: u64,
+    tag: &str,
+) -> Result<WorkerResult> {
+    let c = &sh.counts;
+    for cell in [
+        &c.sent,
+        &c.accepted,
+        &c.refused,
+        &c.errors,
+        &c.outstanding,
+        &c.received,
+        &c.stale,
+        &c.last_delivery_ns,
+        &c.disconnects,
+        &c.dropped,
+        &c.reconnected,
+        &c.caught_up,
+        &c.gave_up,
+        &c.all_reconnected_us,
+        &c.all_caught_up_us,
+        &c.retries,
+    ] {
+        cell.set(0);
+    }
+    sh.reported.set(0);
+    sh.ack_hist.borrow_mut().reset();
+    sh.recv_hist.borrow_mut().reset();
+    for r in sh.rooms.borrow_mut().iter_mut() {
+        *r = [0; 4];
+    }
+    let now_ns = unix_nanos();
+    if start_ns < now_ns {
+        eprintln!(
+            "{tag} go arrived {} ms after the round's start",
+            (now_ns - start_ns) / 1_000_000
+        );
+    }
+    let start = Instant::now() + Duration::from_nanos(start_ns.saturating_sub(now_ns));
+    let cpu0 = thread_cpu_ns();
+    let id = sh.round.get() + 1;
+    sh.round.set(id);
+    sh.round_ns.set(start_ns);
+    phase_tx.send_replace(Phase::Go {
+        round: id,
+        start,
+        start_ns,
+        rate,
+    });
+    let window_end = start + Duration::from_millis(sh.spec.duration_ms);
+    let deadline = window_end + Duration::from_millis(sh.spec.drain_ms);
+    let quiet = Duration::from_millis(sh.spec.quiet_ms);
+    let mut next_log = Instant::now() + Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        if now >= next_log {
+            next_log = now + Duration::from_secs(1);
+            eprintln!(
+                "{tag} t={:.0}s sent {} accepted {} refused {} recv {} stale {} dropped {} reconnected {} caught up {} failed {}",
+                now.saturating_duration_since(start).as_secs_f64(),
+                c.sent.get(),
+                c.accepted.get(),
+                c.refused.get(),
+                c.received.get(),
+                c.stale.get(),
+                c.dropped.get(),
+                c.reconnected.get(),
+                c.caught_up.get(),
+                sh.failed.get(),
+            );
+        }
+        if now < window_end {
+            continue;
+        }
+        if now >= deadline {
+            break;
+        }
+        let settled = c.outstanding.get() == 0
+            && sh.last_delivery.get().max(window_end).elapsed() >= quiet
+            && (!sh.spec.storm || c.caught_up.get() + c.gave_up.get() >= c.dropped.get());
+        if settled {
+            break;
+        }
+    }
+    let cpu_ms = thread_cpu_ns().saturating_sub(cpu0) as f64 / 1e6;
+    phase_tx.send_replace(Phase::Report);
+    // Every live client folds its per-room counts in; the ones that died are counted as failed.
+    let until = Instant::now() + Duration::from_secs(10);
+    while sh.reported.get() + sh.failed.get() < sh.spec.count as u64 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rooms = sh.rooms.borrow().clone();
+    let answered = c.accepted.get() + c.refused.get() + c.errors.get();
+    let since_start = |ns: u64| ns.saturating_sub(start_ns) as f64 / 1e6;
+    Ok(WorkerResult {
+        worker: sh.spec.worker,
+        connected: sh.connected.get(),
+        failed: sh.failed.get(),
+        sent: c.sent.get(),
+        accepted: c.accepted.get(),
+        refused: c.refused.get(),
+        errors: c.errors.get(),
+        unanswered: c.sent.get().saturating_sub(answered),
+        received: c.received.get(),
+        stale: c.stale.get(),
+        last_delivery_ms: if c.last_delivery_ns.get() == 0 {
+            0.0
+        } else {
+            since_start(c.last_delivery_ns.get())
+        },
+        ack_hist: encode_hist(&sh.ack_hist.borrow())?,
+        recv_hist: encode_hist(&sh.recv_hist.borrow())?,
+        disconnects: c.disconnects.get(),
+        dropped: c.dropped.get(),
+        reconnected: c.reconnected.get(),
+        caught_up: c.caught_up.get(),
+        not_caught_up: c.dropped.get().saturating_sub(c.caught_up.get()),
+        all_reconnected_ms: c.all_reconnected_us.get() as f64 / 1000.0,
+        all_caught_up_ms: c.all_caught_up_us.get() as f64 / 1000.0,
+        retries: c.retries.get(),
+        cpu_ms,
         room_max_acked: rooms.iter().map(|r| r[0]).collect(),
         room_receivers: rooms.iter().map(|r| r[1]).collect(),
         room_join_sum: rooms.iter().map(|r| r[2]).collect(),
         room_seen_sum: rooms.iter().map(|r| r[3]).collect(),
-    };
-    Ok(result)
+    })
 }
 
 /// Connects with a few retries: a full listen backlog drops SYNs, which is load, not failure.
@@ -382,15 +502,19 @@ async fn connect_retrying(
             Err(e) if attempt >= 8 => return Err(e),
             Err(_) => {
                 attempt += 1;
-                let jitter = rand::rng().random_range(0..=delay.as_millis() as u64);
-                tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
+                tokio::time::sleep(jittered(delay)).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }
 }
 
+fn jittered(d: Duration) -> Duration {
+    d + Duration::from_millis(rand::rng().random_range(0..=d.as_millis() as u64))
+}
+
 /// Per-client receive bookkeeping for the storm's loss count.
+#[derive(Default)]
 struct Seen {
     join_seq: u64,
     seqs: HashSet<u64>,
@@ -404,53 +528,53 @@ impl Seen {
         }
         n
     }
+
+    fn add_messages(&mut self, v: &Value) -> u64 {
+        let mut top = 0;
+        if let Some(msgs) = v.get("messages").and_then(Value::as_array) {
+            for m in msgs {
+                if let Some(s) = m.get("seq").and_then(Value::as_u64) {
+                    self.seqs.insert(s);
+                    top = top.max(s);
+                }
+            }
+        }
+        top
+    }
 }
 
-async fn join(client: &mut Client, room: &str, seen: &mut Seen) -> Result<u64> {
+/// The first join, during set-up.
+async fn join(client: &mut Client, room: &str, seen: &mut Seen, scanner: &Scanner) -> Result<u64> {
+    let t = client.transport;
     let v = client
         .call("join_conversation", &json!({"conversationId": room}), |f| {
-            if wire::stamp_of(f).is_some()
-                && let Some(s) = wire::u64_field(f, "seq")
-            {
-                seen.seqs.insert(s);
+            if let Some(d) = scanner.delivery(t, f.as_bytes()) {
+                seen.seqs.insert(d.seq);
             }
         })
         .await?;
     Ok(v.get("lastSeq").and_then(Value::as_u64).unwrap_or(0))
 }
 
-/// After a reconnect: `sync` from the last contiguous seq until the server says nothing is left.
-async fn sync(client: &mut Client, room: &str, seen: &mut Seen) -> Result<()> {
-    loop {
-        let after = seen.contiguous();
-        let mut live = Vec::new();
-        let v = client
-            .call(
-                "sync",
-                &json!({"conversations": [{"conversationId": room, "afterSeq": after}]}),
-                |f| {
-                    if wire::stamp_of(f).is_some() {
-                        live.extend(wire::u64_field(f, "seq"));
-                    }
-                },
-            )
-            .await?;
-        seen.seqs.extend(live);
-        let mut top = after;
-        if let Some(msgs) = v.get("messages").and_then(Value::as_array) {
-            for m in msgs {
-                if let Some(s) = m.get("seq").and_then(Value::as_u64) {
-                    seen.seqs.insert(s);
-                    top = top.max(s);
-                }
-            }
-        }
-        let truncated = v.get("truncated").and_then(Value::as_bool).unwrap_or(false);
-        if !truncated || top == after {
-            return Ok(());
-        }
-    }
+/// Where a client is in getting back after its connection was lost.
+enum Recovery {
+    Live,
+    /// A join (or, after a retry delay, the next one) is awaited.
+    Joining {
+        id: u64,
+    },
+    Syncing {
+        id: u64,
+        after: u64,
+    },
+    /// Waiting to retry the request that was refused.
+    RetryAt {
+        at: Instant,
+        sync: bool,
+    },
 }
+
+type Connecting<'a> = Pin<Box<dyn Future<Output = Result<Client>> + 'a>>;
 
 async fn tick(t: &mut Option<tokio::time::Interval>) -> tokio::time::Instant {
     match t {
@@ -466,70 +590,106 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn client_task(
-    spec: &WorkerSpec,
-    stats: &Stats,
-    gate: &Semaphore,
-    mut phase: watch::Receiver<Phase>,
-    i: usize,
-    source: IpAddr,
-) -> Result<()> {
+async fn connecting(c: &mut Option<Connecting<'_>>) -> Result<Client> {
+    match c {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read(c: &mut Option<Client>) -> Result<usize> {
+    match c {
+        Some(c) => c.conn.read().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A frame the hot path does not handle, copied out of the read buffer.
+enum Cold {
+    Text(Vec<u8>),
+    Ping(Vec<u8>),
+}
+
+async fn client_task(sh: &Shared, i: usize) -> Result<()> {
+    let spec = &sh.spec;
     let user = user_of(i);
     let token = token(&spec.secret, &user)?;
+    let source = spec.sources[i % spec.sources.len().max(1)];
     let room_idx = spec.room_of(i);
     let room = room_idx.map(|r| spec.rooms[r].clone());
     let sender = spec.is_sender(i);
-    let mut seen = Seen {
-        join_seq: 0,
-        seqs: HashSet::new(),
-    };
+    let transport = spec.transport;
+    // Seqs are only tracked where the loss count needs them (a set insert per delivery).
+    let track = spec.storm && !sender;
+    let mut seen = Seen::default();
     let mut client = {
-        let _permit = gate.acquire().await.context("connect gate closed")?;
+        let _permit = sh.gate.acquire().await.context("connect gate closed")?;
         let mut c = connect_retrying(spec, i, &token, source).await?;
-        stats.connected.fetch_add(1, Ordering::Relaxed);
+        add(&sh.connected, 1);
         if let Some(room) = &room {
-            seen.join_seq = join(&mut c, room, &mut seen).await?;
-            seen.seqs.retain(|&s| s > seen.join_seq);
+            seen.join_seq = join(&mut c, room, &mut seen, &sh.scanner).await?;
+            let j = seen.join_seq;
+            seen.seqs.retain(|&s| s > j);
         }
-        c
+        Some(c)
     };
-    stats.joined.fetch_add(1, Ordering::Relaxed);
+    add(&sh.joined, 1);
 
-    let mut pending: HashMap<u64, Instant> = HashMap::new();
+    let mut phase = sh.phase.clone();
+    let c = &sh.counts;
+    let mut pending: HashMap<u64, (Instant, u64)> = HashMap::new();
     let mut ticker: Option<tokio::time::Interval> = None;
-    let mut go: Option<(Instant, u128)> = None;
+    let mut window_end = Instant::now();
+    let mut round_id = 0u64;
+    let mut wall = 0u64;
+    let mut start = Instant::now();
     let mut drop_at: Option<Instant> = None;
+    let mut storm_drop: Option<Instant> = None;
+    let mut reconnect: Option<Connecting<'_>> = None;
+    let mut recovery = Recovery::Live;
+    let mut retry_delay = Duration::from_millis(100);
     let mut max_acked = 0u64;
     let mut n_sent = 0u64;
+    let mut tally = Tally::default();
+    let mut cold: Vec<Cold> = Vec::new();
     loop {
+        let retry_at = match recovery {
+            Recovery::RetryAt { at, .. } => Some(at),
+            _ => None,
+        };
         tokio::select! {
             changed = phase.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                match *phase.borrow_and_update() {
+                let p = *phase.borrow_and_update();
+                match p {
                     Phase::Setup => {}
-                    Phase::Go { start, wall, rate } => {
-                        go = Some((start, wall));
-                        pending.clear();
+                    Phase::Go { round, start: s, start_ns, rate } => {
+                        round_id = round;
+                        start = s;
+                        wall = start_ns;
+                        window_end = s + Duration::from_millis(spec.duration_ms);
+                        pending.retain(|_, (_, r)| *r == round);
                         if sender && rate > 0.0 {
                             let period = Duration::from_secs_f64(1.0 / rate);
                             // A random phase spreads the senders over the period.
                             let offset = period.mul_f64(rand::rng().random::<f64>());
-                            let mut t = tokio::time::interval_at((start + offset).into(), period);
+                            let mut t = tokio::time::interval_at((s + offset).into(), period);
                             // Burst: late ticks fire at once and keep their scheduled times,
                             // so a stall shows up as latency (coordinated omission).
                             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                             ticker = Some(t);
                         }
                         if spec.storm && !sender {
-                            drop_at = Some(start + Duration::from_millis(spec.duration_ms / 3));
+                            drop_at = Some(s + Duration::from_millis(spec.duration_ms / 3));
                         }
                     }
                     Phase::Report => {
                         ticker = None;
+                        drop_at = None;
                         if let Some(r) = room_idx {
-                            let mut rooms = stats.rooms.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut rooms = sh.rooms.borrow_mut();
                             let e = &mut rooms[r];
                             e[0] = e[0].max(max_acked);
                             if !sender {
@@ -538,88 +698,201 @@ async fn client_task(
                                 e[3] += seen.seqs.iter().filter(|&&s| s > seen.join_seq).count() as u64;
                             }
                         }
-                        stats.reported.fetch_add(1, Ordering::Relaxed);
+                        add(&sh.reported, 1);
                     }
                 }
             }
             sched = tick(&mut ticker) => {
-                let Some((start, wall)) = go else { continue };
-                if sched.into_std() >= start + Duration::from_millis(spec.duration_ms) {
+                let sched = sched.into_std();
+                if sched >= window_end {
                     ticker = None;
                     continue;
                 }
-                let sched = sched.into_std();
-                let sched_wall = wall + sched.saturating_duration_since(start).as_nanos();
+                let Some(cl) = client.as_mut() else { continue };
+                let sched_wall = wall + u64::try_from(sched.saturating_duration_since(start).as_nanos()).unwrap_or(0);
                 n_sent += 1;
                 let payload = json!({
                     "conversationId": room.as_deref().unwrap_or_default(),
-                    "content": wire::stamp(sched_wall, n_sent),
+                    "content": wire::stamp(u128::from(sched_wall), n_sent),
                     "type": "text",
                     "clientMsgId": format!("{user}-{n_sent}"),
                 });
-                let id = client.send_request("send_message", &payload).await?;
-                pending.insert(id, sched);
-                stats.sent.fetch_add(1, Ordering::Relaxed);
+                let id = cl.send_request("send_message", &payload).await?;
+                pending.insert(id, (sched, round_id));
+                add(&c.sent, 1);
+                add(&c.outstanding, 1);
             }
             () = sleep_until(drop_at) => {
-                drop_at = None;
+                // Times are from the scheduled instant every receiver drops at.
+                storm_drop = drop_at.take();
                 // Dropped without a close frame, as when a network path dies.
-                drop(client);
-                let dropped = Instant::now();
-                stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                let mut c = connect_retrying(spec, i, &token, source).await?;
-                stats.reconnected.fetch_add(1, Ordering::Relaxed);
-                if let Some(room) = &room {
-                    join(&mut c, room, &mut seen).await?;
-                    sync(&mut c, room, &mut seen).await?;
-                }
-                stats.synced.fetch_add(1, Ordering::Relaxed);
-                stats.all_synced_us.fetch_max(micros(dropped.elapsed()), Ordering::Relaxed);
-                client = c;
+                client = None;
+                add(&c.dropped, 1);
+                reconnect = Some(Box::pin(connect_retrying(spec, i, &token, source)));
             }
-            frame = client.ws.next() => {
-                stats.last_frame_us.fetch_max(micros(Instant::now() - epoch()), Ordering::Relaxed);
-                let text = match frame {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(_))) | None => {
-                        stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                        anyhow::bail!("server closed the connection");
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        stats.disconnects.fetch_add(1, Ordering::Relaxed);
-                        return Err(e.into());
+            () = sleep_until(retry_at) => {
+                let Some(cl) = client.as_mut() else { continue };
+                let Recovery::RetryAt { sync, .. } = recovery else { continue };
+                recovery = if sync {
+                    let after = seen.contiguous();
+                    Recovery::Syncing { id: send_sync(cl, room.as_deref(), after).await?, after }
+                } else {
+                    Recovery::Joining { id: cl.send_request("join_conversation", &json!({"conversationId": room})).await? }
+                };
+            }
+            r = connecting(&mut reconnect) => {
+                reconnect = None;
+                let mut cl = match r {
+                    Ok(cl) => cl,
+                    Err(e) => {
+                        if storm_drop.is_some() {
+                            add(&c.gave_up, 1);
+                        }
+                        return Err(e.context("reconnecting"));
                     }
                 };
-                match wire::classify(spec.transport, text.as_str()) {
-                    Incoming::Ping => client.ws.send(Message::text(wire::PONG)).await?,
-                    Incoming::Ack { id, body } => {
-                        if let Some(sched) = pending.remove(&id) {
-                            if body.contains("\"error\"") {
-                                stats.ack_errors.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                stats.acked.fetch_add(1, Ordering::Relaxed);
-                                max_acked = max_acked.max(wire::u64_field(body, "seq").unwrap_or(0));
-                                record(stats, Some(micros(sched.elapsed())), None);
+                if let Some(at) = storm_drop {
+                    add(&c.reconnected, 1);
+                    max_into(&c.all_reconnected_us, at.elapsed().as_micros() as u64);
+                }
+                recovery = match room {
+                    Some(_) => Recovery::Joining { id: cl.send_request("join_conversation", &json!({"conversationId": room})).await? },
+                    None => Recovery::Live,
+                };
+                client = Some(cl);
+            }
+            n = read(&mut client) => {
+                let closed = match n {
+                    Ok(0) | Err(_) => true,
+                    Ok(_) => {
+                        let Some(cl) = client.as_mut() else { continue };
+                        let now_ns = unix_nanos();
+                        let round_ns = sh.round_ns.get();
+                        let mut closed = false;
+                        let scanner = &sh.scanner;
+                        let parsed = cl.conn.frames(|m| match m {
+                            Msg::Text(t) => match scanner.delivery(transport, t) {
+                                Some(d) => {
+                                    tally.delivery(d, now_ns, round_ns);
+                                    if track {
+                                        seen.seqs.insert(d.seq);
+                                    }
+                                }
+                                None => cold.push(Cold::Text(t.to_vec())),
+                            },
+                            Msg::Ping(p) => cold.push(Cold::Ping(p.to_vec())),
+                            Msg::Close => closed = true,
+                        });
+                        let now = Instant::now();
+                        sh.last_frame.set(now);
+                        let (got, stale) = tally.flush(&mut sh.recv_hist.borrow_mut());
+                        if got > 0 {
+                            add(&c.received, got);
+                            max_into(&c.last_delivery_ns, now_ns);
+                            sh.last_delivery.set(now);
+                        }
+                        add(&c.stale, stale);
+                        closed || parsed.is_err()
+                    }
+                };
+                if closed {
+                    cold.clear();
+                    client = None;
+                    add(&c.disconnects, 1);
+                    // The server closed it (a full send queue, a restart): reconnect and catch
+                    // up, as a real client does; the row shows the disconnect.
+                    if reconnect.is_none() {
+                        storm_drop = None;
+                        reconnect = Some(Box::pin(connect_retrying(spec, i, &token, source)));
+                    }
+                    continue;
+                }
+                let Some(cl) = client.as_mut() else { continue };
+                for f in cold.drain(..) {
+                    let text = match f {
+                        Cold::Ping(p) => {
+                            cl.conn.pong(&p).await?;
+                            continue;
+                        }
+                        Cold::Text(t) => t,
+                    };
+                    let Ok(text) = std::str::from_utf8(&text) else { continue };
+                    match wire::classify(transport, text) {
+                        Incoming::Ping => cl.conn.send_text(wire::PONG).await?,
+                        Incoming::Ack { id, body } => {
+                            if let Some((sched, r)) = pending.remove(&id) {
+                                if r != round_id {
+                                    continue;
+                                }
+                                c.outstanding.set(c.outstanding.get().saturating_sub(1));
+                                match wire::error_code(body) {
+                                    None => {
+                                        add(&c.accepted, 1);
+                                        max_acked = max_acked.max(wire::u64_field(body, "seq").unwrap_or(0));
+                                        let us = sched.elapsed().as_micros() as u64;
+                                        sh.ack_hist.borrow_mut().saturating_record(us.max(1));
+                                    }
+                                    Some("rate_limited") => add(&c.refused, 1),
+                                    Some(_) => add(&c.errors, 1),
+                                }
+                                continue;
                             }
+                            let (req, after) = match recovery {
+                                Recovery::Joining { id: want } if want == id => (false, 0),
+                                Recovery::Syncing { id: want, after } if want == id => (true, after),
+                                _ => continue,
+                            };
+                            if let Some(code) = wire::error_code(body) {
+                                if matches!(code, "unavailable" | "rate_limited") {
+                                    // What a real client does: try again after a jittered pause.
+                                    add(&c.retries, 1);
+                                    recovery = Recovery::RetryAt { at: Instant::now() + jittered(retry_delay), sync: req };
+                                    retry_delay = (retry_delay * 2).min(Duration::from_secs(2));
+                                    continue;
+                                }
+                                if storm_drop.is_some() {
+                                    add(&c.gave_up, 1);
+                                }
+                                anyhow::bail!("{} failed after a reconnect: {code}", if req { "sync" } else { "join" });
+                            }
+                            let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+                            let next_after = if req {
+                                let top = seen.add_messages(&v);
+                                let truncated = v.get("truncated").and_then(Value::as_bool).unwrap_or(false);
+                                (truncated && top > after).then(|| seen.contiguous())
+                            } else if spec.storm {
+                                Some(seen.contiguous())
+                            } else {
+                                // Outside the storm the seqs are not tracked, and the deliveries
+                                // missed already count as not delivered: re-joining is enough
+                                // (a sync from the first join would page through the room's
+                                // whole history while the step is measured).
+                                None
+                            };
+                            recovery = match next_after {
+                                Some(after) => Recovery::Syncing { id: send_sync(cl, room.as_deref(), after).await?, after },
+                                None => {
+                                    retry_delay = Duration::from_millis(100);
+                                    if let Some(at) = storm_drop.take() {
+                                        add(&c.caught_up, 1);
+                                        max_into(&c.all_caught_up_us, at.elapsed().as_micros() as u64);
+                                    }
+                                    Recovery::Live
+                                }
+                            };
                         }
+                        _ => {}
                     }
-                    Incoming::Event { frame } if wire::is_new_message(spec.transport, frame) => {
-                        let Some((start, _)) = go else { continue };
-                        if let Some(stamp) = wire::stamp_of(frame) {
-                            let now = unix_nanos();
-                            let lat = u64::try_from(now.saturating_sub(stamp) / 1000).unwrap_or(u64::MAX);
-                            stats.received.fetch_add(1, Ordering::Relaxed);
-                            stats.last_receive_us.fetch_max(micros(start.elapsed()), Ordering::Relaxed);
-                            record(stats, None, Some(lat.max(1)));
-                        }
-                        if spec.storm && let Some(s) = wire::u64_field(frame, "seq") {
-                            seen.seqs.insert(s);
-                        }
-                    }
-                    _ => {}
                 }
             }
         }
     }
+}
+
+async fn send_sync(cl: &mut Client, room: Option<&str>, after: u64) -> Result<u64> {
+    cl.send_request(
+        "sync",
+        &json!({"conversations": [{"conversationId": room, "afterSeq": after}]}),
+    )
+    .await
 }

@@ -208,9 +208,11 @@ function showConnectionState() {
 
 function connect() {
   state.everConnected = false;
-  // The auth callback runs on every (re)connect, so a refreshed token is used.
+  // The auth callback runs on every (re)connect, so a refreshed token is used, and the resume
+  // cursors are the ones of that moment: the server replays what was missed after them, before
+  // any live event, with no join or sync from here.
   const socket = io({
-    auth: (cb) => cb({ token: state.token }),
+    auth: (cb) => cb({ token: state.token, cursors: resumeCursors() }),
     reconnectionDelay: 500,
     reconnectionDelayMax: 5000,
   });
@@ -240,6 +242,11 @@ function connect() {
   });
 
   socket.on('new_message', (m) => onMessage(m, { live: true }));
+  // More was missed than a resume replays: page the rest with sync.
+  socket.on('resume_truncated', ({ conversationId }) => {
+    const conv = state.conversations.get(conversationId);
+    if (conv) syncGap(conv);
+  });
   socket.on('message_delivered', onDelivered);
   socket.on('message_error', (e) => {
     const item = state.outbox.get(e.clientMsgId);
@@ -311,7 +318,18 @@ window.addEventListener('online', () => {
   showConnectionState();
 });
 
-/** After every connect: refresh the list, rejoin rooms, fill gaps with `sync`, flush the outbox. */
+/** Every conversation's sync cursor, for the handshake's resume. */
+function resumeCursors() {
+  const cursors = {};
+  for (const conv of state.conversations.values()) if (conv.synced !== null) cursors[conv.id] = conv.synced;
+  return cursors;
+}
+
+/**
+ * After every connect: refresh the list, join (for its members and lastSeq) each conversation
+ * not followed yet, flush the outbox. The connection is already in every room of its user, and
+ * the handshake's cursors brought back what was missed in the ones followed.
+ */
 async function onConnected(generation) {
   const { conversations } = await api('GET', '/api/conversations');
   if (generation !== state.generation) return;
@@ -325,9 +343,8 @@ async function onConnected(generation) {
     else state.conversations.set(summary.id, newConv(summary));
   }
   renderList();
-  await Promise.all([...state.conversations.values()].map((c) => joinRoom(c, generation)));
+  await Promise.all([...state.conversations.values()].filter((c) => c.synced === null).map((c) => joinRoom(c, generation)));
   if (generation !== state.generation) return;
-  await syncConversations([...state.conversations.values()], generation);
   await refreshPresence();
   if (state.openId && !state.conversations.has(state.openId)) closeRoom();
   if (state.openId) {
@@ -339,7 +356,7 @@ async function onConnected(generation) {
 }
 
 async function joinRoom(conv, generation) {
-  const joined = await request('join_conversation', { conversationId: conv.id });
+  const joined = await request('join_conversation', { conversationId: conv.id, members: true });
   if (generation !== state.generation) return;
   conv.members = joined.members.map((m) => m.userId);
   for (const m of joined.members) conv.readBy.set(m.userId, Math.max(conv.readBy.get(m.userId) ?? 0, m.lastReadSeq));

@@ -18,6 +18,7 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
+import yaml
 
 # Every resource the operator lists, watches or writes, with its kind and namespacing.
 RESOURCES: dict[str, tuple[str, bool]] = {
@@ -31,6 +32,7 @@ RESOURCES: dict[str, tuple[str, bool]] = {
     "apps/v1/statefulsets": ("StatefulSet", True),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True),
+    "networking.k8s.io/v1/ingresses": ("Ingress", True),
     "events.k8s.io/v1/events": ("Event", True),
     "coordination.k8s.io/v1/leases": ("Lease", True),
 }
@@ -54,6 +56,8 @@ class StampingEmulator(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _rv: int = attrs.field(default=0, init=False)
     collection_deletes: list[Any] = attrs.field(factory=list, init=False)
+    # Every request but the tests' own (aiohttp), as (method, path, query parameters).
+    log: list[tuple[str, str, dict[str, str]]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -82,6 +86,8 @@ class StampingEmulator(kmock.KubernetesEmulator):
         self.objects[kmock.resource(path), meta.get("namespace"), meta["name"]] = obj
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if "aiohttp" not in request.headers.get("User-Agent", ""):
+            self.log.append((str(request.method.value), request.url.path, dict(request.params)))
         if request.resource is not None and request.method == kmock.method.DELETE and request.name is None:
             async with self._lock:
                 return aiohttp.web.json_response(self._delete_collection(request))
@@ -91,12 +97,19 @@ class StampingEmulator(kmock.KubernetesEmulator):
                 # kmock matches reactions to requests by identity among those it recorded.
                 self._requests[:] = [prepared if r is request else r for r in self._requests]
                 request = prepared
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        except kmock.KubernetesObjectNotFoundError:
+            # The API server's reason, which clients (kube's get_opt) test for.
+            raise kmock.KubernetesError(status=404, reason="NotFound",
+                                        message=f"{request.resource} {request.name!r} not found")
 
     def _prepare(self, request: kmock.Request) -> kmock.Request:
         content_type = request.headers.get("Content-Type", "")
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             meta = request.data.setdefault("metadata", {})
+            if request.resource.plural == "deployments" and "apply-patch" in content_type:
+                self._apply_replicas(None, request.data, request.params)
             meta.setdefault("namespace", request.namespace)
             meta["uid"] = str(uuid.uuid4())
             meta["resourceVersion"] = self._next_rv()
@@ -123,6 +136,9 @@ class StampingEmulator(kmock.KubernetesEmulator):
             if not isinstance(data, dict):
                 raise kmock.KubernetesError(status=400, reason="BadRequest", message="patch body is not an object")
 
+            if current is not None and request.resource.plural == "statefulsets" and request.subresource is None:
+                self._refuse_statefulset_change(current, data, request.name)
+
             if current is None:
                 if "apply-patch" not in content_type:
                     raise kmock.KubernetesObjectNotFoundError()
@@ -132,6 +148,8 @@ class StampingEmulator(kmock.KubernetesEmulator):
                 request = attrs.evolve(request, action=kmock.action.CREATE, data=data)
                 return self._prepare(request)
 
+            if request.resource.plural == "deployments" and "apply-patch" in content_type and request.subresource is None:
+                self._apply_replicas(current, data, request.params)
             meta = data.setdefault("metadata", {})
             if request.subresource == "status":
                 # The status subresource changes status only.
@@ -153,6 +171,46 @@ class StampingEmulator(kmock.KubernetesEmulator):
             return attrs.evolve(request, data=data)
         return request
 
+    @staticmethod
+    def _refuse_statefulset_change(current: dict[str, Any], data: dict[str, Any], name: str) -> None:
+        """As the API server: a StatefulSet's volume claim templates never change."""
+        new = (data.get("spec") or {}).get("volumeClaimTemplates")
+        if new is not None and new != (current.get("spec") or {}).get("volumeClaimTemplates"):
+            raise kmock.KubernetesError(
+                status=422, reason="Invalid",
+                message=(f'StatefulSet.apps "{name}" is invalid: spec: Forbidden: updates to statefulset spec for '
+                         "fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', "
+                         "'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"))
+
+    @staticmethod
+    def _apply_replicas(current: dict[str, Any] | None, data: dict[str, Any], params: Any) -> None:
+        """Server-side apply's field ownership, for a Deployment's spec.replicas only: an apply
+        that sets it owns it (force takes it from others; without force a different value held
+        by another manager is a conflict); an apply that leaves out a field it owned releases it,
+        and a field nobody owns any more is removed, so the API server defaults it to 1 again.
+        Ownership shows in metadata.managedFields as the API server records it."""
+        manager = params.get("fieldManager", "")
+        force = params.get("force") == "true"
+        fields = ((current or {}).get("metadata") or {}).get("managedFields") or []
+        owners = {e["manager"] for e in fields if "f:replicas" in (e.get("fieldsV1") or {}).get("f:spec", {})}
+        live = ((current or {}).get("spec") or {}).get("replicas")
+        spec = data.setdefault("spec", {})
+        if "replicas" in spec:
+            changed = spec["replicas"] != live
+            if changed and (owners - {manager}) and not force:
+                raise kmock.KubernetesError(status=409, reason="Conflict",
+                                            message=f"Apply failed with 1 conflict: conflict with {sorted(owners - {manager})}: .spec.replicas")
+            owners = {manager} if changed else owners | {manager}
+        elif manager in owners:
+            owners.discard(manager)
+            if not owners:
+                spec["replicas"] = 1
+        elif current is None:
+            spec["replicas"] = 1
+        data.setdefault("metadata", {})["managedFields"] = [
+            {"manager": m, "operation": "Apply", "apiVersion": "apps/v1", "fieldsType": "FieldsV1",
+             "fieldsV1": {"f:spec": {"f:replicas": {}}}} for m in sorted(owners)]
+
     async def _serve_list(self, request: kmock.Request) -> Any:
         listing = await super()._serve_list(request)
         selector = request.params.get("labelSelector")
@@ -169,6 +227,16 @@ class StampingEmulator(kmock.KubernetesEmulator):
                     obj.delete()
         self.collection_deletes.append((request.resource, request.namespace, selector))
         return {"apiVersion": "v1", "kind": "List", "metadata": {}, "items": deleted}
+
+
+def write_kubeconfig(path: Any, server: kmock.Server) -> None:
+    """A kubeconfig for the emulator, no credentials, default namespace confab-system."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
+        "users": [{"name": "nobody", "user": {}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "nobody", "namespace": "confab-system"}}],
+    }))
 
 
 async def start(port: int = 0) -> tuple[StampingEmulator, kmock.Server]:

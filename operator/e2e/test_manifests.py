@@ -133,6 +133,20 @@ def test_chart_lints_without_errors_or_warnings(values: dict[str, Any]) -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
+def test_the_minimal_chatcluster_matches_the_crd_schema() -> None:
+    validate_object({"apiVersion": "confab.dev/v1alpha1", "kind": "ChatCluster", "metadata": {"name": "chat"},
+                     "spec": {"gateway": {"image": "confab-gateway:dev"},
+                              "auth": {"jwtSecretRef": {"name": "a", "key": "k"}},
+                              "postgres": {"urlSecretRef": {"name": "p", "key": "url"}}}})
+
+
+def test_the_crd_refuses_negative_replicas() -> None:
+    example = yaml.safe_load((ROOT / "examples/chatcluster.yaml").read_text())
+    example["spec"]["gateway"]["replicas"] = -1
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(example)
+
+
 @pytest.mark.parametrize("values", [{}, FULL_VALUES], ids=["default", "full"])
 def test_every_rendered_object_is_valid_for_kubernetes(values: dict[str, Any]) -> None:
     objects = rendered_objects(values)
@@ -158,20 +172,121 @@ def test_full_values_reach_the_operator_deployment() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+# Every grant the operator has, and nothing else (the README says what each is for).
+EXPECTED_RULES = [
+    {"apiGroups": ["confab.dev"], "resources": ["chatclusters"], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": ["confab.dev"], "resources": ["chatclusters/status"], "verbs": ["patch"]},
+    {"apiGroups": ["confab.dev"], "resources": ["chatclusters/finalizers"], "verbs": ["update"]},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch", "get", "delete"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list", "watch", "create", "patch", "get"]},
+    {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["list", "watch", "create", "patch", "get", "delete"]},
+    {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["list", "watch", "create", "patch"]},
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
+     "verbs": ["list", "watch", "create", "patch", "get", "delete"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"],
+     "verbs": ["list", "watch", "create", "patch", "get", "delete"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["deletecollection"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+LEASE_RULES = [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch"]}]
+
+
 def test_rbac_is_least_privilege() -> None:
     objects = rendered_objects({})
-    rules = next(o for o in objects if o["kind"] == "ClusterRole")["rules"]
-    secrets = [r for r in rules if "secrets" in r["resources"]]
-    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
-    # Gateway pods: listed for their connections, patched for their deletion cost; no more.
-    pods = [r for r in rules if "pods" in r["resources"]]
-    assert pods == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "patch"]}]
-    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
-    resources = {res for r in rules for res in r["resources"]}
-    assert {"chatclusters", "chatclusters/status", "chatclusters/finalizers", "events", "deployments",
-            "statefulsets", "services", "configmaps", "poddisruptionbudgets", "horizontalpodautoscalers"} <= resources
-    leases = next(o for o in objects if o["kind"] == "Role")["rules"]
-    assert leases == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "patch", "update"]}]
+    [cluster_role] = [o for o in objects if o["kind"] == "ClusterRole"]
+    assert cluster_role["rules"] == EXPECTED_RULES
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in cluster_role["rules"])
+    [leases] = [o for o in objects if o["kind"] == "Role"]
+    assert leases["metadata"]["namespace"] == "confab-system"
+    assert leases["rules"] == LEASE_RULES
+
+
+WATCH_TWO = {"watchNamespaces": ["chat", "team-b"]}
+
+
+@pytest.mark.parametrize("values", [WATCH_TWO, {**FULL_VALUES, **WATCH_TWO}], ids=["scoped", "scoped-full"])
+def test_a_namespace_scoped_install_grants_only_in_its_namespaces(values: dict[str, Any]) -> None:
+    objects = rendered_objects(values)
+    assert [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")] == [], "nothing cluster-wide"
+    roles = {o["metadata"]["namespace"]: o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("-operator")}
+    assert sorted(roles) == ["chat", "team-b"]
+    for role in roles.values():
+        assert role["rules"] == EXPECTED_RULES
+    bindings = {o["metadata"]["namespace"]: o for o in objects
+                if o["kind"] == "RoleBinding" and not o["metadata"]["name"].endswith("leader-election")}
+    assert sorted(bindings) == ["chat", "team-b"]
+    for binding in bindings.values():
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": roles["chat"]["metadata"]["name"]}
+        assert binding["subjects"][0]["namespace"] == "confab-system"
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CONFAB_OPERATOR_WATCH_NAMESPACES"] == "chat,team-b"
+    for obj in objects:
+        validate_object(obj)
+    report = helm.lint(CHART, values, strict=True, namespace="confab-system", kube_version="v1.37.0")
+    assert report["errors"] == [], report
+
+
+def test_a_cluster_wide_install_watches_every_namespace() -> None:
+    deployment = next(o for o in rendered_objects({}) if o["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CONFAB_OPERATOR_WATCH_NAMESPACES"] == ""
+
+
+def test_values_schema_refuses_several_replicas_without_leader_election() -> None:
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmError):
+        chart.render({"replicaCount": 2, "leaderElection": False}, name="confab", namespace="confab-system")
+    one = chart.render({"replicaCount": 1, "leaderElection": False}, name="confab", namespace="confab-system")
+    assert any("kind: Deployment" in text for text in one.values())
+    with pytest.raises(helm.HelmError):
+        chart.render({"watchNamespaces": ["Not_A_Namespace"]}, name="confab", namespace="confab-system")
+
+
+def notes(values: dict[str, Any]) -> str:
+    return next(text for path, text in render(values).items() if path.endswith("NOTES.txt"))
+
+
+def test_notes_point_only_at_what_the_chart_installs_and_their_chatcluster_is_valid() -> None:
+    text = notes({})
+    assert "examples/" not in text
+    assert not re.search(r"-f\s+(?!-)\S+\.ya?ml", text), "NOTES must not apply files outside the chart"
+    block = text.split("<<'YAML'\n", 1)[1].split("\n     YAML", 1)[0]
+    chatcluster = yaml.safe_load("\n".join(line[5:] for line in block.splitlines()))
+    assert chatcluster["kind"] == "ChatCluster"
+    assert set(chatcluster["spec"]) == {"gateway", "auth", "postgres"}, "the minimal spec"
+    validate_object(chatcluster)
+    assert "watching every namespace" in text
+    assert "watching namespaces chat, team-b" in notes(WATCH_TWO)
+
+
+ADAPTER_ON = {"prometheusAdapter": {"rules": {"enabled": True, "namespace": "monitoring"}}}
+
+
+def test_the_prometheus_adapter_rule_serves_the_metric_the_hpa_reads() -> None:
+    assert [o for o in rendered_objects({}) if o["kind"] == "ConfigMap"] == [], "off by default"
+    [cm] = [o for o in rendered_objects(ADAPTER_ON) if o["kind"] == "ConfigMap"]
+    validate_object(cm)
+    assert cm["metadata"]["namespace"] == "monitoring"
+    [rule] = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+    dump = subprocess.run([BINARY, "dump-sample"], check=True, capture_output=True, text=True).stdout
+    hpa = next(d for d in yaml.safe_load_all(dump) if d and d["kind"] == "HorizontalPodAutoscaler")
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert rule["name"]["as"] == metric["pods"]["metric"]["name"] == "confab_connections"
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert rule["metricsQuery"].startswith("sum(<<.Series>>"), "summed over transports"
+    # The ServiceMonitor gives the series the pod and namespace labels the rule maps.
+    monitor = next(o for o in rendered_objects(MONITORING_ON, PROMETHEUS_OPERATOR) if o["kind"] == "ServiceMonitor")
+    targets = {r.get("targetLabel") for r in monitor["spec"]["endpoints"][0]["relabelings"]}
+    assert {"pod", "namespace"} <= targets
+    assert "prometheus-adapter" in notes(ADAPTER_ON)
+    report = helm.lint(CHART, ADAPTER_ON, strict=True, namespace="confab-system", kube_version="v1.37.0")
+    assert report["errors"] == [], report
 
 
 def test_values_schema_refuses_bad_values() -> None:
@@ -194,7 +309,7 @@ def test_every_builder_output_is_valid_for_kubernetes() -> None:
     dump = subprocess.run([BINARY, "dump-sample"], check=True, capture_output=True, text=True).stdout
     objects = [d for d in yaml.safe_load_all(dump) if d]
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Ingress", "PodDisruptionBudget", "Service",
                      "Service", "Service", "Service", "StatefulSet", "StatefulSet"]
     for obj in objects:
         validate_object(obj)

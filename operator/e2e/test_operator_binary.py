@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 import kube_emulator
+from rbac_check import ungranted
+from test_manifests import EXPECTED_RULES, LEASE_RULES
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BINARY = os.environ.get("CONFAB_OPERATOR_BIN", str(ROOT / "target/debug/confab-operator"))
@@ -110,12 +112,7 @@ async def scenario(tmp: pathlib.Path) -> None:
                 "metadata": {"name": name, "namespace": NS}, "data": {key: "c2VjcmV0"},
             })
         kubeconfig = tmp / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
-            "users": [{"name": "nobody", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "nobody", "namespace": "confab-system"}}],
-        }))
+        kube_emulator.write_kubeconfig(kubeconfig, server)
         metrics_port = free_port()
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), POD_NAME="confab-operator-0", POD_NAMESPACE="confab-system",
                    CONFAB_OPERATOR_METRICS_ADDR=f"127.0.0.1:{metrics_port}", RUST_LOG="info,kube=warn",
@@ -239,6 +236,9 @@ async def scenario(tmp: pathlib.Path) -> None:
         assert code == 0, f"operator exited with {code}"
         released = get(emulator, "coordination.k8s.io/v1/leases", "confab-operator", "confab-system")
         assert not released["spec"].get("holderIdentity"), released
+        # Everything it asked for, leader lease included, the chart's RBAC grants.
+        assert ungranted(emulator.log, {None: EXPECTED_RULES, "confab-system": LEASE_RULES}) == []
+        assert any("/leases" in path for _, path, _ in emulator.log)
     except BaseException:
         print((tmp / "operator.log").read_text(errors="replace")[-6000:] if (tmp / "operator.log").exists() else "no operator log")
         raise

@@ -9,7 +9,7 @@ use confab_operator::crd;
 use confab_operator::fleet::{self, HttpConnectionSource};
 use confab_operator::metrics::{self, Metrics};
 use confab_operator::resources::{
-    ManagedKind, configmap, deployment, hpa, pdb, service, statefulset,
+    ManagedKind, configmap, deployment, hpa, ingress, pdb, service, statefulset,
 };
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
@@ -22,6 +22,7 @@ const USAGE: &str = "usage: confab-operator [run | crd]
 
 Settings (environment): CONFAB_OPERATOR_METRICS_ADDR (0.0.0.0:8080), POD_NAME, POD_NAMESPACE,
 CONFAB_OPERATOR_LEASE_NAME (confab-operator), CONFAB_OPERATOR_LEADER_ELECTION (true),
+CONFAB_OPERATOR_WATCH_NAMESPACES (comma-separated; empty: every namespace),
 CONFAB_OPERATOR_LOG_FORMAT (json|text), RUST_LOG (info).";
 
 #[tokio::main]
@@ -45,16 +46,29 @@ async fn main() -> anyhow::Result<()> {
 
 /// Every child the builders make for the sample ChatCluster, as a YAML stream.
 fn dump_sample() -> anyhow::Result<()> {
-    let cc = confab_operator::sample::sample_cluster();
+    let mut cc = confab_operator::sample::sample_cluster();
+    // Backend pod overrides too, so that their rendering is validated as well.
+    if let Some(managed) = cc.spec.redis.as_mut().and_then(|r| r.managed.as_mut()) {
+        managed.pod = Some(confab_operator::sample::sample_pod_overrides());
+    }
     let mut docs: Vec<serde_json::Value> = vec![
         serde_json::to_value(configmap::configmap(&cc)?)?,
-        serde_json::to_value(deployment::deployment(&cc, None)?)?,
+        serde_json::to_value(deployment::deployment(
+            &cc,
+            &deployment::Inputs {
+                secret_hash: Some("0123456789abcdef".to_owned()),
+                ..deployment::Inputs::default()
+            },
+        )?)?,
         serde_json::to_value(service::gateway_service(&cc)?)?,
         serde_json::to_value(service::headless_service(&cc)?)?,
         serde_json::to_value(pdb::pdb(&cc)?)?,
     ];
     if let Some(hpa) = hpa::hpa(&cc)? {
         docs.push(serde_json::to_value(hpa)?);
+    }
+    if let Some(ingress) = ingress::ingress(&cc)? {
+        docs.push(serde_json::to_value(ingress)?);
     }
     for kind in [ManagedKind::Redis, ManagedKind::RabbitMq] {
         docs.push(serde_json::to_value(service::backend_service(&cc, kind)?)?);
@@ -66,6 +80,26 @@ fn dump_sample() -> anyhow::Result<()> {
         print!("---\n{}", serde_saphyr::to_string(&doc)?);
     }
     Ok(())
+}
+
+/// `CONFAB_OPERATOR_WATCH_NAMESPACES`: namespace names, comma-separated; none means all.
+fn watch_namespaces(value: &str) -> anyhow::Result<Vec<String>> {
+    let mut namespaces = Vec::new();
+    for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let valid = name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        if !valid {
+            bail!("CONFAB_OPERATOR_WATCH_NAMESPACES: {name:?} is not a namespace name");
+        }
+        if !namespaces.iter().any(|n| n == name) {
+            namespaces.push(name.to_owned());
+        }
+    }
+    Ok(namespaces)
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -117,6 +151,7 @@ async fn run() -> anyhow::Result<()> {
         "false" => false,
         other => bail!("CONFAB_OPERATOR_LEADER_ELECTION must be true or false, not {other:?}"),
     };
+    let namespaces = watch_namespaces(&env_or("CONFAB_OPERATOR_WATCH_NAMESPACES", ""))?;
     let client = Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
@@ -148,8 +183,13 @@ async fn run() -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    if namespaces.is_empty() {
+        info!("watching ChatClusters in every namespace");
+    } else {
+        info!(namespaces = %namespaces.join(","), "watching ChatClusters in these namespaces only");
+    }
     if !leader_election {
-        controller::run(ctx, wait_true(stop_rx)).await;
+        controller::run(ctx, &namespaces, wait_true(stop_rx)).await;
         return Ok(());
     }
 
@@ -185,7 +225,7 @@ async fn run() -> anyhow::Result<()> {
         metrics.leader.set(1);
         let mut lost = leader_rx.clone();
         let mut stop = stop_rx.clone();
-        controller::run(ctx.clone(), async move {
+        controller::run(ctx.clone(), &namespaces, async move {
             tokio::select! {
                 _ = wait_false(&mut lost) => {},
                 _ = wait_true_ref(&mut stop) => {},
@@ -218,4 +258,24 @@ async fn wait_true_ref(rx: &mut tokio::sync::watch::Receiver<bool>) {
 
 async fn wait_false(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| !*v).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::watch_namespaces;
+
+    #[test]
+    fn watch_namespaces_are_split_trimmed_and_checked() {
+        assert_eq!(
+            watch_namespaces(" chat, team-b ,chat,").expect("valid"),
+            ["chat", "team-b"]
+        );
+        assert!(watch_namespaces("").expect("valid").is_empty());
+        let err = watch_namespaces("chat,Team_B").expect_err("invalid");
+        assert!(
+            err.to_string()
+                .contains("\"Team_B\" is not a namespace name"),
+            "{err}"
+        );
+    }
 }

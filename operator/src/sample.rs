@@ -1,13 +1,55 @@
 //! A fully populated sample ChatCluster, shared by tests and `confab-operator dump-sample`.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, LocalObjectReference, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+    NodeSelectorTerm, ResourceRequirements, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::crd::{
-    AuthSpec, AutoscalingSpec, BackendSpec, ChatCluster, ChatClusterSpec, GatewaySpec, LimitsSpec,
-    ManagedBackend, PostgresSpec, RolloutSpec, SecretKeyRef, TelemetrySpec,
+    AuthSpec, AutoscalingSpec, BackendSpec, ChatCluster, ChatClusterSpec, GatewaySpec, IngressSpec,
+    LimitsSpec, ManagedBackend, PodOverrides, PostgresSpec, RolloutSpec, SecretKeyRef,
+    TelemetrySpec,
 };
+
+/// Gateway pod overrides with every field but the spread set: amd64 nodes of the `chat` pool.
+pub fn sample_pod_overrides() -> PodOverrides {
+    PodOverrides {
+        affinity: Some(Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: "kubernetes.io/arch".to_owned(),
+                            operator: "In".to_owned(),
+                            values: Some(vec!["amd64".to_owned()]),
+                        }]),
+                        ..NodeSelectorTerm::default()
+                    }],
+                }),
+                ..NodeAffinity::default()
+            }),
+            ..Affinity::default()
+        }),
+        topology_spread_constraints: None,
+        tolerations: vec![Toleration {
+            key: Some("dedicated".to_owned()),
+            operator: Some("Equal".to_owned()),
+            value: Some("chat".to_owned()),
+            effect: Some("NoSchedule".to_owned()),
+            ..Toleration::default()
+        }],
+        node_selector: BTreeMap::from([("pool".to_owned(), "chat".to_owned())]),
+        priority_class_name: Some("chat-critical".to_owned()),
+        image_pull_secrets: vec![LocalObjectReference {
+            name: "registry".to_owned(),
+        }],
+        resources: None,
+    }
+}
 
 /// `demo` in namespace `chat`, as the API server would return it: every optional part set,
 /// Redis and RabbitMQ managed, autoscaling on.
@@ -30,6 +72,7 @@ pub fn sample_cluster() -> ChatCluster {
                 storage: "2Gi".to_owned(),
                 storage_class_name: None,
                 image: None,
+                pod: None,
             }),
             external: None,
         })
@@ -53,10 +96,21 @@ pub fn sample_cluster() -> ChatCluster {
                     "https://chat.example.com".to_owned(),
                     "https://app.example.com".to_owned(),
                 ],
+                trusted_proxies: vec!["10.0.0.10".to_owned(), "10.0.0.11".to_owned()],
                 autoscaling: Some(AutoscalingSpec {
                     min_replicas: 2,
                     max_replicas: 10,
                     target_connections_per_pod: 5_000,
+                }),
+                pod: Some(sample_pod_overrides()),
+                ingress: Some(IngressSpec {
+                    class_name: Some("nginx".to_owned()),
+                    host: "chat.example.com".to_owned(),
+                    tls_secret_name: Some("chat-example-com-tls".to_owned()),
+                    annotations: BTreeMap::from([(
+                        "cert-manager.io/cluster-issuer".to_owned(),
+                        "letsencrypt".to_owned(),
+                    )]),
                 }),
             },
             auth: AuthSpec {
@@ -82,6 +136,9 @@ pub fn sample_cluster() -> ChatCluster {
                 messages_per_second: 10,
                 burst: 20,
                 max_frame_bytes: 65_536,
+                connects_per_second: 50,
+                connect_burst: 200,
+                max_connections_per_address: Some(100),
             },
             telemetry: Some(TelemetrySpec {
                 otlp_endpoint: Some("http://otel-collector.observability:4317".to_owned()),

@@ -135,7 +135,7 @@ describe('a gateway on defaults', () => {
     const msg = await agent.waitFor('new_message');
     assert.equal(msg.content, 'help with my invoice');
     const main = await socketio(gw.url, token(agentId, { roles: ['agent'], departments: ['billing'] }));
-    const joined = await main.request('join_conversation', { conversationId: id });
+    const joined = await main.request('join_conversation', { conversationId: id, members: true });
     assert.ok(joined.members.some((m) => m.userId === agentId && m.role === 'agent'));
     agent.close(); v.close(); main.close();
   });

@@ -97,6 +97,10 @@ impl Event {
             payload: payload.expect("event payloads are plain structs that always serialise"),
             envelope: OnceLock::new(),
             committed_at_us: None,
+            message: match self {
+                Event::NewMessage(m) => Some((m.conversation_id, m.seq)),
+                _ => None,
+            },
         }
     }
 }
@@ -110,6 +114,9 @@ pub struct Outgoing {
     envelope: OnceLock<Bytes>,
     /// For a message's broadcast: when it was committed (Unix µs), to time its delivery.
     pub committed_at_us: Option<i64>,
+    /// For a message: its conversation and seq, so a resume drops the live copy of a message
+    /// it has just replayed.
+    pub message: Option<(ConversationId, i64)>,
 }
 
 impl Outgoing {
@@ -121,6 +128,7 @@ impl Outgoing {
                 .expect("outgoing payloads are plain structs that always serialise"),
             envelope: OnceLock::new(),
             committed_at_us: None,
+            message: None,
         })
     }
 

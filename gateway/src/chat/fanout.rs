@@ -97,16 +97,27 @@ impl ChatService {
 
     /// An envelope arrived from the bus: apply its side effects here, then fan it out locally.
     pub(super) fn receive(self: &Arc<Self>, envelope: &Envelope) {
-        if let (Event::ConversationRemoved(removed), Route::Users { ids }) =
-            (&envelope.event, &envelope.route)
-        {
-            for user in ids {
-                let change = self.hub.evict(user, removed.conversation_id);
-                if !change.released.is_empty() {
-                    let service = self.clone();
-                    tokio::spawn(async move { service.apply(change).await });
+        match (&envelope.event, &envelope.route) {
+            (Event::ConversationRemoved(removed), Route::Users { ids }) => {
+                for user in ids {
+                    let change = self.hub.evict(user, removed.conversation_id);
+                    if !change.released.is_empty() {
+                        let service = self.clone();
+                        tokio::spawn(async move { service.apply(change).await });
+                    }
                 }
             }
+            // New members' connections attach themselves, before they hear of it.
+            (Event::ConversationAdded(added), Route::Users { ids }) => {
+                for user in ids {
+                    let change = self.hub.attach_user(user, added.conversation.id);
+                    if !change.acquired.is_empty() {
+                        let service = self.clone();
+                        tokio::spawn(async move { service.apply(change).await });
+                    }
+                }
+            }
+            _ => {}
         }
         let mut outgoing = envelope.event.encode();
         outgoing.committed_at_us = envelope.committed_at_us;

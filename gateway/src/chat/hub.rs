@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::event::{Outgoing, Route, Topic};
 use super::model::{ConversationId, UserId};
@@ -31,9 +31,67 @@ pub trait Outbound: Send + Sync {
     }
 }
 
+/// Live events a connection may hold back while its resume replays what it missed.
+const HELD_EVENTS: usize = 1024;
+
+/// A connection's outbound behind a gate: while held (from registration until its resume has
+/// replayed), live events wait in order; released, they go straight through. The replay itself
+/// is written past the gate, so the client sees the missed messages first, then live ones.
+struct Gate {
+    inner: Arc<dyn Outbound>,
+    held: Mutex<Option<Vec<Arc<Outgoing>>>>,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Arc<Outgoing>>>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens the gate: what was held goes out in order, except messages the replay already
+    /// wrote (seq at or below `replayed[conversation]`).
+    fn release(&self, replayed: &HashMap<ConversationId, i64>) {
+        let mut held = self.lock();
+        for event in held.take().unwrap_or_default() {
+            if let Some((conversation, seq)) = event.message
+                && replayed.get(&conversation).is_some_and(|&last| seq <= last)
+            {
+                continue;
+            }
+            if self.inner.send(&event) == Err(SendFailure::QueueFull) {
+                self.inner.close("send queue full");
+                return;
+            }
+        }
+    }
+}
+
+impl Outbound for Gate {
+    fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
+        {
+            let mut held = self.lock();
+            if let Some(queue) = held.as_mut() {
+                if queue.len() >= HELD_EVENTS {
+                    return Err(SendFailure::QueueFull);
+                }
+                queue.push(event.clone());
+                return Ok(());
+            }
+        }
+        self.inner.send(event)
+    }
+
+    fn close(&self, reason: &'static str) {
+        self.inner.close(reason);
+    }
+
+    fn drain_close(&self) {
+        self.inner.drain_close();
+    }
+}
+
 struct Conn {
     user: UserId,
-    out: Arc<dyn Outbound>,
+    out: Arc<Gate>,
     rooms: HashSet<ConversationId>,
     departments: Vec<String>,
 }
@@ -101,12 +159,27 @@ impl Hub {
     }
 
     /// Registers a connection of `user`; `departments` is non-empty for the agents' namespace.
+    /// A connection registered `held` receives no live event until [`release`](Self::release).
     pub fn register(
         &self,
         user: &str,
         departments: Vec<String>,
         out: Arc<dyn Outbound>,
     ) -> (ConnId, TopicChange) {
+        self.register_gated(user, departments, out, false)
+    }
+
+    pub fn register_gated(
+        &self,
+        user: &str,
+        departments: Vec<String>,
+        out: Arc<dyn Outbound>,
+        held: bool,
+    ) -> (ConnId, TopicChange) {
+        let out = Arc::new(Gate {
+            inner: out,
+            held: Mutex::new(held.then(Vec::new)),
+        });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut inner = self.write();
         let mut change = TopicChange::default();
@@ -177,6 +250,39 @@ impl Hub {
         change
     }
 
+    /// Puts every local connection of `user` in a conversation's room (they were made a member).
+    pub fn attach_user(&self, user: &str, conversation: ConversationId) -> TopicChange {
+        let mut inner = self.write();
+        let ids: Vec<ConnId> = inner
+            .users
+            .get(user)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        let mut change = TopicChange::default();
+        for id in ids {
+            if let Some(conn) = inner.conns.get_mut(&id) {
+                conn.rooms.insert(conversation);
+            }
+            if add_to(&mut inner.rooms, conversation, id) {
+                change.acquired.push(Topic::Conversation(conversation));
+            }
+        }
+        change
+    }
+
+    /// The connection's own outbound, past its gate: for a resume's replay.
+    pub fn outbound_of(&self, id: ConnId) -> Option<Arc<dyn Outbound>> {
+        self.read().conns.get(&id).map(|c| c.out.inner.clone())
+    }
+
+    /// Opens a held connection's gate (see [`register_gated`](Self::register_gated)).
+    pub fn release(&self, id: ConnId, replayed: &HashMap<ConversationId, i64>) {
+        let gate = self.read().conns.get(&id).map(|c| c.out.clone());
+        if let Some(gate) = gate {
+            gate.release(replayed);
+        }
+    }
+
     /// Takes every local connection of `user` out of a conversation's room (after removal).
     pub fn evict(&self, user: &str, conversation: ConversationId) -> TopicChange {
         let mut inner = self.write();
@@ -241,7 +347,12 @@ impl Hub {
             }
         }
         ids.iter()
-            .filter_map(|id| inner.conns.get(id).map(|c| c.out.clone()))
+            .filter_map(|id| {
+                inner
+                    .conns
+                    .get(id)
+                    .map(|c| c.out.clone() as Arc<dyn Outbound>)
+            })
             .collect()
     }
 
@@ -278,6 +389,10 @@ impl Hub {
 
     /// Every local connection, for drain and shutdown.
     pub fn all(&self) -> Vec<Arc<dyn Outbound>> {
-        self.read().conns.values().map(|c| c.out.clone()).collect()
+        self.read()
+            .conns
+            .values()
+            .map(|c| c.out.clone() as Arc<dyn Outbound>)
+            .collect()
     }
 }

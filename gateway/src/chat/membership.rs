@@ -226,13 +226,28 @@ impl ChatService {
 
     // ---- realtime requests ---------------------------------------------------------------
 
+    /// Puts the connection in a conversation's room, making the caller a member first where
+    /// the rules allow it (open conversations; support ones for their department's agents).
+    /// A member's connections are in their rooms from connect on: for them this is cheap, and
+    /// the member list is read only when asked for.
     pub async fn join(
         &self,
         conn: ConnId,
         who: &Identity,
         id: ConversationId,
     ) -> Result<Joined, ChatError> {
+        self.join_with(conn, who, id, true).await
+    }
+
+    pub async fn join_with(
+        &self,
+        conn: ConnId,
+        who: &Identity,
+        id: ConversationId,
+        with_members: bool,
+    ) -> Result<Joined, ChatError> {
         self.throttle(LimitClass::UserJoins, &who.user_id).await?;
+        let in_room = self.hub.is_in_room(conn, id);
         let conversation = self.load(id).await?;
         let member = self.member(id, &who.user_id).await?;
         let role = rules::join_role(&conversation, member.as_ref(), who).map_err(|e| {
@@ -265,9 +280,18 @@ impl ChatService {
             audit::membership("join", &id, &who.user_id, &who.user_id);
             self.announce_member(id, &who.user_id).await;
         }
-        let members = self.store.members(id).await.map_err(store_err)?;
-        // Reload so last_seq is read after the join: sync from it loses nothing.
-        let conversation = self.load(id).await?;
+        let members = if with_members {
+            Some(self.store.members(id).await.map_err(store_err)?)
+        } else {
+            None
+        };
+        // A connection already in the room read last_seq after it entered; one that just
+        // entered reads it again, so sync from it loses nothing.
+        let conversation = if in_room {
+            conversation
+        } else {
+            self.load(id).await?
+        };
         Ok(Joined {
             last_seq: conversation.last_seq,
             conversation,

@@ -5,6 +5,7 @@
 //! - `membership`: conversations, members, join and leave;
 //! - `messages`: send, read watermarks, history and sync;
 //! - `presence` and `typing`: who is online, who is typing;
+//! - `resume`: server-side subscriptions at connect, and the replay of what a client missed;
 //! - `fanout`: bus bindings, publishing and delivery of what arrives to local connections
 //!   (`hub`).
 
@@ -16,6 +17,7 @@ mod membership;
 mod messages;
 pub mod model;
 mod presence;
+mod resume;
 pub mod rules;
 mod service;
 pub mod typing;
@@ -28,6 +30,7 @@ use crate::store::StoreError;
 use error::ChatError;
 use model::{Conversation, ConversationId, ConversationKind, Member, Message, MessageKind, UserId};
 
+pub use resume::{Cursors, check_cursors as resume_check};
 pub use service::ChatService;
 
 /// Domain limits and timings, from configuration.
@@ -42,6 +45,9 @@ pub struct ChatSettings {
     pub max_content_bytes: usize,
     pub max_history: u32,
     pub max_sync: u32,
+    /// Most messages a resume replays per conversation; past it `resume_truncated` says where
+    /// `sync` takes over.
+    pub max_resume: u32,
     pub max_members: usize,
 }
 
@@ -54,6 +60,7 @@ impl Default for ChatSettings {
             max_content_bytes: 16 * 1024,
             max_history: 100,
             max_sync: 500,
+            max_resume: 200,
             max_members: 1000,
         }
     }
@@ -80,7 +87,8 @@ pub struct CreateConversation {
 pub struct Joined {
     pub conversation: Conversation,
     pub last_seq: i64,
-    pub members: Vec<Member>,
+    /// Only when asked for.
+    pub members: Option<Vec<Member>>,
 }
 
 #[derive(Debug, Clone)]

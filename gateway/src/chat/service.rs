@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use super::error::ChatError;
 use super::hub::{ConnId, Hub, Outbound, TopicChange};
 use super::model::{Conversation, ConversationId, Identity, Member, UserId};
+use super::resume::Cursors;
 use super::{ChatSettings, rules, store_err, unavailable};
 use crate::bus::Bus;
 use crate::limits::{LimitClass, Limits};
@@ -117,25 +118,58 @@ impl ChatService {
         who: &Identity,
         out: Arc<dyn Outbound>,
     ) -> Result<ConnId, ChatError> {
+        self.connect_resuming(who, out, None).await
+    }
+
+    /// [`connect`](Self::connect) with the client's resume cursors (see
+    /// [`connected_resuming`](Self::connected_resuming)).
+    pub async fn connect_resuming(
+        &self,
+        who: &Identity,
+        out: Arc<dyn Outbound>,
+        cursors: Option<Cursors>,
+    ) -> Result<ConnId, ChatError> {
         let (conn, change) = self.register(who, out);
-        self.connected(who, conn, change).await?;
+        self.connected_resuming(who, conn, change, cursors).await?;
         Ok(conn)
     }
 
     /// The synchronous half of [`connect`](Self::connect): the connection gets its id and can
     /// join rooms at once, before any await lets a client's first event slip past its handlers.
+    /// It receives no live event until [`connected`](Self::connected) has attached it to its
+    /// conversations and replayed what it missed: those wait in order, then follow.
     pub fn register(&self, who: &Identity, out: Arc<dyn Outbound>) -> (ConnId, TopicChange) {
-        self.hub.register(&who.user_id, Vec::new(), out)
+        self.hub.register_gated(&who.user_id, Vec::new(), out, true)
     }
 
-    /// The asynchronous half of [`connect`](Self::connect): bus topics and presence.
+    /// The asynchronous half of [`connect`](Self::connect): subscriptions, bus topics and
+    /// presence.
     pub async fn connected(
         &self,
         who: &Identity,
         conn: ConnId,
         change: TopicChange,
     ) -> Result<(), ChatError> {
+        self.connected_resuming(who, conn, change, None).await
+    }
+
+    /// [`connected`](Self::connected), then the replay of what the client missed since its
+    /// cursors, before any live event.
+    pub async fn connected_resuming(
+        &self,
+        who: &Identity,
+        conn: ConnId,
+        change: TopicChange,
+        cursors: Option<Cursors>,
+    ) -> Result<(), ChatError> {
         self.apply(change).await;
+        let subscribed = self.subscribe_all(who, conn).await;
+        let replayed = match (&subscribed, cursors) {
+            (Ok(ids), Some(cursors)) => self.replay(conn, ids, cursors).await,
+            _ => Default::default(),
+        };
+        self.hub.release(conn, &replayed);
+        subscribed?;
         let first = self
             .presence
             .connect(&who.user_id, &self.presence_key(conn))

@@ -1,6 +1,7 @@
 //! Domain rules, driven through `ChatService` with recording connections and a paused clock.
 
 mod memory_store;
+mod resume;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -260,6 +261,7 @@ async fn anyone_may_join_an_open_conversation_and_then_send() {
         joined
             .members
             .iter()
+            .flatten()
             .any(|m| m.user_id == "zed" && m.role == MemberRole::Member)
     );
     svc.send(&zed, text(&c, "z1", "hi all"))
@@ -294,6 +296,7 @@ async fn support_conversations_are_joinable_by_agents_of_their_department_only()
         joined
             .members
             .iter()
+            .flatten()
             .any(|m| m.user_id == "ann" && m.role == MemberRole::Agent)
     );
     assert_eq!(

@@ -26,9 +26,10 @@ use crate::config::WsCompression;
 use crate::limits::LimitClass;
 use crate::telemetry::{Transport, audit};
 use protocol::{
-    ConversationRequest, Delivered, HistoryRequest, JoinReply, MarkReadRequest, MessageError,
-    MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded, RefreshReply,
-    RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, TokenExpiring, parse,
+    ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest, MarkReadRequest,
+    MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded,
+    RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, TokenExpiring,
+    parse,
 };
 
 /// Transport-level settings, from configuration.
@@ -271,9 +272,9 @@ async fn run(
     let who = session.identity();
     match event {
         "join_conversation" => {
-            let req: ConversationRequest = parse(event, payload)?;
+            let req: JoinRequest = parse(event, payload)?;
             let joined = service
-                .join(session.conn, &who, req.conversation_id)
+                .join_with(session.conn, &who, req.conversation_id, req.members)
                 .await?;
             Ok(to_value(JoinReply {
                 conversation: joined.conversation,

@@ -132,6 +132,28 @@ pub struct ConversationRequest {
     pub conversation_id: Uuid,
 }
 
+/// `join_conversation`: the member list comes back only with `members: true`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinRequest {
+    pub conversation_id: Uuid,
+    #[serde(default)]
+    pub members: bool,
+}
+
+/// Resume cursors as a handshake carries them: `{"<conversationId>": lastSeq, …}`.
+pub fn parse_cursors(value: &serde_json::Value) -> Result<crate::chat::Cursors, ChatError> {
+    let map: std::collections::HashMap<Uuid, i64> =
+        serde_json::from_value(value.clone()).map_err(|e| {
+            ChatError::invalid(format!(
+                "cursors must be an object of conversationId to lastSeq: {e}"
+            ))
+        })?;
+    let cursors: crate::chat::Cursors = map.into_iter().collect();
+    crate::chat::resume_check(&cursors)?;
+    Ok(cursors)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendMessageRequest {
@@ -195,7 +217,9 @@ pub struct RefreshTokenRequest {
 pub struct JoinReply {
     pub conversation: Conversation,
     pub last_seq: i64,
-    pub members: Vec<Member>,
+    /// Present when the request asked for it (`members: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<Member>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -400,6 +424,9 @@ pub struct Connected {
 #[serde(deny_unknown_fields)]
 pub struct AuthRequest {
     pub token: String,
+    /// Resume cursors, as in [`parse_cursors`].
+    #[serde(default)]
+    pub cursors: Option<serde_json::Value>,
 }
 
 // ---- HTTP bodies --------------------------------------------------------------------------

@@ -14,13 +14,13 @@ use socketioxide::socket::DisconnectReason;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::Notify;
 
-use super::protocol::ErrorReply;
+use super::protocol::{ErrorReply, parse_cursors};
 use super::{EVENTS, Gateway, Session, client_address, dispatch};
-use crate::chat::ChatService;
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
 use crate::chat::hub::{ConnId, Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
+use crate::chat::{ChatService, Cursors};
 use crate::limits::LimitClass;
 use crate::telemetry::metrics::unix_micros;
 use crate::telemetry::{Metrics, Transport, audit};
@@ -155,6 +155,17 @@ fn token_of(s: &SocketRef, auth: &Result<Value, impl std::fmt::Debug>) -> Option
         .map(str::to_owned)
 }
 
+/// Resume cursors from the handshake's `auth: {token, cursors}`; malformed ones refuse the
+/// connection (`connect_error` "invalid: …").
+fn cursors_of(auth: &Result<Value, impl std::fmt::Debug>) -> Result<Option<Cursors>, Refused> {
+    match auth.as_ref().ok().and_then(|a| a.get("cursors")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => parse_cursors(v)
+            .map(Some)
+            .map_err(|e| Refused(format!("{}: {e}", e.code()))),
+    }
+}
+
 /// Checks the token and the client address's connect budget before the socket joins a namespace:
 /// no event is processed before a valid token.
 async fn authenticate(
@@ -215,12 +226,18 @@ struct Attached {
     identity: Arc<Identity>,
     conn: ConnId,
     change: TopicChange,
+    cursors: Option<Cursors>,
 }
 
 /// Registers the connection and every event handler. Runs inside the handshake middleware,
 /// because socketioxide sends the client its CONNECT before it spawns the connect handler: an
 /// event the client emits at once would find no handler and be lost.
-fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached {
+fn attach(
+    gw: &Arc<Gateway>,
+    s: &SocketRef,
+    identity: Arc<Identity>,
+    cursors: Option<Cursors>,
+) -> Attached {
     let metrics = gw.service.metrics().clone();
     let socket_out = Arc::new(SocketOut::new(s.clone(), metrics.clone()));
     let in_flight = socket_out.in_flight.clone();
@@ -286,6 +303,7 @@ fn attach(gw: &Arc<Gateway>, s: &SocketRef, identity: Arc<Identity>) -> Attached
         identity,
         conn,
         change,
+        cursors,
     }
 }
 
@@ -298,6 +316,7 @@ async fn on_connect(gw: Arc<Gateway>, s: SocketRef) {
         identity,
         conn,
         change,
+        cursors,
     } = attached;
     let peer = s
         .req_parts()
@@ -307,7 +326,11 @@ async fn on_connect(gw: Arc<Gateway>, s: SocketRef) {
     let address = client_address(peer, &s.req_parts().headers, &gw.settings.trusted_proxies);
     tracing::debug!(sid = %s.id, conn, "socket.io connected");
     audit::connected(Transport::SocketIo, &identity.user_id, conn, Some(address));
-    if let Err(e) = gw.service.connected(&identity, conn, change).await {
+    if let Err(e) = gw
+        .service
+        .connected_resuming(&identity, conn, change, cursors)
+        .await
+    {
         tracing::warn!(error = %e, "could not complete a connection");
         let _ = s.disconnect();
     }
@@ -374,8 +397,9 @@ pub fn layer(gw: Arc<Gateway>) -> (SocketIoLayer, SocketIo) {
             move |s: SocketRef, TryData(auth): TryData<Value>| {
                 let gw = auth_gw.clone();
                 async move {
+                    let cursors = cursors_of(&auth)?;
                     let who = authenticate(&gw, &s, auth).await?;
-                    let attached = attach(&gw, &s, Arc::new(who));
+                    let attached = attach(&gw, &s, Arc::new(who), cursors);
                     s.extensions.insert(attached);
                     Ok::<(), Refused>(())
                 }

@@ -20,8 +20,11 @@ use tokio::time::{Instant, timeout};
 use yawc::close::CloseCode;
 use yawc::{CompressionLevel, DeflatePool, Frame, HttpStream, OpCode, Options, WebSocket};
 
-use super::protocol::{AuthRequest, ClientFrame, Connected, ErrorReply, ServerFrame, parse};
+use super::protocol::{
+    AuthRequest, ClientFrame, Connected, ErrorReply, ServerFrame, parse, parse_cursors,
+};
 use super::{Gateway, Session, client_address, dispatch};
+use crate::chat::Cursors;
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
 use crate::chat::hub::{Outbound, SendFailure, TopicChange};
@@ -65,6 +68,8 @@ pub enum WsError {
     Upgrade(#[from] yawc::WebSocketError),
     #[error("too many connections from this address: {0}")]
     RateLimited(ChatError),
+    #[error("{0}")]
+    Invalid(ChatError),
 }
 
 impl IntoResponse for WsError {
@@ -75,6 +80,7 @@ impl IntoResponse for WsError {
                 ChatError::invalid(self.to_string()),
             ),
             Self::RateLimited(e) => (StatusCode::TOO_MANY_REQUESTS, e.clone()),
+            Self::Invalid(e) => (StatusCode::BAD_REQUEST, e.clone()),
         };
         (status, axum::Json(ErrorReply::from(&e))).into_response()
     }
@@ -128,6 +134,28 @@ pub fn routes(gw: Arc<Gateway>, echo: bool) -> Router {
 #[derive(Debug, Default, Deserialize)]
 struct TokenQuery {
     token: Option<String>,
+    /// Resume cursors as JSON, `{"<conversationId>": lastSeq, …}`.
+    cursors: Option<String>,
+}
+
+/// What the upgrade request carried: a token (`None`: expect an `auth` frame) and resume
+/// cursors (from `?cursors=`, or else from the `auth` frame).
+struct Handshake {
+    token: Option<String>,
+    cursors: Option<Cursors>,
+}
+
+/// `?cursors=` parsed; a malformed value refuses the upgrade with 400.
+fn cursors_of(req: &Request) -> Result<Option<Cursors>, ChatError> {
+    let Some(raw) = Query::<TokenQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.cursors)
+    else {
+        return Ok(None);
+    };
+    let value: serde_json::Value = serde_json::from_str(&raw)
+        .map_err(|e| ChatError::invalid(format!("cursors is not JSON: {e}")))?;
+    parse_cursors(&value).map(Some)
 }
 
 /// The token from `?token=` or `Authorization: Bearer`; `None` means "expect an `auth` frame".
@@ -180,10 +208,13 @@ async fn upgrade(State(state): State<WsState>, mut req: Request) -> Result<Respo
         .throttle(LimitClass::AddressConnects, &address.to_string())
         .await
         .map_err(WsError::RateLimited)?;
-    let token = token_of(&req);
+    let handshake = Handshake {
+        token: token_of(&req),
+        cursors: cursors_of(&req).map_err(WsError::Invalid)?,
+    };
     first_deflate_offer(req.headers_mut());
     let (response, upgraded) = WebSocket::upgrade_with_options(&mut req, state.options)?;
-    tokio::spawn(connection(gw, upgraded, token, address));
+    tokio::spawn(connection(gw, upgraded, handshake, address));
     Ok(response.map(Body::new))
 }
 
@@ -191,7 +222,7 @@ async fn upgrade(State(state): State<WsState>, mut req: Request) -> Result<Respo
 async fn connection(
     gw: Arc<Gateway>,
     upgraded: yawc::UpgradeFut,
-    token: Option<String>,
+    handshake: Handshake,
     address: IpAddr,
 ) {
     // Boxed once, and out of the match before `serve` starts: a socket held by value would
@@ -200,7 +231,7 @@ async fn connection(
         Ok(ws) => Box::new(ws),
         Err(e) => return tracing::debug!(error = %e, "/ws upgrade did not complete"),
     };
-    serve(gw, ws, token, address).await;
+    serve(gw, ws, handshake, address).await;
 }
 
 /// Why a connection is being closed, and whether queued frames go out first.
@@ -417,8 +448,8 @@ impl From<String> for Unauthenticated {
     }
 }
 
-/// Waits for `{"type":"auth","payload":{"token"}}` as the first data frame.
-async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<String, Unauthenticated> {
+/// Waits for `{"type":"auth","payload":{"token","cursors"?}}` as the first data frame.
+async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<AuthRequest, Unauthenticated> {
     let until = Instant::now() + deadline;
     loop {
         let frame = match tokio::time::timeout_at(until, ws.next_frame()).await {
@@ -463,16 +494,24 @@ async fn auth_frame(ws: &mut Ws, deadline: Duration) -> Result<String, Unauthent
         let Ok(auth) = parse::<AuthRequest>("auth", frame.payload) else {
             return Err(format!("unauthorized: missing token; {SHAPE}: bad payload").into());
         };
-        return Ok(auth.token);
+        return Ok(auth);
     }
 }
 
 /// One `/ws` connection, from the upgrade to the end.
-async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, token: Option<String>, address: IpAddr) {
+async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address: IpAddr) {
     let st = &gw.settings;
-    let token = match token {
+    let mut cursors = Ok(handshake.cursors);
+    let token = match handshake.token {
         Some(t) => Ok(t),
-        None => Box::pin(auth_frame(&mut ws, st.auth_timeout)).await,
+        None => Box::pin(auth_frame(&mut ws, st.auth_timeout))
+            .await
+            .map(|auth| {
+                if let Some(v) = auth.cursors.filter(|v| !v.is_null()) {
+                    cursors = parse_cursors(&v).map(Some);
+                }
+                auth.token
+            }),
     };
     let identity = token.and_then(|t| {
         gw.auth
@@ -490,6 +529,20 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, token: Option<String>, address
                 &mut ws,
                 close_code::UNAUTHORIZED,
                 &reason,
+                st.send_deadline,
+            ))
+            .await;
+            return;
+        }
+    };
+
+    let cursors = match cursors {
+        Ok(c) => c,
+        Err(e) => {
+            Box::pin(close(
+                &mut ws,
+                close_code::POLICY,
+                &format!("{}: {e}", e.code()),
                 st.send_deadline,
             ))
             .await;
@@ -543,7 +596,7 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, token: Option<String>, address
         gw.clone(),
         session.clone(),
         identity.clone(),
-        change,
+        (change, cursors),
         out.clone(),
         requests,
     ));
@@ -571,13 +624,16 @@ async fn run_requests(
     gw: Arc<Gateway>,
     session: Arc<Session>,
     identity: Arc<Identity>,
-    change: TopicChange,
+    (change, cursors): (TopicChange, Option<Cursors>),
     out: Arc<WsOut>,
     mut requests: mpsc::Receiver<Box<ClientRequest>>,
 ) {
     // The big futures are boxed, so the task an idle connection keeps is only as large as its
     // wait for the next request.
-    if let Err(e) = Box::pin(gw.service.connected(&identity, session.conn, change)).await {
+    let connected = gw
+        .service
+        .connected_resuming(&identity, session.conn, change, cursors);
+    if let Err(e) = Box::pin(connected).await {
         tracing::warn!(error = %e, "could not complete a /ws connection");
         out.close_with(
             close_code::INTERNAL,

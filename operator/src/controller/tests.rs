@@ -36,6 +36,19 @@ enum Scenario {
     InvalidSpec,
     /// The ChatCluster is being deleted.
     Cleanup,
+    /// The API server refuses the managed Redis StatefulSet (a storage change), and the spec
+    /// has a new gateway image: generation 3, last fully applied 2.
+    RefusedStatefulSet,
+    /// Autoscaling was just turned on: the live Deployment has 4 replicas, applied by the
+    /// operator.
+    AutoscalingTurnedOn,
+    /// `confab.dev/paused: "true"`.
+    Paused,
+    /// The HPA reports it cannot read `confab_connections` (no custom-metrics adapter).
+    NoMetricsAdapter,
+    /// No Redis, no RabbitMQ, no autoscaling, no ingress, one gateway: the optional children
+    /// do not exist.
+    Minimal,
 }
 
 /// One request the operator made.
@@ -85,6 +98,8 @@ fn pod(name: &str, phase: &str, ready: bool, cost: Option<&str>, terminating: bo
 struct Stored {
     cluster: ChatCluster,
     pods: Vec<Value>,
+    /// The value (base64) of every referenced Secret key.
+    secret_value: String,
 }
 
 impl Scenario {
@@ -115,7 +130,52 @@ impl Scenario {
                 cc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
                 cc
             }
+            Scenario::RefusedStatefulSet => {
+                let mut cc = with_finalizer(cc);
+                cc.spec.gateway.image = "ghcr.io/confab/confab-gateway:0.3.0".to_owned();
+                cc.metadata.generation = Some(3);
+                cc.status = Some(ChatClusterStatus {
+                    observed_generation: Some(2),
+                    phase: Some(Phase::Ready),
+                    ..ChatClusterStatus::default()
+                });
+                cc
+            }
+            Scenario::AutoscalingTurnedOn | Scenario::NoMetricsAdapter => with_finalizer(cc),
+            Scenario::Paused => {
+                let mut cc = with_finalizer(cc);
+                cc.metadata.annotations =
+                    Some([(PAUSED_ANNOTATION.to_owned(), "true".to_owned())].into());
+                cc
+            }
+            Scenario::Minimal => {
+                let mut cc = with_finalizer(cc);
+                cc.spec.redis = None;
+                cc.spec.rabbitmq = None;
+                cc.spec.gateway.autoscaling = None;
+                cc.spec.gateway.ingress = None;
+                cc.spec.gateway.replicas = 1;
+                cc
+            }
         }
+    }
+
+    /// The live gateway Deployment a GET returns.
+    fn live_deployment(self) -> Option<Value> {
+        let (replicas, manager) = match self {
+            Scenario::AutoscalingTurnedOn => (4, FIELD_MANAGER),
+            Scenario::Minimal => return None,
+            // Handed over long ago.
+            _ => (3, HANDOVER_MANAGER),
+        };
+        Some(json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "demo-gateway", "namespace": "chat", "generation": 1,
+                         "managedFields": [{"manager": manager, "operation": "Apply", "apiVersion": "apps/v1",
+                                            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:replicas": {}}}}]},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app.kubernetes.io/name": "confab-gateway"}},
+                     "template": {"metadata": {}, "spec": {"containers": []}}},
+        }))
     }
 
     fn pods(self) -> Vec<Value> {
@@ -163,7 +223,7 @@ impl Scenario {
             };
             return (
                 StatusCode::OK,
-                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "chat"}, "data": {key: "c2VjcmV0"}}),
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "chat"}, "data": {key: stored.secret_value}}),
             );
         }
         if path == "/api/v1/namespaces/chat/pods" && seen.method == Method::GET {
@@ -232,6 +292,33 @@ impl Scenario {
                 json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {}, "items": []}),
             );
         }
+        if seen.method == Method::GET && path.ends_with("/deployments/demo-gateway") {
+            return match self.live_deployment() {
+                Some(live) => (StatusCode::OK, live),
+                None => not_found(),
+            };
+        }
+        if seen.method == Method::GET {
+            // Optional children looked up before a delete: none exists.
+            return not_found();
+        }
+        if self == Scenario::RefusedStatefulSet
+            && seen.is_apply()
+            && path.ends_with("/statefulsets/demo-redis")
+        {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+                       "message": "StatefulSet.apps \"demo-redis\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than 'replicas', 'ordinals', 'template', 'updateStrategy', 'persistentVolumeClaimRetentionPolicy' and 'minReadySeconds' are forbidden"}),
+            );
+        }
+        if seen.method == Method::PATCH
+            && seen
+                .query
+                .contains("fieldManager=confab-operator-handover-to-hpa")
+        {
+            return (StatusCode::OK, seen.body.clone());
+        }
         if seen.is_apply() {
             let mut applied = seen.body.clone();
             applied["metadata"]["generation"] = json!(cc.metadata.generation.unwrap_or(1));
@@ -243,6 +330,12 @@ impl Scenario {
                     // The HPA holds the fleet at three; the rollout has surged.
                     applied["spec"]["replicas"] = json!(3);
                     applied["status"] = json!({"observedGeneration": 2, "replicas": 5, "readyReplicas": 4, "updatedReplicas": 1});
+                }
+                Scenario::NoMetricsAdapter if path.contains("/horizontalpodautoscalers/") => {
+                    applied["status"] = json!({"currentReplicas": 3, "desiredReplicas": 3, "conditions": [
+                        {"type": "AbleToScale", "status": "True", "reason": "SucceededGetScale"},
+                        {"type": "ScalingActive", "status": "False", "reason": "FailedGetPodsMetric",
+                         "message": "the HPA was unable to compute the replica count: unable to get metric confab_connections: no custom metrics API (custom.metrics.k8s.io) registered"}]});
                 }
                 Scenario::ReadyFleet | Scenario::BusyFleet if path.contains("/statefulsets/") => {
                     applied["status"] = json!({"replicas": 1, "readyReplicas": 1});
@@ -340,6 +433,7 @@ impl Mock {
         let stored = Arc::new(Mutex::new(Stored {
             cluster: scenario.cluster(),
             pods: scenario.pods(),
+            secret_value: "c2VjcmV0".to_owned(),
         }));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (server_seen, server_stored) = (seen.clone(), stored.clone());
@@ -540,9 +634,14 @@ async fn a_missing_secret_degrades_with_a_fix_and_applies_nothing() {
     );
     let status = &status_patch(&seen).body["status"];
     assert_eq!(status["phase"], "Degraded");
+    assert!(
+        status.get("observedGeneration").is_none(),
+        "nothing applied: {status:#}"
+    );
     let degraded = condition_of(status, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "SecretMissing");
+    assert_eq!(degraded["observedGeneration"], 1);
     let message = degraded["message"].as_str().expect("message");
     assert!(
         message.contains(
@@ -891,4 +990,230 @@ async fn a_forbidden_pod_list_is_logged_not_a_failed_reconcile() {
         !text.contains("confab_operator_reconcile_errors_total{"),
         "{text}"
     );
+}
+
+fn requests<'a>(seen: &'a [Seen], method: Method, path_part: &str) -> Vec<&'a Seen> {
+    seen.iter()
+        .filter(|s| s.method == method && s.path.contains(path_part))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_refused_statefulset_does_not_hold_back_the_new_gateway_image() {
+    let (result, seen, ctx) = run(Scenario::RefusedStatefulSet).await;
+    assert_eq!(
+        result.expect("a refusal is reported, not a failed reconcile"),
+        Action::requeue(RECHECK)
+    );
+    // Everything after the refused child was still applied, the new image included.
+    let image = &deployment_of(&seen)["spec"]["template"]["spec"]["containers"][0]["image"];
+    assert_eq!(image, "ghcr.io/confab/confab-gateway:0.3.0");
+    for kind in ["PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress"] {
+        assert_eq!(applied(&seen, kind).len(), 1, "{kind}");
+    }
+    assert_eq!(applied(&seen, "StatefulSet").len(), 2, "rabbitmq too");
+    let status = &status_patch(&seen).body["status"];
+    assert_eq!(status["phase"], "Degraded");
+    assert_eq!(
+        status["observedGeneration"], 2,
+        "generation 3 is not fully applied"
+    );
+    let degraded = condition_of(status, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "ApplyFailed");
+    assert_eq!(degraded["observedGeneration"], 3);
+    let message = degraded["message"].as_str().expect("message");
+    assert!(message.starts_with("the API server refused StatefulSet demo-redis: StatefulSet.apps \"demo-redis\" is invalid: spec: Forbidden"), "{message}");
+    assert!(message.ends_with("(422)"), "{message}");
+    let warning = seen
+        .iter()
+        .find(|s| {
+            s.method == Method::POST && s.path.ends_with("/events") && s.body["type"] == "Warning"
+        })
+        .expect("a Warning event");
+    assert_eq!(warning.body["reason"], "ApplyFailed");
+    assert!(
+        warning.body["note"]
+            .as_str()
+            .expect("note")
+            .contains("StatefulSet demo-redis")
+    );
+    assert!(
+        ctx.metrics
+            .encode()
+            .expect("encodes")
+            .contains(r#"confab_operator_reconcile_errors_total{error="apply"} 1"#)
+    );
+}
+
+#[tokio::test]
+async fn turning_autoscaling_on_hands_the_live_replicas_over_before_dropping_them() {
+    let mock = Mock::new(Scenario::AutoscalingTurnedOn);
+    let (result, seen) = mock.reconcile().await;
+    result.expect("reconcile succeeds");
+    let order: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path.ends_with("/deployments/demo-gateway"))
+        .map(|s| {
+            (
+                s.method.clone(),
+                s.query.contains("handover"),
+                s.query.contains("force=true"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (Method::GET, false, false),
+            (Method::PATCH, true, false),
+            (Method::PATCH, false, true)
+        ],
+        "look, hand over (without force), then apply"
+    );
+    let handover = seen
+        .iter()
+        .find(|s| {
+            s.query
+                .contains("fieldManager=confab-operator-handover-to-hpa")
+        })
+        .expect("hand-over apply");
+    assert_eq!(handover.content_type, "application/apply-patch+yaml");
+    assert_eq!(handover.body["spec"], json!({"replicas": 4}));
+    assert!(deployment_of(&seen)["spec"].get("replicas").is_none());
+}
+
+#[tokio::test]
+async fn a_handed_over_deployment_is_looked_at_once_then_left_to_the_hpa() {
+    let mock = Mock::new(Scenario::FirstApply);
+    let (_, seen) = mock.reconcile().await;
+    assert_eq!(requests(&seen, Method::GET, "/deployments/").len(), 1);
+    assert!(seen.iter().all(|s| !s.query.contains("handover")));
+    let (_, seen) = mock.reconcile().await;
+    assert_eq!(requests(&seen, Method::GET, "/deployments/").len(), 0);
+    assert!(deployment_of(&seen)["spec"].get("replicas").is_none());
+}
+
+#[tokio::test]
+async fn a_paused_cluster_is_left_alone() {
+    let (result, seen, _) = run(Scenario::Paused).await;
+    assert_eq!(result.expect("reconcile succeeds"), Action::await_change());
+    assert!(
+        seen.iter()
+            .all(|s| !s.is_apply() || s.path.ends_with("/status")),
+        "{seen:#?}"
+    );
+    assert!(requests(&seen, Method::DELETE, "/").is_empty());
+    assert!(
+        requests(&seen, Method::GET, "/pods").is_empty(),
+        "no fleet reads either"
+    );
+    let status = &status_patch(&seen).body["status"];
+    assert_eq!(status["phase"], "Paused");
+    assert_eq!(condition_of(status, "Progressing")["reason"], "Paused");
+}
+
+#[tokio::test]
+async fn absent_optional_children_are_looked_up_once_and_never_deleted_blindly() {
+    let mock = Mock::new(Scenario::Minimal);
+    let (result, seen) = mock.reconcile().await;
+    result.expect("reconcile succeeds");
+    assert!(requests(&seen, Method::DELETE, "/").is_empty(), "{seen:#?}");
+    let looked_up: Vec<_> = requests(&seen, Method::GET, "/apis")
+        .iter()
+        .chain(requests(&seen, Method::GET, "/api/v1/namespaces/chat/services").iter())
+        .map(|s| s.path.clone())
+        .filter(|p| !p.contains("chatclusters"))
+        .collect();
+    for path in [
+        "/apis/apps/v1/namespaces/chat/statefulsets/demo-redis",
+        "/apis/apps/v1/namespaces/chat/statefulsets/demo-rabbitmq",
+        "/api/v1/namespaces/chat/services/demo-redis",
+        "/apis/autoscaling/v2/namespaces/chat/horizontalpodautoscalers/demo-gateway",
+        "/apis/networking.k8s.io/v1/namespaces/chat/ingresses/demo-gateway",
+    ] {
+        assert!(
+            looked_up.iter().any(|p| p == path),
+            "{path} in {looked_up:?}"
+        );
+    }
+    // Steady state: known absent, so neither looked up nor deleted.
+    let (_, seen) = mock.reconcile().await;
+    assert!(requests(&seen, Method::DELETE, "/").is_empty(), "{seen:#?}");
+    let gets: Vec<_> = requests(&seen, Method::GET, "/")
+        .iter()
+        .map(|s| s.path.clone())
+        .filter(|p| !p.contains("/secrets/") && !p.ends_with("/pods"))
+        .collect();
+    assert_eq!(gets, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn rotating_a_secret_changes_the_pod_template_hash() {
+    let mock = Mock::new(Scenario::FirstApply);
+    let hash = |seen: &[Seen]| {
+        deployment_of(seen)["spec"]["template"]["metadata"]["annotations"]
+            [deployment::SECRET_HASH_ANNOTATION]
+            .as_str()
+            .expect("secret hash")
+            .to_owned()
+    };
+    let (_, seen) = mock.reconcile().await;
+    let before = hash(&seen);
+    let (_, seen) = mock.reconcile().await;
+    assert_eq!(hash(&seen), before, "unchanged Secrets keep the template");
+    mock.stored.lock().expect("not poisoned").secret_value = "cm90YXRlZA==".to_owned();
+    let (_, seen) = mock.reconcile().await;
+    assert_ne!(hash(&seen), before);
+    assert_eq!(hash(&seen).len(), 32);
+    assert!(!hash(&seen).contains("c2VjcmV0"));
+}
+
+#[tokio::test]
+async fn an_hpa_without_its_metric_shows_in_status_and_warns_once() {
+    let mock = Mock::new(Scenario::NoMetricsAdapter);
+    let (result, seen) = mock.reconcile().await;
+    result.expect("reconcile succeeds");
+    let autoscaling = &status_patch(&seen).body["status"]["autoscaling"];
+    assert_eq!(autoscaling["scalingActive"], false);
+    assert_eq!(autoscaling["reason"], "FailedGetPodsMetric");
+    assert!(
+        autoscaling["message"]
+            .as_str()
+            .expect("message")
+            .contains("custom.metrics.k8s.io")
+    );
+    assert_eq!(
+        (
+            autoscaling["currentReplicas"].clone(),
+            autoscaling["desiredReplicas"].clone()
+        ),
+        (json!(3), json!(3))
+    );
+    let warnings: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path.ends_with("/events") && s.body["reason"] == "AutoscalingInactive")
+        .collect();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(warnings[0].body["type"], "Warning");
+    assert!(
+        warnings[0].body["note"]
+            .as_str()
+            .expect("note")
+            .contains("custom-metrics adapter")
+    );
+    // Already reported: the next reconcile does not warn again.
+    let (_, seen) = mock.reconcile().await;
+    assert!(
+        seen.iter()
+            .all(|s| s.body["reason"] != "AutoscalingInactive")
+    );
+}
+
+#[test]
+fn an_hpa_that_has_not_run_yet_is_not_reported_failing() {
+    let hpa = HorizontalPodAutoscaler::default();
+    let status = autoscaling_status(&hpa);
+    assert!(status.scaling_active);
+    assert_eq!(status.reason, None);
 }

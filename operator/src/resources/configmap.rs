@@ -55,6 +55,26 @@ pub fn settings(cc: &ChatCluster) -> BTreeMap<String, String> {
         spec.limits.messages_per_second.to_string(),
     );
     set("CONFAB_MESSAGE_BURST", spec.limits.burst.to_string());
+    set(
+        "CONFAB_CONNECTS_PER_SECOND",
+        spec.limits.connects_per_second.to_string(),
+    );
+    set(
+        "CONFAB_CONNECT_BURST",
+        spec.limits.connect_burst.to_string(),
+    );
+    if let Some(per_address) = spec.limits.max_connections_per_address {
+        set(
+            "CONFAB_MAX_CONNECTIONS_PER_ADDRESS",
+            per_address.to_string(),
+        );
+    }
+    if !spec.gateway.trusted_proxies.is_empty() {
+        set(
+            "CONFAB_TRUSTED_PROXIES",
+            spec.gateway.trusted_proxies.join(","),
+        );
+    }
     if !spec.gateway.allowed_origins.is_empty() {
         set(
             "CONFAB_ALLOWED_ORIGINS",
@@ -110,6 +130,10 @@ mod tests {
         assert_eq!(data["CONFAB_MAX_FRAME_BYTES"], "65536");
         assert_eq!(data["CONFAB_MESSAGES_PER_SECOND"], "10");
         assert_eq!(data["CONFAB_MESSAGE_BURST"], "20");
+        assert_eq!(data["CONFAB_CONNECTS_PER_SECOND"], "50");
+        assert_eq!(data["CONFAB_CONNECT_BURST"], "200");
+        assert_eq!(data["CONFAB_MAX_CONNECTIONS_PER_ADDRESS"], "100");
+        assert_eq!(data["CONFAB_TRUSTED_PROXIES"], "10.0.0.10,10.0.0.11");
         assert_eq!(
             data["CONFAB_ALLOWED_ORIGINS"],
             "https://chat.example.com,https://app.example.com"
@@ -153,10 +177,34 @@ mod tests {
         cc.spec.redis = Some(external.clone());
         cc.spec.rabbitmq = Some(external);
         cc.spec.telemetry = None;
+        cc.spec.gateway.trusted_proxies.clear();
+        cc.spec.limits.max_connections_per_address = None;
         let data = settings(&cc);
+        assert!(!data.contains_key("CONFAB_TRUSTED_PROXIES"));
+        assert!(!data.contains_key("CONFAB_MAX_CONNECTIONS_PER_ADDRESS"));
         assert!(!data.contains_key("CONFAB_REDIS_URL"));
         assert!(!data.contains_key("CONFAB_AMQP_URL"));
         assert!(!data.contains_key("CONFAB_OTLP_ENDPOINT"));
+    }
+
+    #[test]
+    fn every_setting_the_configmap_sets_is_one_the_gateway_reads() {
+        let config = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../gateway/src/config.rs"
+        ))
+        .expect("gateway/src/config.rs");
+        let data = settings(&sample());
+        assert!(data.len() >= 18, "the sample sets every setting: {data:?}");
+        let unknown: Vec<_> = data
+            .keys()
+            .filter(|key| !config.contains(&format!("env = \"{key}\"")))
+            .collect();
+        assert_eq!(
+            unknown,
+            Vec::<&String>::new(),
+            "names the gateway does not read"
+        );
     }
 
     #[test]

@@ -17,13 +17,16 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     BuildError, Component, GATEWAY_BINARY, GATEWAY_DATA_DIR, GATEWAY_PORT, PODINFO_DIR, child_meta,
-    configmap, gateway_name, labels, selector_labels, stable_hash,
+    configmap, gateway_name, labels, placement, selector_labels, stable_hash,
 };
 use crate::crd::{ChatCluster, SecretKeyRef};
 use crate::rollout;
 
 /// Pod annotation whose change rolls the fleet when only the ConfigMap changed.
 pub const CONFIG_HASH_ANNOTATION: &str = "confab.dev/config-hash";
+/// Pod annotation whose change rolls the fleet when a referenced Secret's value changed: env
+/// from a Secret is read only when a container starts.
+pub const SECRET_HASH_ANNOTATION: &str = "confab.dev/secret-hash";
 /// UID of the non-root user the gateway image runs as (distroless `nonroot`).
 pub const GATEWAY_UID: i64 = 65532;
 /// The preStop hook: the gateway drains (readiness 503, new upgrades refused with
@@ -118,10 +121,29 @@ pub fn rollout_plan(cc: &ChatCluster, observed_connections_per_pod: Option<i64>)
     )
 }
 
-pub fn deployment(
-    cc: &ChatCluster,
-    observed_connections_per_pod: Option<i64>,
-) -> Result<Deployment, BuildError> {
+/// What the gateway Deployment is built from besides the ChatCluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Inputs {
+    /// Connections on the fullest pod, when known (the rollout budget).
+    pub connections_per_pod: Option<i64>,
+    /// Hash of the referenced Secrets' values (`None` leaves the annotation out).
+    pub secret_hash: Option<String>,
+    /// Set the replica count even with autoscaling: the apply that hands `spec.replicas` over
+    /// to the HPA carries the live count.
+    pub replicas_override: Option<i32>,
+}
+
+impl Inputs {
+    pub fn with_connections(connections_per_pod: Option<i64>) -> Self {
+        Self {
+            connections_per_pod,
+            ..Self::default()
+        }
+    }
+}
+
+pub fn deployment(cc: &ChatCluster, inputs: &Inputs) -> Result<Deployment, BuildError> {
+    let observed_connections_per_pod = inputs.connections_per_pod;
     let name = gateway_name(cc);
     let container = Container {
         name: "gateway".to_owned(),
@@ -140,7 +162,11 @@ pub fn deployment(
             ..EnvFromSource::default()
         }]),
         env: Some(secret_envs(cc)),
-        resources: cc.spec.gateway.resources.clone(),
+        resources: Some(placement::resources(
+            cc.spec.gateway.pod.as_ref(),
+            cc.spec.gateway.resources.as_ref(),
+            Component::Gateway,
+        )),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 1)),
         startup_probe: Some(http_probe("/healthz", 2, 30)),
@@ -185,7 +211,7 @@ pub fn deployment(
         ]),
         ..Container::default()
     };
-    let pod = PodSpec {
+    let mut pod = PodSpec {
         containers: vec![container],
         automount_service_account_token: Some(false),
         // The preStop drain and the SIGTERM that follows both run inside this period.
@@ -234,15 +260,25 @@ pub fn deployment(
         ]),
         ..PodSpec::default()
     };
+    placement::apply(
+        &mut pod,
+        cc.spec.gateway.pod.as_ref(),
+        placement::default_gateway_spread(cc),
+    );
+    let mut annotations = BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash(cc))]);
+    if let Some(hash) = &inputs.secret_hash {
+        annotations.insert(SECRET_HASH_ANNOTATION.to_owned(), hash.clone());
+    }
     Ok(Deployment {
         metadata: child_meta(cc, name, Component::Gateway)?,
         spec: DeploymentSpec {
             // With autoscaling the HPA owns the replica count; leaving it out of the applied
-            // object keeps server-side apply from fighting the HPA.
-            replicas: if cc.spec.gateway.autoscaling.is_some() {
-                None
-            } else {
-                Some(cc.spec.gateway.replicas)
+            // object keeps server-side apply from fighting the HPA (after the hand-over, see
+            // controller::hand_replicas_to_hpa, so that the count is not reset to 1).
+            replicas: match (&cc.spec.gateway.autoscaling, inputs.replicas_override) {
+                (_, Some(replicas)) => Some(replicas),
+                (Some(_), None) => None,
+                (None, None) => Some(cc.spec.gateway.replicas),
             },
             selector: LabelSelector {
                 match_labels: Some(selector_labels(cc, Component::Gateway)),
@@ -262,10 +298,7 @@ pub fn deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(cc, Component::Gateway)),
-                    annotations: Some(BTreeMap::from([(
-                        CONFIG_HASH_ANNOTATION.to_owned(),
-                        config_hash(cc),
-                    )])),
+                    annotations: Some(annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
@@ -299,7 +332,7 @@ mod tests {
 
     #[test]
     fn deployment_probes_healthz_and_readyz_on_the_http_port() {
-        let d = deployment(&sample(), None).expect("builds");
+        let d = deployment(&sample(), &Inputs::default()).expect("builds");
         let c = container(&d);
         let live = c
             .liveness_probe
@@ -319,7 +352,7 @@ mod tests {
 
     #[test]
     fn deployment_runs_non_root_with_a_read_only_root_filesystem() {
-        let d = deployment(&sample(), None).expect("builds");
+        let d = deployment(&sample(), &Inputs::default()).expect("builds");
         let c = container(&d);
         let sc = c.security_context.as_ref().expect("security context");
         assert_eq!(sc.run_as_non_root, Some(true));
@@ -342,7 +375,7 @@ mod tests {
 
     #[test]
     fn deployment_takes_credentials_from_secrets_by_reference() {
-        let d = deployment(&sample(), None).expect("builds");
+        let d = deployment(&sample(), &Inputs::default()).expect("builds");
         let c = container(&d);
         let jwt = env_secret(c, "CONFAB_JWT_SECRET").expect("jwt from secret");
         assert_eq!(
@@ -399,7 +432,7 @@ mod tests {
                 },
             }),
         });
-        let d = deployment(&cc, None).expect("builds");
+        let d = deployment(&cc, &Inputs::default()).expect("builds");
         let c = container(&d);
         assert!(env_secret(c, "CONFAB_JWT_SECRET").is_none());
         assert_eq!(
@@ -419,7 +452,7 @@ mod tests {
     #[test]
     fn deployment_is_labelled_owned_and_selects_its_own_pods() {
         let cc = sample();
-        let d = deployment(&cc, None).expect("builds");
+        let d = deployment(&cc, &Inputs::default()).expect("builds");
         assert_eq!(d.metadata.name.as_deref(), Some("demo-gateway"));
         assert_eq!(
             d.metadata.owner_references.as_ref().expect("owners")[0].uid,
@@ -443,10 +476,19 @@ mod tests {
     #[test]
     fn autoscaled_deployment_leaves_replicas_to_the_hpa() {
         let mut cc = sample();
-        assert_eq!(deployment(&cc, None).expect("builds").spec.replicas, None);
+        assert_eq!(
+            deployment(&cc, &Inputs::default())
+                .expect("builds")
+                .spec
+                .replicas,
+            None
+        );
         cc.spec.gateway.autoscaling = None;
         assert_eq!(
-            deployment(&cc, None).expect("builds").spec.replicas,
+            deployment(&cc, &Inputs::default())
+                .expect("builds")
+                .spec
+                .replicas,
             Some(3)
         );
     }
@@ -462,7 +504,7 @@ mod tests {
     #[test]
     fn rollout_surges_by_the_drain_budget_and_never_goes_unavailable() {
         let cc = sample();
-        let d = deployment(&cc, None).expect("builds");
+        let d = deployment(&cc, &Inputs::default()).expect("builds");
         let ru = rolling_update(&d);
         // Unknown counts: 500 reconnects/s × 60 s ÷ 10 000 connections per full pod = 3.
         assert_eq!(ru.max_surge, Some(IntOrString::Int(3)));
@@ -471,10 +513,10 @@ mod tests {
             d.spec.strategy.as_ref().and_then(|s| s.type_.as_deref()),
             Some("RollingUpdate")
         );
-        let d = deployment(&cc, Some(6_000)).expect("builds");
+        let d = deployment(&cc, &Inputs::with_connections(Some(6_000))).expect("builds");
         assert_eq!(rolling_update(&d).max_surge, Some(IntOrString::Int(5)));
         // 30 pods' worth of budget, but the fleet never exceeds autoscaling.maxReplicas.
-        let d = deployment(&cc, Some(1_000)).expect("builds");
+        let d = deployment(&cc, &Inputs::with_connections(Some(1_000))).expect("builds");
         assert_eq!(rolling_update(&d).max_surge, Some(IntOrString::Int(10)));
     }
 
@@ -483,7 +525,7 @@ mod tests {
         let mut cc = sample();
         cc.spec.gateway.autoscaling = None;
         cc.spec.gateway.replicas = 4;
-        let d = deployment(&cc, Some(10)).expect("builds");
+        let d = deployment(&cc, &Inputs::with_connections(Some(10))).expect("builds");
         assert_eq!(rolling_update(&d).max_surge, Some(IntOrString::Int(4)));
         let plan = rollout_plan(&cc, Some(100_000));
         assert_eq!(
@@ -499,7 +541,7 @@ mod tests {
     fn pods_get_the_drain_window_plus_margin_to_terminate() {
         let mut cc = sample();
         let pod = |cc: &ChatCluster| {
-            deployment(cc, None)
+            deployment(cc, &Inputs::default())
                 .expect("builds")
                 .spec
                 .template
@@ -513,7 +555,7 @@ mod tests {
 
     #[test]
     fn the_pre_stop_hook_starts_the_drain_and_waits_for_it() {
-        let d = deployment(&sample(), None).expect("builds");
+        let d = deployment(&sample(), &Inputs::default()).expect("builds");
         let hook = container(&d)
             .lifecycle
             .as_ref()
@@ -546,7 +588,7 @@ mod tests {
 
     #[test]
     fn the_pod_sees_its_own_annotations_in_a_file() {
-        let d = deployment(&sample(), None).expect("builds");
+        let d = deployment(&sample(), &Inputs::default()).expect("builds");
         let pod = d.spec.template.spec.as_ref().expect("pod");
         let volume = pod
             .volumes
@@ -583,13 +625,75 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_hash_goes_on_the_pod_template_so_rotation_rolls_the_fleet() {
+        let cc = sample();
+        let annotations = |hash: Option<&str>| {
+            let inputs = Inputs {
+                secret_hash: hash.map(str::to_owned),
+                ..Inputs::default()
+            };
+            deployment(&cc, &inputs)
+                .expect("builds")
+                .spec
+                .template
+                .metadata
+                .and_then(|m| m.annotations)
+                .expect("annotations")
+        };
+        assert_eq!(annotations(Some("abc"))[SECRET_HASH_ANNOTATION], "abc");
+        assert!(!annotations(None).contains_key(SECRET_HASH_ANNOTATION));
+    }
+
+    #[test]
+    fn the_hand_over_apply_carries_the_live_replicas_even_with_autoscaling() {
+        let inputs = Inputs {
+            replicas_override: Some(7),
+            ..Inputs::default()
+        };
+        assert_eq!(
+            deployment(&sample(), &inputs)
+                .expect("builds")
+                .spec
+                .replicas,
+            Some(7)
+        );
+    }
+
+    #[test]
+    fn pod_overrides_and_default_spread_reach_the_gateway_pods() {
+        let mut cc = sample();
+        let d = deployment(&cc, &Inputs::default()).expect("builds");
+        let pod = d.spec.template.spec.as_ref().expect("pod");
+        placement::assert_has_sample_overrides(pod);
+        assert_eq!(
+            pod.topology_spread_constraints,
+            Some(placement::default_gateway_spread(&cc))
+        );
+        // gateway.resources (the older spelling) still applies.
+        assert_eq!(container(&d).resources, cc.spec.gateway.resources);
+        cc.spec.gateway.resources = None;
+        cc.spec.gateway.pod = None;
+        let d = deployment(&cc, &Inputs::default()).expect("builds");
+        assert_eq!(
+            container(&d).resources,
+            Some(placement::default_resources(Component::Gateway))
+        );
+        let pod = d.spec.template.spec.as_ref().expect("pod");
+        assert_eq!(pod.priority_class_name, None);
+        assert_eq!(
+            pod.topology_spread_constraints.as_ref().map(Vec::len),
+            Some(2)
+        );
+    }
+
+    #[test]
     fn a_settings_change_changes_the_pod_template() {
         let cc = sample();
         let before = config_hash(&cc);
         let mut changed = cc.clone();
         changed.spec.limits.burst += 1;
         assert_ne!(before, config_hash(&changed));
-        let d = deployment(&changed, None).expect("builds");
+        let d = deployment(&changed, &Inputs::default()).expect("builds");
         let annotations = d
             .spec
             .template

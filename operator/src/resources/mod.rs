@@ -3,7 +3,9 @@
 pub mod configmap;
 pub mod deployment;
 pub mod hpa;
+pub mod ingress;
 pub mod pdb;
+pub mod placement;
 pub mod service;
 pub mod statefulset;
 
@@ -159,10 +161,14 @@ pub fn selector_string(cc: &ChatCluster) -> String {
         .join(",")
 }
 
-/// The controller owner reference that ties a child's life to its ChatCluster.
+/// The controller owner reference that ties a child's life to its ChatCluster; with
+/// `blockOwnerDeletion`, a foreground deletion of the ChatCluster waits for its children.
 pub fn owner_ref(cc: &ChatCluster) -> Result<OwnerReference, BuildError> {
-    cc.controller_owner_ref(&())
-        .ok_or(BuildError::MissingMetadata("uid"))
+    let mut owner = cc
+        .controller_owner_ref(&())
+        .ok_or(BuildError::MissingMetadata("uid"))?;
+    owner.block_owner_deletion = Some(true);
+    Ok(owner)
 }
 
 /// Metadata of a child: name, the ChatCluster's namespace, labels and owner reference.
@@ -217,6 +223,7 @@ mod tests {
         assert_eq!(owner.name, "demo");
         assert_eq!(owner.uid, "11111111-2222-3333-4444-555555555555");
         assert_eq!(owner.controller, Some(true));
+        assert_eq!(owner.block_owner_deletion, Some(true));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{BuildError, ManagedKind, backend_name, child_meta, labels, selector_labels};
+use super::{
+    BuildError, ManagedKind, backend_name, child_meta, labels, placement, selector_labels,
+};
 use crate::crd::{ChatCluster, ManagedBackend};
 
 /// UID and GID of the `redis` and `rabbitmq` users in the official Debian-based images.
@@ -94,6 +96,11 @@ fn container(kind: ManagedKind, managed: &ManagedBackend) -> Container {
     Container {
         name: kind.component().as_str().to_owned(),
         image: Some(image),
+        resources: Some(placement::resources(
+            managed.pod.as_ref(),
+            None,
+            kind.component(),
+        )),
         args,
         env,
         ports: Some(vec![ContainerPort {
@@ -166,26 +173,33 @@ pub fn statefulset(cc: &ChatCluster, kind: ManagedKind) -> Result<Option<Statefu
                     labels: Some(labels(cc, kind.component())),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container(kind, managed)],
-                    automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        fs_group: Some(BACKEND_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    ..PodSpec::default()
-                }),
+                spec: Some(pod_spec(kind, managed)),
             },
             volume_claim_templates: Some(vec![claim]),
             ..StatefulSetSpec::default()
         },
         status: None,
     }))
+}
+
+fn pod_spec(kind: ManagedKind, managed: &ManagedBackend) -> PodSpec {
+    let mut pod = PodSpec {
+        containers: vec![container(kind, managed)],
+        automount_service_account_token: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            fs_group: Some(BACKEND_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        ..PodSpec::default()
+    };
+    // One pod: nothing to spread.
+    placement::apply(&mut pod, managed.pod.as_ref(), Vec::new());
+    pod
 }
 
 #[cfg(test)]
@@ -282,6 +296,28 @@ mod tests {
             c.volume_mounts.as_ref().expect("mounts")[0].mount_path,
             "/var/lib/rabbitmq"
         );
+    }
+
+    #[test]
+    fn backend_pods_get_default_resources_and_their_overrides() {
+        let mut cc = sample();
+        let sts = statefulset(&cc, ManagedKind::Redis)
+            .expect("builds")
+            .expect("managed");
+        assert_eq!(
+            pod(&sts).containers[0].resources,
+            Some(placement::default_resources(
+                crate::resources::Component::Redis
+            ))
+        );
+        assert_eq!(pod(&sts).topology_spread_constraints, None);
+        if let Some(m) = cc.spec.redis.as_mut().and_then(|r| r.managed.as_mut()) {
+            m.pod = Some(crate::sample::sample_pod_overrides());
+        }
+        let sts = statefulset(&cc, ManagedKind::Redis)
+            .expect("builds")
+            .expect("managed");
+        placement::assert_has_sample_overrides(pod(&sts));
     }
 
     #[test]

@@ -26,10 +26,11 @@ class Recorded {
 }
 
 /** The stock socket.io-client 4.x. */
-export async function socketio(url, tok, { transports = ['websocket'], namespace = '/', headers, keep, onEvent } = {}) {
+/** options.cursors: resume cursors {conversationId: lastSeq} sent in the handshake's auth. */
+export async function socketio(url, tok, { transports = ['websocket'], namespace = '/', headers, keep, onEvent, cursors } = {}) {
   const rec = new Recorded({ keep, onEvent });
   const socket = io(`${url}${namespace === '/' ? '' : namespace}`, {
-    auth: tok === undefined ? undefined : { token: tok },
+    auth: tok === undefined ? undefined : { token: tok, ...(cursors ? { cursors } : {}) },
     transports,
     reconnection: false,
     forceNew: true,
@@ -61,12 +62,14 @@ export async function socketio(url, tok, { transports = ['websocket'], namespace
  * options.auth: where the token goes — 'query' (?token=), 'header' (Authorization: Bearer) or
  * 'frame' (a first {"type":"auth"} frame). Resolves once the `connected` frame arrives; rejects
  * with "close CODE: REASON" when the server closes first, or "HTTP STATUS" when it refuses the
- * upgrade.
+ * upgrade. options.cursors: resume cursors {conversationId: lastSeq}, in the auth frame when the
+ * token goes there, else as ?cursors=<JSON>.
  */
-export async function ws(url, tok, { auth = 'query', headers = {}, perMessageDeflate = false, autoPong = true, path = '/ws', keep = true, onEvent } = {}) {
+export async function ws(url, tok, { auth = 'query', headers = {}, perMessageDeflate = false, autoPong = true, path = '/ws', keep = true, onEvent, cursors } = {}) {
   const rec = new Recorded({ keep, onEvent });
   const target = new URL(path, url.replace(/^http/, 'ws'));
   if (tok !== undefined && auth === 'query') target.searchParams.set('token', tok);
+  if (cursors && auth !== 'frame') target.searchParams.set('cursors', JSON.stringify(cursors));
   const allHeaders = { ...headers };
   if (tok !== undefined && auth === 'header') allHeaders.authorization = `Bearer ${tok}`;
   const socket = new WebSocket(target, { headers: allHeaders, perMessageDeflate, autoPong });
@@ -97,7 +100,7 @@ export async function ws(url, tok, { auth = 'query', headers = {}, perMessageDef
   await new Promise((resolve, reject) => {
     const fail = (e) => { clearTimeout(timer); reject(e); };
     const timer = setTimeout(() => fail(new Error('no connected frame within 10 s')), 10000);
-    socket.once('open', () => { if (tok !== undefined && auth === 'frame') socket.send(JSON.stringify({ type: 'auth', payload: { token: tok } })); });
+    socket.once('open', () => { if (tok !== undefined && auth === 'frame') socket.send(JSON.stringify({ type: 'auth', payload: { token: tok, ...(cursors ? { cursors } : {}) } })); });
     rec.waitFor('connected', () => true, 10000).then(() => { clearTimeout(timer); resolve(); }, () => {});
     disconnected.then((why) => fail(new Error(why)));
     socket.once('unexpected-response', (req, res) => { req.destroy(); fail(Object.assign(new Error(`HTTP ${res.statusCode}`), { status: res.statusCode })); });

@@ -4,7 +4,9 @@
 // threads, each with its own loop; the test thread only orchestrates.
 //
 // Each device follows the drain contract: on `server_draining` it waits `reconnectAfterMs`,
-// closes, connects to another ready gateway, re-joins and `sync`s from the last contiguous seq.
+// closes, and connects to another ready gateway with its last contiguous seq as the resume
+// cursor: the server attaches it to its conversation and replays what it missed (no join, no
+// sync).
 // The test thread calls in with {id, op, ...}; every call is answered with {id, result} or
 // {id, error}.
 import { parentPort, workerData } from 'node:worker_threads';
@@ -43,48 +45,38 @@ class Device {
   contiguous() { let s = 0; while (this.seen.has(s + 1)) s += 1; return s; }
 
   async connect(url) {
-    const holder = {};
+    const generation = (this.generation ?? 0) + 1;
+    this.generation = generation;
+    // The replay arrives before the handshake's promise settles: events are this connection's
+    // by generation, not by the client object.
     const onEvent = (name, payload) => {
-      if (name === 'new_message') this.onLive(holder.client, payload);
-      else if (name === 'server_draining') this.onDraining(holder.client, payload);
+      if (generation !== this.generation) return;
+      if (name === 'new_message') this.onLive(payload);
+      else if (name === 'server_draining') this.onDraining(payload);
     };
-    const client = await this.kind(url, this.tok, { keep: false, onEvent });
-    holder.client = client;
+    const cursors = { [this.conversationId]: this.contiguous() };
+    const client = await this.kind(url, this.tok, { keep: false, onEvent, cursors });
+    if (generation !== this.generation) { client.close(); throw new Error('superseded'); }
     this.connectedAt = Date.now();
     this.client = client; this.url = url;
-    try {
-      const joined = await client.request('join_conversation', { conversationId: this.conversationId }, 15000);
-      if (joined?.error) throw new Error(`join: ${joined.error.code}: ${joined.error.message}`);
-      this.joinedAt = Date.now();
-      const synced = await client.request('sync', { conversations: [{ conversationId: this.conversationId, afterSeq: this.contiguous() }] }, 15000);
-      if (synced?.error) throw new Error(`sync: ${synced.error.code}: ${synced.error.message}`);
-      for (const m of synced.messages) this.record(m);
-      this.syncedAt = Date.now();
-    } catch (e) {
-      // A failed attempt leaves no connection behind: the retry starts from scratch.
-      this.client = null;
-      client.close();
-      throw e;
-    }
   }
 
-  onLive(client, m) {
-    if (client !== this.client) return;
+  onLive(m) {
     const key = `${client.transport}:${m.id}:${this.moves}`;
     if (this.liveIds.has(key)) stats.liveDuplicates += 1;
     this.liveIds.add(key);
     this.record(m);
   }
 
-  onDraining(client, { reconnectAfterMs }) {
-    if (client !== this.client) return;
+  onDraining({ reconnectAfterMs }) {
     this.drainings += 1;
     this.ready = (async () => {
       await sleep(reconnectAfterMs);
       const from = this.url;
       const old = this.client;
       this.client = null;
-      old.close();
+      this.generation += 1; // what the old connection still delivers is not counted
+      old?.close();
       this.moves += 1;
       const startedAt = Date.now();
       let failed = 0;
@@ -104,10 +96,10 @@ class Device {
         }
       }
       if (phase) {
-        // The reconnect is the new connection's handshake; join and sync follow it.
+        // The reconnect is the new connection's handshake, which carries the resume.
         reconnects.push({
           startedAt: startedAt - phase.t0, at: this.connectedAt - phase.t0, failed,
-          handshakeMs: this.connectedAt - startedAt, joinMs: this.joinedAt - this.connectedAt, syncMs: this.syncedAt - this.joinedAt,
+          handshakeMs: this.connectedAt - startedAt,
         });
       }
     })();

@@ -1,0 +1,139 @@
+//! Subscriptions and resume: at connect a connection is attached to every conversation of its
+//! user, and a client that brings cursors gets what it missed, in seq order, before live events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::error::ChatError;
+use super::event::{Event, Outgoing, Topic};
+use super::hub::{ConnId, TopicChange};
+use super::model::{ConversationId, Identity};
+use super::service::ChatService;
+use super::store_err;
+
+/// The last seq a client saw per conversation, as it sends them in the handshake.
+pub type Cursors = Vec<(ConversationId, i64)>;
+
+/// Most conversations one handshake may carry cursors for.
+pub const MAX_CURSORS: usize = 1000;
+
+/// `resume_truncated`: more was missed than a resume replays; `sync` from `afterSeq` for the rest.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResumeTruncated {
+    conversation_id: ConversationId,
+    after_seq: i64,
+}
+
+/// Checks cursors from a handshake: each conversation once, seqs not negative, at most
+/// [`MAX_CURSORS`].
+pub fn check_cursors(cursors: &Cursors) -> Result<(), ChatError> {
+    if cursors.len() > MAX_CURSORS {
+        return Err(ChatError::invalid(format!(
+            "cursors name at most {MAX_CURSORS} conversations"
+        )));
+    }
+    let mut seen = HashSet::new();
+    for (id, seq) in cursors {
+        if !seen.insert(id) {
+            return Err(ChatError::invalid(format!(
+                "cursors name conversation {id} twice"
+            )));
+        }
+        if *seq < 0 {
+            return Err(ChatError::invalid(format!(
+                "the cursor of conversation {id} is negative"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl ChatService {
+    /// Attaches the connection to every conversation of its user and waits for their bus
+    /// bindings, so nothing published from here on passes it by. Returns the conversations.
+    pub(super) async fn subscribe_all(
+        &self,
+        who: &Identity,
+        conn: ConnId,
+    ) -> Result<HashSet<ConversationId>, ChatError> {
+        let ids: HashSet<ConversationId> = self
+            .store
+            .conversations_of(&who.user_id)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .map(|s| s.conversation.id)
+            .collect();
+        let mut change = TopicChange::default();
+        for id in &ids {
+            match self.hub.join(conn, *id) {
+                Some(joined) => change.acquired.extend(joined.acquired),
+                None => return Err(ChatError::Unauthorized("the connection is closed".into())),
+            }
+        }
+        self.apply(change).await;
+        for id in &ids {
+            self.bound(&Topic::Conversation(*id)).await;
+        }
+        Ok(ids)
+    }
+
+    /// Writes what the client missed since its cursors straight to the connection (its live
+    /// events are still held), at most `max_resume` per conversation. Returns the last seq
+    /// written per conversation, so the held live copies of those messages are dropped.
+    /// Cursors of conversations the user is no longer in are passed over: the client learns of
+    /// its conversations with `GET /api/conversations`.
+    pub(super) async fn replay(
+        &self,
+        conn: ConnId,
+        member_of: &HashSet<ConversationId>,
+        cursors: Cursors,
+    ) -> HashMap<ConversationId, i64> {
+        let mut replayed = HashMap::new();
+        let Some(out) = self.hub.outbound_of(conn) else {
+            return replayed;
+        };
+        let cap = self.settings.max_resume;
+        for (id, after) in cursors {
+            if !member_of.contains(&id) {
+                continue;
+            }
+            // One more than the cap tells whether anything was left behind.
+            let mut last = after;
+            let truncated = match self.store.messages_after(id, after, cap + 1).await {
+                Ok(mut batch) => {
+                    let truncated = batch.len() as u32 > cap;
+                    batch.truncate(cap as usize);
+                    for message in batch {
+                        last = message.seq;
+                        ChatService::direct(&*out, &Arc::new(Event::NewMessage(message).encode()));
+                    }
+                    truncated
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "resume could not read missed messages; the client pages them with sync");
+                    true
+                }
+            };
+            if last > after {
+                replayed.insert(id, last);
+            }
+            if truncated {
+                ChatService::direct(
+                    &*out,
+                    &Outgoing::new(
+                        "resume_truncated",
+                        &ResumeTruncated {
+                            conversation_id: id,
+                            after_seq: last,
+                        },
+                    ),
+                );
+            }
+        }
+        replayed
+    }
+}

@@ -1,0 +1,138 @@
+//! Server-side subscriptions and resume, driven through `ChatService` with recording connections.
+
+use super::*;
+
+fn resuming_service(max_resume: u32) -> Arc<ChatService> {
+    let generous = Quota {
+        per_second: 1000,
+        burst: 1000,
+    };
+    ChatService::new(
+        Arc::new(MemoryStore::default()),
+        Arc::new(LocalBus::new()),
+        Arc::new(MemoryPresence::new()),
+        Arc::new(MemoryLimits::new(LimitSettings {
+            user_messages: generous,
+            connection_events: generous,
+            user_joins: generous,
+            address_connects: generous,
+            user_requests: generous,
+        })),
+        ChatSettings {
+            max_resume,
+            ..ChatSettings::default()
+        },
+    )
+}
+
+fn seqs(rec: &Recorder, c: &Conversation) -> Vec<i64> {
+    rec.named("new_message")
+        .iter()
+        .filter(|m| m["conversationId"] == c.id.to_string())
+        .map(|m| m["seq"].as_i64().expect("seq"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_connection_receives_its_conversations_from_connect_on_without_joining() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (_, b) = connect(&svc, &bob).await;
+    svc.send(&alice, text(&c, "m1", "hi")).await.expect("send");
+    assert_eq!(seqs(&b, &c), vec![1]);
+}
+
+#[tokio::test]
+async fn a_conversation_created_later_attaches_the_members_connections_by_itself() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let (_, b) = connect(&svc, &bob).await;
+    let c = group(&svc, &alice, &["bob"]).await;
+    assert_eq!(b.named("conversation_added").len(), 1);
+    svc.send(&alice, text(&c, "m1", "hi")).await.expect("send");
+    assert_eq!(seqs(&b, &c), vec![1], "delivered with no join");
+    // Removed: detached again.
+    svc.remove_member(&alice, c.id, "bob").await.expect("remove");
+    svc.send(&alice, text(&c, "m2", "after")).await.expect("send");
+    assert_eq!(seqs(&b, &c), vec![1]);
+}
+
+#[tokio::test]
+async fn resume_replays_what_was_missed_in_seq_order_and_caps_it_with_resume_truncated() {
+    let svc = resuming_service(3);
+    let (alice, bob) = (who("alice"), who("bob"));
+    let small = group(&svc, &alice, &["bob"]).await;
+    let big = group(&svc, &alice, &["bob"]).await;
+    let elsewhere = group(&svc, &alice, &[]).await;
+    for i in 1..=2 {
+        svc.send(&alice, text(&small, &format!("s{i}"), "x"))
+            .await
+            .expect("send");
+    }
+    for i in 1..=6 {
+        svc.send(&alice, text(&big, &format!("b{i}"), "x"))
+            .await
+            .expect("send");
+    }
+    svc.send(&alice, text(&elsewhere, "e1", "x"))
+        .await
+        .expect("send");
+    let rec = Arc::new(Recorder::default());
+    // A cursor for a conversation bob is not in is passed over, not an error.
+    svc.connect_resuming(
+        &bob,
+        rec.clone(),
+        Some(vec![(small.id, 1), (big.id, 1), (elsewhere.id, 0)]),
+    )
+    .await
+    .expect("connect");
+    assert_eq!(seqs(&rec, &small), vec![2]);
+    assert_eq!(seqs(&rec, &big), vec![2, 3, 4], "at most max_resume");
+    assert_eq!(seqs(&rec, &elsewhere), Vec::<i64>::new());
+    let truncated = rec.named("resume_truncated");
+    assert_eq!(
+        truncated,
+        vec![serde_json::json!({"conversationId": big.id, "afterSeq": 4})]
+    );
+    // Live traffic follows the replay.
+    svc.send(&alice, text(&small, "s3", "x"))
+        .await
+        .expect("send");
+    assert_eq!(seqs(&rec, &small), vec![2, 3]);
+}
+
+#[tokio::test]
+async fn live_events_held_during_a_replay_follow_it_without_the_messages_it_replayed() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let rec = Arc::new(Recorder::default());
+    // Registered (so held) but not yet connected: what is sent now waits for the replay.
+    let (conn, change) = svc.register(&bob, rec.clone());
+    let joined = svc.hub().join(conn, c.id).expect("open");
+    svc.subscribe(joined).await;
+    for i in 1..=3 {
+        svc.send(&alice, text(&c, &format!("m{i}"), "x"))
+            .await
+            .expect("send");
+    }
+    assert!(rec.names().is_empty(), "held: {:?}", rec.names());
+    svc.connected_resuming(&bob, conn, change, Some(vec![(c.id, 0)]))
+        .await
+        .expect("connected");
+    assert_eq!(seqs(&rec, &c), vec![1, 2, 3], "each once, in order");
+    svc.send(&alice, text(&c, "m4", "x")).await.expect("send");
+    assert_eq!(seqs(&rec, &c), vec![1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn malformed_cursors_are_refused_with_a_reason() {
+    let id = uuid::Uuid::now_v7();
+    let e = resume_check(&vec![(id, 1), (id, 2)]).expect_err("twice");
+    assert!(e.to_string().contains("twice"), "{e}");
+    let e = resume_check(&vec![(id, -1)]).expect_err("negative");
+    assert!(e.to_string().contains("negative"), "{e}");
+    let many: Cursors = (0..1001).map(|_| (uuid::Uuid::now_v7(), 0)).collect();
+    assert!(resume_check(&many).is_err());
+}
