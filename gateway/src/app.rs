@@ -16,7 +16,9 @@ use tokio::net::TcpListener;
 use crate::auth::{Authenticator, KeyError};
 use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
 use crate::chat::{ChatService, ChatSettings};
-use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
+use crate::config::{
+    BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, SocketIoEngine, StoreBackend,
+};
 use crate::drain::{Drain, DrainState};
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
@@ -27,7 +29,7 @@ use crate::telemetry::instrumented::{
 };
 use crate::telemetry::{self, TelemetryError};
 use crate::transport::origin::{self, OriginPolicy};
-use crate::transport::{Gateway, TransportSettings, http, socketio, web, ws};
+use crate::transport::{Gateway, TransportSettings, engineio, http, socketio, web, ws};
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -339,13 +341,28 @@ impl App {
         let policy = Arc::new(OriginPolicy {
             allowed: allowed_origins,
         });
-        let router = http::routes()
+        let mut router = http::routes()
             .merge(web::routes(dev_secret_path.is_some()))
             .with_state(gateway.clone())
             .merge(ws::routes(gateway.clone(), config.ws_echo_route))
             .merge(telemetry::routes(metrics))
-            .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize))
-            .layer(sio_layer)
+            .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize));
+        router = match config.socketio_engine {
+            SocketIoEngine::Socketioxide => router.layer(sio_layer),
+            SocketIoEngine::Confab => router.merge(engineio::routes(
+                "/socket.io/",
+                engineio::Engine::new(
+                    engineio::settings_of(&gateway),
+                    Arc::new(engineio::socket::ChatSockets {
+                        gw: gateway.clone(),
+                    }),
+                    ws::options(&gateway.settings),
+                    gateway.service.metrics().clone(),
+                    gateway.settings.trusted_proxies.clone(),
+                ),
+            )),
+        };
+        let router = router
             .layer(axum::middleware::from_fn_with_state(
                 gateway.clone(),
                 http::refuse_while_draining,
@@ -398,7 +415,7 @@ pub async fn serve(
         }
         io.close().await;
         for out in gateway.service.hub().all() {
-            out.close("server shutting down");
+            out.close(crate::chat::hub::CloseReason::Shutdown);
         }
         let _ = stopped_tx.send(());
     });

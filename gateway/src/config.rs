@@ -30,6 +30,16 @@ pub enum Command {
     Token(TokenArgs),
     /// Ask a running gateway to drain (the Kubernetes preStop hook), optionally until it has.
     Drain(DrainArgs),
+    /// Serve what the Socket.IO project's protocol test suites expect (socketio/engine.io-protocol
+    /// at `/engine.io/`, socketio/socket.io-protocol at `/socket.io/`); for testing only.
+    Conformance(ConformanceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConformanceArgs {
+    /// Where to listen; the suites expect 127.0.0.1:3000 (they call it localhost:3000).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +90,15 @@ pub enum WsCompression {
     /// permessage-deflate (RFC 7692) when the client offers it.
     Deflate,
     Off,
+}
+
+/// Which implementation serves `/socket.io/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SocketIoEngine {
+    /// Confab's own Engine.IO v4 / Socket.IO v5 on the shared connection core.
+    Confab,
+    /// socketioxide (being replaced).
+    Socketioxide,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -288,6 +307,15 @@ pub struct Config {
         global = true
     )]
     pub ws_compression: WsCompression,
+    /// The implementation that serves `/socket.io/`.
+    #[arg(
+        long,
+        env = "CONFAB_SOCKETIO_ENGINE",
+        value_enum,
+        default_value = "socketioxide",
+        global = true
+    )]
+    pub socketio_engine: SocketIoEngine,
     /// Serve `/ws/echo`, an echo endpoint with the `/ws` WebSocket settings, for the
     /// Autobahn|Testsuite. Never on in production.
     #[arg(

@@ -69,6 +69,16 @@ fn token(config: &Config, args: &confab_gateway::config::TokenArgs) -> Result<St
     })
 }
 
+async fn conformance(listen: std::net::SocketAddr) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    println!("conformance mode listening on http://{listen}");
+    confab_gateway::transport::engineio::conformance::serve(listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
 async fn serve(config: Config) -> Result<(), String> {
     config.validate().map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -237,6 +247,7 @@ async fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Command::Token(args)) => token(&cli.config, args).map(|t| println!("{t}")),
         Some(Command::Drain(args)) => drain(&cli.config, args).await,
+        Some(Command::Conformance(args)) => conformance(args.listen).await,
         Some(Command::Serve) | None => serve(cli.config).await,
     };
     // The last spans; the OTLP client blocks, so off the runtime's threads.

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::model::{Conversation, ConversationId, Message, UserId};
+use super::state::MembershipChange;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -95,7 +96,7 @@ impl Event {
         Outgoing {
             name,
             payload: payload.expect("event payloads are plain structs that always serialise"),
-            envelope: OnceLock::new(),
+            wire: Default::default(),
             committed_at_us: None,
             message: match self {
                 Event::NewMessage(m) => Some((m.conversation_id, m.seq)),
@@ -105,13 +106,20 @@ impl Event {
     }
 }
 
+/// How many wire encodings of one event are cached: the `/ws` JSON envelope and the Socket.IO
+/// packets of its two namespaces.
+pub const WIRE_ENCODINGS: usize = 3;
+/// The slot of the `/ws` JSON envelope.
+pub const JSON_ENVELOPE: usize = 0;
+
 /// An event ready to be written to sockets: its name and its JSON payload, encoded once.
 #[derive(Debug)]
 pub struct Outgoing {
     pub name: &'static str,
     pub payload: Box<RawValue>,
-    /// `{"type":name,"payload":…}`, built on first use and then shared by every recipient.
-    envelope: OnceLock<Bytes>,
+    /// The event in each wire encoding a transport asked for (slot [`JSON_ENVELOPE`] is
+    /// `{"type":name,"payload":…}`), built on first use and then shared by every recipient.
+    wire: [OnceLock<Bytes>; WIRE_ENCODINGS],
     /// For a message's broadcast: when it was committed (Unix µs), to time its delivery.
     pub committed_at_us: Option<i64>,
     /// For a message: its conversation and seq, so a resume drops the live copy of a message
@@ -126,7 +134,7 @@ impl Outgoing {
             name,
             payload: serde_json::value::to_raw_value(payload)
                 .expect("outgoing payloads are plain structs that always serialise"),
-            envelope: OnceLock::new(),
+            wire: Default::default(),
             committed_at_us: None,
             message: None,
         })
@@ -136,19 +144,29 @@ impl Outgoing {
     /// clients read. Built from the already-encoded payload the first time it is asked for, so a
     /// broadcast to N connections costs one buffer, not N.
     pub fn envelope(&self) -> Bytes {
-        self.envelope
-            .get_or_init(|| {
-                let payload = self.payload.get();
-                let mut buf = Vec::with_capacity(self.name.len() + payload.len() + 24);
-                buf.extend_from_slice(b"{\"type\":\"");
-                // Event names are `snake_case` literals: nothing to escape.
-                buf.extend_from_slice(self.name.as_bytes());
-                buf.extend_from_slice(b"\",\"payload\":");
-                buf.extend_from_slice(payload.as_bytes());
-                buf.push(b'}');
-                Bytes::from(buf)
-            })
-            .clone()
+        self.encoded(JSON_ENVELOPE, Self::build_envelope)
+    }
+
+    /// Builds `{"type":name,"payload":…}` (uncached: the encoder of the envelope's slot).
+    pub fn build_envelope(&self) -> Bytes {
+        let payload = self.payload.get();
+        let mut buf = Vec::with_capacity(self.name.len() + payload.len() + 24);
+        buf.extend_from_slice(b"{\"type\":\"");
+        // Event names are `snake_case` literals: nothing to escape.
+        buf.extend_from_slice(self.name.as_bytes());
+        buf.extend_from_slice(b"\",\"payload\":");
+        buf.extend_from_slice(payload.as_bytes());
+        buf.push(b'}');
+        Bytes::from(buf)
+    }
+
+    /// The event in the wire encoding of `slot` (below [`WIRE_ENCODINGS`]), built by `encode` the
+    /// first time any recipient asks for it and shared by the rest: one buffer per encoding.
+    pub fn encoded(&self, slot: usize, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
+        match self.wire.get(slot) {
+            Some(cell) => cell.get_or_init(|| encode(self)).clone(),
+            None => encode(self),
+        }
     }
 }
 
@@ -180,6 +198,9 @@ pub struct Envelope {
     /// delivery (commit → socket write). Absent from envelopes of older gateways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed_at_us: Option<i64>,
+    /// The membership change this event announces, for every node's conversation cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<MembershipChange>,
 }
 
 /// Subscription keys of a bus: a node receives envelopes whose route touches a key it holds.

@@ -18,16 +18,26 @@ pub enum SendFailure {
     Closed,
 }
 
+/// Why the domain (or the server around it) ends a connection; each transport maps it to its
+/// own close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The connection's send queue is full: the client does not read.
+    QueueFull,
+    /// The server is shutting down.
+    Shutdown,
+}
+
 /// A connection's outgoing side, implemented by each transport. `send` never blocks: a full
 /// queue is reported so the hub can close the connection instead of dropping the event silently.
 pub trait Outbound: Send + Sync {
     fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure>;
     /// Ends the connection; the client is expected to reconnect and `sync`.
-    fn close(&self, reason: &'static str);
+    fn close(&self, reason: CloseReason);
     /// Ends the connection because the server is draining, once the requests it already sent
     /// are answered (1012 where the transport has close codes).
     fn drain_close(&self) {
-        self.close("server restarting");
+        self.close(CloseReason::Shutdown);
     }
 }
 
@@ -58,7 +68,7 @@ impl Gate {
                 continue;
             }
             if self.inner.send(&event) == Err(SendFailure::QueueFull) {
-                self.inner.close("send queue full");
+                self.inner.close(CloseReason::QueueFull);
                 return;
             }
         }
@@ -80,7 +90,7 @@ impl Outbound for Gate {
         self.inner.send(event)
     }
 
-    fn close(&self, reason: &'static str) {
+    fn close(&self, reason: CloseReason) {
         self.inner.close(reason);
     }
 
@@ -369,7 +379,7 @@ impl Hub {
                         event = event.name,
                         "closing a connection whose send queue is full"
                     );
-                    out.close("send queue full");
+                    out.close(CloseReason::QueueFull);
                 }
                 Err(SendFailure::Closed) => {}
             }

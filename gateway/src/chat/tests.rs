@@ -38,7 +38,7 @@ impl Outbound for Recorder {
         Ok(())
     }
 
-    fn close(&self, _reason: &'static str) {
+    fn close(&self, _reason: crate::chat::hub::CloseReason) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }

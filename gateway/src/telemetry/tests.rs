@@ -28,7 +28,7 @@ impl Outbound for Sink {
         self.0.lock().expect("lock").push(event.name);
         Ok(())
     }
-    fn close(&self, _reason: &'static str) {}
+    fn close(&self, _reason: crate::chat::hub::CloseReason) {}
 }
 
 fn who(user: &str) -> Identity {

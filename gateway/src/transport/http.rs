@@ -78,18 +78,10 @@ impl FromRequestParts<Arc<Gateway>> for Caller {
         parts: &mut Parts,
         gw: &Arc<Gateway>,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        let who = gw.auth.verify(token).map_err(|e| {
-            let http = crate::telemetry::Transport::Http;
-            gw.service.metrics().auth_failed(http, e.reason());
-            crate::telemetry::audit::auth_failed(http, e.reason(), &e, None);
-            ApiError(ChatError::Unauthorized(e.to_string()))
-        })?;
+        let token = super::connection::bearer(&parts.headers);
+        let who =
+            super::connection::authenticate(gw, crate::telemetry::Transport::Http, token, None)
+                .map_err(|e| ApiError(ChatError::Unauthorized(e.to_string())))?;
         // One bucket per user over every API route: 429 + Retry-After past it.
         gw.service
             .throttle(LimitClass::UserRequests, &who.user_id)

@@ -1,5 +1,7 @@
 //! Transports: wire frames in, domain calls, domain events out. Shared by Socket.IO and HTTP.
 
+pub mod connection;
+pub mod engineio;
 pub mod http;
 pub mod origin;
 pub mod protocol;

@@ -18,7 +18,7 @@ use super::protocol::{ErrorReply, parse_cursors};
 use super::{EVENTS, Gateway, Session, client_address, dispatch};
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
-use crate::chat::hub::{ConnId, Outbound, SendFailure, TopicChange};
+use crate::chat::hub::{CloseReason, ConnId, Outbound, SendFailure, TopicChange};
 use crate::chat::model::Identity;
 use crate::chat::{ChatService, Cursors};
 use crate::limits::LimitClass;
@@ -101,9 +101,9 @@ impl Outbound for SocketOut {
         }
     }
 
-    fn close(&self, reason: &'static str) {
-        tracing::debug!(sid = %self.socket.id, reason, "closing socket");
-        if reason == "send queue full" && !self.overflowed.swap(true, Ordering::Relaxed) {
+    fn close(&self, reason: CloseReason) {
+        tracing::debug!(sid = %self.socket.id, ?reason, "closing socket");
+        if reason == CloseReason::QueueFull && !self.overflowed.swap(true, Ordering::Relaxed) {
             self.metrics.send_queue_closed(Transport::SocketIo);
         }
         let _ = self.socket.clone().disconnect();

@@ -1,9 +1,7 @@
 //! Plain WebSocket transport `/ws` (yawc): JSON frames `{type, id?, payload}` carrying the same events as Socket.IO.
 
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -15,24 +13,24 @@ use axum::routing::get;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::{Instant, timeout};
 use yawc::close::CloseCode;
 use yawc::{CompressionLevel, DeflatePool, Frame, HttpStream, OpCode, Options, WebSocket};
 
-use super::protocol::{
-    AuthRequest, ClientFrame, Connected, ErrorReply, ServerFrame, parse, parse_cursors,
+use super::connection::{
+    Codec, Connection, Disconnect, Endpoint, Outbox, Pending, Queued, Requests, Role, admit,
+    authenticate, bearer, refused, spawn_worker, too_many_requests,
 };
-use super::{Gateway, Session, client_address, dispatch};
+use super::protocol::{
+    AuthRequest, ClientFrame, Connected, ErrorReply, RequestId, ServerFrame, parse, parse_cursors,
+};
+use super::{Gateway, client_address};
 use crate::chat::Cursors;
 use crate::chat::error::ChatError;
-use crate::chat::event::Outgoing;
-use crate::chat::hub::{Outbound, SendFailure, TopicChange};
-use crate::chat::model::Identity;
+use crate::chat::event::{JSON_ENVELOPE, Outgoing};
 use crate::config::WsCompression;
-use crate::limits::LimitClass;
 use crate::telemetry::metrics::unix_micros;
-use crate::telemetry::{Metrics, Stamp, Transport, audit};
+use crate::telemetry::{Metrics, Stamp, Transport};
 
 /// Close codes this transport uses beyond RFC 6455's.
 pub mod close_code {
@@ -46,6 +44,19 @@ pub mod close_code {
     pub const INTERNAL: u16 = 1011;
     /// The server is restarting (a drain): reconnect, to another node, and `sync`.
     pub const SERVICE_RESTART: u16 = 1012;
+
+    /// The close code of each reason the core gives.
+    pub fn of(why: &super::Disconnect) -> u16 {
+        use super::Disconnect as D;
+        match why {
+            D::Expired => UNAUTHORIZED,
+            D::QueueFull | D::SendDeadline | D::PongTimeout(_) => POLICY,
+            D::Draining => SERVICE_RESTART,
+            D::Shutdown | D::ClientClosed => GOING_AWAY,
+            D::Internal => INTERNAL,
+            D::Protocol(_) => UNSUPPORTED_DATA,
+        }
+    }
 }
 
 /// Messages smaller than this go uncompressed: deflate costs more than it saves on them.
@@ -54,9 +65,6 @@ const COMPRESSION_THRESHOLD: usize = 1024;
 /// or delivery); yawc grows them for a larger frame and shrinks them back afterwards.
 const READ_BUFFER: usize = 512;
 const WRITE_BUFFER: usize = 512;
-/// Requests read but not yet run, per connection. Past this, requests are refused with
-/// `rate_limited` instead of buffered without bound.
-const REQUESTS_IN_FLIGHT: usize = 32;
 /// Frames written to the socket before one flush: batching, without starving reads.
 const WRITE_BATCH: usize = 64;
 /// Deflate states kept for reuse between messages and connections.
@@ -163,21 +171,13 @@ fn token_of(req: &Request) -> Option<String> {
     let from_query = Query::<TokenQuery>::try_from_uri(req.uri())
         .ok()
         .and_then(|q| q.0.token);
-    from_query.or_else(|| bearer(req.headers()))
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned)
+    from_query.or_else(|| bearer(req.headers()).map(str::to_owned))
 }
 
 /// Keeps only the first permessage-deflate offer. RFC 7692 lets a client list several offers
 /// in order of preference; yawc reads the header as one offer and would decline a list, so the
 /// server picks the client's first choice here.
-fn first_deflate_offer(headers: &mut HeaderMap) {
+pub(super) fn first_deflate_offer(headers: &mut HeaderMap) {
     let offers: Vec<String> = headers
         .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
         .iter()
@@ -204,10 +204,7 @@ async fn upgrade(State(state): State<WsState>, mut req: Request) -> Result<Respo
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let address = client_address(peer, req.headers(), &gw.settings.trusted_proxies);
-    gw.service
-        .throttle(LimitClass::AddressConnects, &address.to_string())
-        .await
-        .map_err(WsError::RateLimited)?;
+    admit(&gw, address).await.map_err(WsError::RateLimited)?;
     let handshake = Handshake {
         token: token_of(&req),
         cursors: cursors_of(&req).map_err(WsError::Invalid)?,
@@ -234,161 +231,7 @@ async fn connection(
     serve(gw, ws, handshake, address).await;
 }
 
-/// Why a connection is being closed, and whether queued frames go out first.
-#[derive(Debug, Clone)]
-struct Closing {
-    code: u16,
-    reason: String,
-    flush_queued: bool,
-    /// A drain: stop reading, let the requests already read be answered, then flush and close.
-    settle: bool,
-}
-
-/// A bounded queue of ready-made text frames for one connection. A `VecDeque` rather than a
-/// tokio channel: a channel allocates its first block of slots up front, while an idle
-/// connection's deque holds no allocation at all.
-struct FrameQueue {
-    /// Each frame with what it is timed for (a delivery, an ack), checked once it is written.
-    items: Mutex<VecDeque<(Bytes, Stamp)>>,
-    capacity: usize,
-    ready: Notify,
-    closed: AtomicBool,
-}
-
-impl FrameQueue {
-    fn new(capacity: usize) -> Self {
-        Self {
-            items: Mutex::new(VecDeque::new()),
-            capacity,
-            ready: Notify::new(),
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Bytes, Stamp)>> {
-        self.items.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn push(&self, frame: Bytes, stamp: Stamp) -> Result<(), SendFailure> {
-        let mut items = self.lock();
-        if self.closed.load(Ordering::Acquire) {
-            return Err(SendFailure::Closed);
-        }
-        if items.len() >= self.capacity {
-            return Err(SendFailure::QueueFull);
-        }
-        items.push_back((frame, stamp));
-        drop(items);
-        self.ready.notify_one();
-        Ok(())
-    }
-
-    fn try_pop(&self) -> Option<(Bytes, Stamp)> {
-        let mut items = self.lock();
-        let frame = items.pop_front();
-        // Give back what a burst made the deque grow to.
-        if items.is_empty() && items.capacity() > 16 {
-            items.shrink_to_fit();
-        }
-        frame
-    }
-
-    /// The next frame. Cancel-safe: the queue is checked before every wait.
-    async fn pop(&self) -> (Bytes, Stamp) {
-        loop {
-            if let Some(frame) = self.try_pop() {
-                return frame;
-            }
-            self.ready.notified().await;
-        }
-    }
-
-    /// Refuses further frames and drops the queued ones: the connection is gone.
-    fn close(&self) {
-        let mut items = self.lock();
-        self.closed.store(true, Ordering::Release);
-        items.clear();
-        items.shrink_to_fit();
-    }
-}
-
-/// A `/ws` connection as the hub sees it: its frame queue, drained by the connection's own task,
-/// and a way to ask that task to close.
-struct WsOut {
-    frames: FrameQueue,
-    closing: watch::Sender<Option<Closing>>,
-    metrics: Arc<Metrics>,
-}
-
-impl WsOut {
-    fn push(&self, frame: Bytes) -> Result<(), SendFailure> {
-        self.push_stamped(frame, Stamp::None)
-    }
-
-    fn push_stamped(&self, frame: Bytes, stamp: Stamp) -> Result<(), SendFailure> {
-        let pushed = self.frames.push(frame, stamp);
-        if pushed == Err(SendFailure::QueueFull) {
-            self.metrics.send_queue_rejected(Transport::Ws);
-        }
-        pushed
-    }
-
-    /// Asks the connection's task to close; `true` if this was the first reason given.
-    fn close_with(&self, code: u16, reason: impl Into<String>, flush_queued: bool) -> bool {
-        self.close_as(Closing {
-            code,
-            reason: reason.into(),
-            flush_queued,
-            settle: false,
-        })
-    }
-
-    fn close_as(&self, closing: Closing) -> bool {
-        // The first reason wins: it is the one the client should see.
-        self.closing.send_if_modified(|c| {
-            if c.is_some() {
-                return false;
-            }
-            *c = Some(closing);
-            true
-        })
-    }
-}
-
-impl Outbound for WsOut {
-    fn send(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
-        let stamp = event.committed_at_us.map_or(Stamp::None, Stamp::Delivery);
-        self.push_stamped(event.envelope(), stamp)
-    }
-
-    fn close(&self, reason: &'static str) {
-        // The hub closes a connection for one reason of the client's making (it does not read);
-        // anything else is the server going away.
-        let code = if reason == "send queue full" {
-            close_code::POLICY
-        } else {
-            close_code::GOING_AWAY
-        };
-        if self.close_with(code, reason, false) && code == close_code::POLICY {
-            self.metrics.send_queue_closed(Transport::Ws);
-        }
-    }
-
-    fn drain_close(&self) {
-        self.close_as(Closing {
-            code: close_code::SERVICE_RESTART,
-            reason: "server restarting: reconnect and sync".into(),
-            flush_queued: true,
-            settle: true,
-        });
-    }
-}
-
-type Ws = WebSocket<HttpStream>;
+pub(super) type Ws = WebSocket<HttpStream>;
 
 /// Writes the frames yawc owes the peer and queued by itself: pongs, the answer to the client's
 /// close, or the close that ends a protocol error.
@@ -417,7 +260,7 @@ async fn fail(ws: &mut Ws, e: yawc::WebSocketError) {
 }
 
 /// Sends a close frame and gives the client a moment to answer it.
-async fn close(ws: &mut Ws, code: u16, reason: &str, deadline: Duration) {
+pub(super) async fn close_socket(ws: &mut Ws, code: u16, reason: &str, deadline: Duration) {
     // Close reasons are limited to 123 bytes by RFC 6455.
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
@@ -513,19 +356,19 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address:
                 auth.token
             }),
     };
-    let identity = token.and_then(|t| {
-        gw.auth
-            .verify(&t)
-            .map_err(|e| Unauthenticated::Refused(e.reason(), format!("unauthorized: {e}")))
-    });
-    let metrics = gw.service.metrics().clone();
-    let identity = match identity {
-        Ok(identity) => identity,
+    let identity = match token {
+        Ok(t) => authenticate(&gw, Transport::Ws, Some(&t), Some(address))
+            .map_err(|e| format!("unauthorized: {e}")),
         Err(Unauthenticated::Gone) => return,
         Err(Unauthenticated::Refused(label, reason)) => {
-            metrics.auth_failed(Transport::Ws, label);
-            audit::auth_failed(Transport::Ws, label, &reason, Some(address));
-            Box::pin(close(
+            refused(&gw, Transport::Ws, label, &reason, Some(address));
+            Err(reason)
+        }
+    };
+    let identity = match identity {
+        Ok(identity) => identity,
+        Err(reason) => {
+            Box::pin(close_socket(
                 &mut ws,
                 close_code::UNAUTHORIZED,
                 &reason,
@@ -539,7 +382,7 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address:
     let cursors = match cursors {
         Ok(c) => c,
         Err(e) => {
-            Box::pin(close(
+            Box::pin(close_socket(
                 &mut ws,
                 close_code::POLICY,
                 &format!("{}: {e}", e.code()),
@@ -550,38 +393,23 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address:
         }
     };
 
-    let (closing_tx, closing) = watch::channel(None);
-    let out = Arc::new(WsOut {
-        frames: FrameQueue::new(st.send_queue),
-        closing: closing_tx,
-        metrics: metrics.clone(),
+    let metrics = gw.service.metrics().clone();
+    let outbox = Outbox::new(st.send_queue, metrics, Transport::Ws);
+    let endpoint = Arc::new(Endpoint {
+        outbox: outbox.clone(),
+        codec: CODEC,
     });
-    let identity = Arc::new(identity);
-    // Registered before anything is read, so no event for this user is missed; `connected` is
-    // written by the connection task ahead of the queue, so it is always the first frame.
-    let (conn, change) = gw.service.register(&identity, out.clone());
-    let counted = metrics.connection_opened(Transport::Ws, &identity.user_id);
-    let session = Session::new(conn, (*identity).clone(), out.clone(), Transport::Ws);
-    {
-        let out = out.clone();
-        session.watch_expiry(st.token_warning, move || {
-            let _ = out.push(
-                Outgoing::new(
-                    "session_expired",
-                    &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
-                )
-                .envelope(),
-            );
-            out.close_with(
-                close_code::UNAUTHORIZED,
-                "unauthorized: token expired",
-                true,
-            );
-        });
-    }
-    audit::connected(Transport::Ws, &identity.user_id, conn, Some(address));
+    // `connected` is written by the IO loop ahead of the queue, so it is always the first frame.
+    let (connection, change) =
+        match Connection::open(&gw, identity, endpoint, Role::Main, Some(address)) {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not register a /ws connection");
+                return;
+            }
+        };
     let connected = Connected {
-        connection_id: format!("{}:{conn}", gw.service.settings().node_id),
+        connection_id: format!("{}:{}", gw.service.settings().node_id, connection.conn()),
         server_id: gw.service.settings().node_id.clone(),
     };
     let hello = ServerFrame {
@@ -591,105 +419,125 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address:
     }
     .encode();
 
-    let (requests_tx, requests) = mpsc::channel(REQUESTS_IN_FLIGHT);
-    let mut worker = tokio::spawn(run_requests(
+    let (requests, mut worker) = spawn_worker(
         gw.clone(),
-        session.clone(),
-        identity.clone(),
-        (change, cursors),
-        out.clone(),
+        &connection,
+        change,
+        cursors,
+        outbox.clone(),
+        answer,
+    );
+    let mut reader = JsonReader {
         requests,
-    ));
-    let ending = pump(&gw, &mut ws, Bytes::from(hello), closing, requests_tx, &out).await;
-    if let Some(c) = ending {
-        if c.settle {
-            // The request channel closed with the pump: the worker answers what was already
+        outbox: &outbox,
+    };
+    let ending = pump(
+        st,
+        &mut ws,
+        Some(Bytes::from(hello)),
+        &outbox,
+        &mut reader,
+        Transport::Ws,
+    )
+    .await;
+    drop(reader);
+    if let Some(why) = ending {
+        if why.settles() {
+            // The request channel closed with the reader: the worker answers what was already
             // read and ends; its answers go out before the close.
             let _ = timeout(crate::drain::IN_FLIGHT_DEADLINE, &mut worker).await;
-            let _ = timeout(st.send_deadline, Box::pin(flush_queue(&mut ws, &out))).await;
+            let _ = timeout(st.send_deadline, Box::pin(flush_queue(&mut ws, &outbox))).await;
         }
-        Box::pin(close(&mut ws, c.code, &c.reason, Duration::from_secs(1))).await;
+        Box::pin(close_socket(
+            &mut ws,
+            close_code::of(&why),
+            &why.reason(),
+            Duration::from_secs(1),
+        ))
+        .await;
     }
     worker.abort();
-    out.frames.close();
-    drop(session);
-    Box::pin(gw.service.disconnect(conn)).await;
-    drop(counted);
-    audit::disconnected(Transport::Ws, &identity.user_id, conn);
+    outbox.shut();
+    connection.close(&gw).await;
 }
 
-/// Runs the connection's requests one after another, in the order they arrived, so a client
-/// sees its own requests take effect in order.
-async fn run_requests(
-    gw: Arc<Gateway>,
-    session: Arc<Session>,
-    identity: Arc<Identity>,
-    (change, cursors): (TopicChange, Option<Cursors>),
-    out: Arc<WsOut>,
-    mut requests: mpsc::Receiver<Box<ClientRequest>>,
-) {
-    // The big futures are boxed, so the task an idle connection keeps is only as large as its
-    // wait for the next request.
-    let connected = gw
-        .service
-        .connected_resuming(&identity, session.conn, change, cursors);
-    if let Err(e) = Box::pin(connected).await {
-        tracing::warn!(error = %e, "could not complete a /ws connection");
-        out.close_with(
-            close_code::INTERNAL,
-            "unavailable: could not complete the connection",
-            false,
-        );
-        return;
-    }
-    while let Some(request) = requests.recv().await {
-        let ClientRequest { frame, received } = *request;
-        let event = super::event_label(&frame.kind);
-        let result = Box::pin(dispatch(&gw, &session, &frame.kind, frame.payload)).await;
-        let reply = match &result {
-            Ok(v) if frame.id.is_some() => ServerFrame::ack(frame.id.as_ref(), v).encode(),
-            Ok(_) => continue,
-            Err(e) => ServerFrame::error(frame.id.as_ref(), e).encode(),
-        };
-        let stamp = received.map_or(Stamp::None, |at| Stamp::Ack(at, event));
-        answer(&out, reply, stamp);
-    }
-}
+/// `/ws` frames: the `{"type":…,"payload":…}` envelope, cached in its slot of each event.
+const CODEC: Codec = Codec {
+    slot: JSON_ENVELOPE,
+    encode: Outgoing::build_envelope,
+};
 
-/// A request read from the socket, with when it was read (when metrics are on) to time its ack.
-struct ClientRequest {
-    frame: ClientFrame,
-    received: Option<std::time::Instant>,
-}
-
-/// Queues a reply frame; a client whose queue is full is closed, never left without its answer.
-fn answer(out: &WsOut, frame: Vec<u8>, stamp: Stamp) {
-    if out.push_stamped(Bytes::from(frame), stamp) == Err(SendFailure::QueueFull) {
-        out.close("send queue full");
-    }
-}
-
-/// The connection's IO loop: reads frames, writes queued frames in batches, pings. Returns how
-/// the connection should be closed, or `None` when it is already gone.
-async fn pump(
-    gw: &Gateway,
-    ws: &mut Ws,
-    hello: Bytes,
-    mut closing: watch::Receiver<Option<Closing>>,
-    requests: mpsc::Sender<Box<ClientRequest>>,
-    out: &WsOut,
-) -> Option<Closing> {
-    let st = &gw.settings;
-    let stalled = || Closing {
-        code: close_code::POLICY,
-        reason: "send deadline exceeded: the client does not read".into(),
-        flush_queued: false,
-        settle: false,
+/// The `ack` or `error` frame answering a request; nothing for a request without an id that
+/// succeeded.
+fn answer(id: &Option<RequestId>, result: &Result<serde_json::Value, ChatError>) -> Option<Bytes> {
+    let frame = match result {
+        Ok(v) if id.is_some() => ServerFrame::ack(id.as_ref(), v).encode(),
+        Ok(_) => return None,
+        Err(e) => ServerFrame::error(id.as_ref(), e).encode(),
     };
-    if timeout(st.send_deadline, ws.send(Frame::text(hello)))
-        .await
-        .ok()?
-        .is_err()
+    Some(Bytes::from(frame))
+}
+
+/// What a reader makes of one frame from the client.
+pub(super) enum Flow {
+    Continue,
+    /// The answer to the server's heartbeat.
+    Pong,
+    Close(Disconnect),
+}
+
+/// A transport's codec on the read side of [`pump`]: its heartbeat and what a frame means.
+pub(super) trait Reader {
+    /// The server's heartbeat frame.
+    fn ping(&self) -> Frame;
+    /// A text, binary or pong frame from the client.
+    fn on_frame(&mut self, frame: Frame) -> Flow;
+}
+
+/// `/ws`: JSON requests for the worker; binary frames are not part of the protocol.
+struct JsonReader<'a> {
+    requests: Requests<Option<RequestId>>,
+    outbox: &'a Outbox,
+}
+
+impl Reader for JsonReader<'_> {
+    fn ping(&self) -> Frame {
+        Frame::ping(Bytes::new())
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Flow {
+        match frame.opcode() {
+            OpCode::Text => {
+                on_text(frame.payload(), &self.requests, self.outbox);
+                Flow::Continue
+            }
+            OpCode::Binary => Flow::Close(Disconnect::Protocol(
+                "binary frames are not part of the protocol; send JSON text".into(),
+            )),
+            OpCode::Pong => Flow::Pong,
+            _ => Flow::Continue,
+        }
+    }
+}
+
+/// The connection's IO loop, shared by `/ws` and Socket.IO over WebSocket: writes `hello`, then
+/// reads frames (through `reader`), writes queued frames in batches (feed, then flush), pings,
+/// and closes a client that does not read within the send deadline or answer pings. Returns how
+/// the connection should be closed, or `None` when it is already gone.
+pub(super) async fn pump(
+    st: &super::TransportSettings,
+    ws: &mut Ws,
+    hello: Option<Bytes>,
+    outbox: &Outbox,
+    reader: &mut impl Reader,
+    transport: Transport,
+) -> Option<Disconnect> {
+    let mut closing = outbox.closing();
+    if let Some(hello) = hello
+        && timeout(st.send_deadline, ws.send(Frame::text(hello)))
+            .await
+            .ok()?
+            .is_err()
     {
         return None;
     }
@@ -701,60 +549,55 @@ async fn pump(
             biased;
             changed = closing.changed() => {
                 let Ok(()) = changed else { return None };
-                let c = closing.borrow().clone()?;
-                if c.flush_queued && !c.settle {
-                    let _ = timeout(st.send_deadline, Box::pin(flush_queue(ws, out))).await;
+                let why = closing.borrow().clone()?;
+                if why.flushes_queue() && !why.settles() {
+                    let _ = timeout(st.send_deadline, Box::pin(flush_queue(ws, outbox))).await;
                 }
-                return Some(c);
+                return Some(why);
             }
             _ = async { tokio::time::sleep_until(pong_due.unwrap_or_else(Instant::now)).await }, if pong_due.is_some() => {
-                return Some(Closing {
-                    code: close_code::POLICY,
-                    reason: format!("no pong within {} ms", st.ping_timeout.as_millis()),
-                    flush_queued: false,
-                    settle: false,
-                });
+                return Some(Disconnect::PongTimeout(st.ping_timeout));
             }
             _ = ping.tick() => {
                 if pong_due.is_none() {
                     pong_due = Some(Instant::now() + st.ping_timeout);
                 }
-                match timeout(st.send_deadline, ws.send(Frame::ping(Bytes::new()))).await {
+                match timeout(st.send_deadline, ws.send(reader.ping())).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return None,
-                    Err(_) => return Some(stalled()),
+                    Err(_) => return Some(Disconnect::SendDeadline),
                 }
             }
-            (first, first_stamp) = out.frames.pop() => {
-                let metrics = &out.metrics;
+            first = outbox.pop() => {
+                let metrics = &outbox.metrics;
                 depth_wakes = depth_wakes.wrapping_add(1);
                 let written = timeout(st.send_deadline, Box::pin(async {
                     // Timed frames of this batch, recorded once the batch is flushed: the first
                     // few inline, any more in a Vec (stamps exist only when metrics are on).
                     let mut stamps = TimedFrames::default();
                     let mut batch = 1;
-                    ws.feed(Frame::text(first)).await?;
-                    stamps.push(first_stamp);
+                    stamps.push(first.stamp);
+                    ws.feed(frame_of(first)).await?;
                     for _ in 1..WRITE_BATCH {
-                        let Some((next, stamp)) = out.frames.try_pop() else { break };
-                        ws.feed(Frame::text(next)).await?;
+                        let Some(next) = outbox.try_pop() else { break };
+                        stamps.push(next.stamp);
+                        ws.feed(frame_of(next)).await?;
                         batch += 1;
-                        stamps.push(stamp);
                     }
                     ws.flush().await?;
                     // What was waiting when the writer woke (this batch, plus what a full batch
                     // left behind), sampled: the first wake, then one in DEPTH_SAMPLE.
                     if metrics.enabled() && depth_wakes % DEPTH_SAMPLE == 1 {
-                        let left = if batch == WRITE_BATCH { out.frames.len() } else { 0 };
-                        metrics.send_queue_depth(Transport::Ws, batch + left);
+                        let left = if batch == WRITE_BATCH { outbox.len() } else { 0 };
+                        metrics.send_queue_depth(transport, batch + left);
                     }
-                    stamps.record(metrics);
+                    stamps.record(metrics, transport);
                     Ok::<_, yawc::WebSocketError>(())
                 })).await;
                 match written {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return None,
-                    Err(_) => return Some(stalled()),
+                    Err(_) => return Some(Disconnect::SendDeadline),
                 }
             }
             frame = ws.next_frame() => {
@@ -766,37 +609,45 @@ async fn pump(
                     }
                 };
                 match frame.opcode() {
-                    OpCode::Text => on_text(frame.payload(), &requests, out),
-                    OpCode::Binary => {
-                        return Some(Closing {
-                            code: close_code::UNSUPPORTED_DATA,
-                            reason: "binary frames are not part of the protocol; send JSON text".into(),
-                            flush_queued: true,
-                            settle: false,
-                        });
-                    }
-                    OpCode::Pong => pong_due = None,
                     // yawc answers pings and closes by itself.
                     OpCode::Ping | OpCode::Continuation => {}
                     OpCode::Close => {
                         let _ = timeout(Duration::from_secs(1), flush_owed(ws)).await;
                         return None;
                     }
+                    _ => match reader.on_frame(frame) {
+                        Flow::Continue => {}
+                        Flow::Pong => pong_due = None,
+                        Flow::Close(why) => {
+                            if why.flushes_queue() {
+                                let _ = timeout(st.send_deadline, Box::pin(flush_queue(ws, outbox))).await;
+                            }
+                            return Some(why);
+                        }
+                    },
                 }
             }
         }
     }
 }
 
+fn frame_of(q: Queued) -> Frame {
+    if q.binary {
+        Frame::binary(q.bytes)
+    } else {
+        Frame::text(q.bytes)
+    }
+}
+
 /// Writes every queued frame.
-async fn flush_queue(ws: &mut Ws, out: &WsOut) -> Result<(), yawc::WebSocketError> {
-    while let Some((f, _)) = out.frames.try_pop() {
-        ws.feed(Frame::text(f)).await?;
+pub(super) async fn flush_queue(ws: &mut Ws, outbox: &Outbox) -> Result<(), yawc::WebSocketError> {
+    while let Some(q) = outbox.try_pop() {
+        ws.feed(frame_of(q)).await?;
     }
     ws.flush().await
 }
 
-/// The `/ws` writer samples its queue depth on one wake in this many (and on the first).
+/// The writer samples its queue depth on one wake in this many (and on the first).
 const DEPTH_SAMPLE: u32 = 16;
 
 /// The timed frames of one write batch: up to 8 inline (no allocation for the usual batch), the
@@ -822,23 +673,23 @@ impl TimedFrames {
     }
 
     /// Records every stamp as written now.
-    fn record(self, metrics: &Metrics) {
+    fn record(self, metrics: &Metrics, transport: Transport) {
         if self.len == 0 {
             return;
         }
         let now = unix_micros();
         for &stamp in self.inline[..self.len].iter().chain(&self.more) {
-            metrics.written(Transport::Ws, stamp, now);
+            metrics.written(transport, stamp, now);
         }
     }
 }
 
 /// A text frame: a request for the worker, or an `error` frame right away when it cannot be one.
-fn on_text(text: &[u8], requests: &mpsc::Sender<Box<ClientRequest>>, out: &WsOut) {
-    let received = out.metrics.enabled().then(std::time::Instant::now);
+fn on_text(text: &[u8], requests: &Requests<Option<RequestId>>, outbox: &Outbox) {
+    let received = outbox.metrics.enabled().then(std::time::Instant::now);
     let refuse = |id, e: ChatError| {
         let stamp = received.map_or(Stamp::None, |at| Stamp::Ack(at, "other"));
-        answer(out, ServerFrame::error(id, &e).encode(), stamp)
+        outbox.answer(Bytes::from(ServerFrame::error(id, &e).encode()), stamp)
     };
     let frame = match ClientFrame::decode(text) {
         Ok(f) => f,
@@ -848,15 +699,14 @@ fn on_text(text: &[u8], requests: &mpsc::Sender<Box<ClientRequest>>, out: &WsOut
         let e = ChatError::invalid("already authenticated; use refresh_token to renew the token");
         return refuse(frame.id.as_ref(), e);
     }
-    // Boxed: the channel's slots are allocated up front, and a pointer is all they need to hold.
-    if let Err(mpsc::error::TrySendError::Full(request)) =
-        requests.try_send(Box::new(ClientRequest { frame, received }))
-    {
-        out.metrics.rate_limited("requests_in_flight");
-        let e = ChatError::RateLimited {
-            retry_after_ms: 100,
-        };
-        refuse(request.frame.id.as_ref(), e);
+    let pending = Pending {
+        event: frame.kind,
+        payload: frame.payload,
+        reply_to: frame.id,
+        received,
+    };
+    if let Err(refused) = requests.offer(pending, &outbox.metrics) {
+        refuse(refused.reply_to.as_ref(), too_many_requests());
     }
 }
 
@@ -892,52 +742,6 @@ async fn upgrade_echo(State(state): State<WsState>, mut req: Request) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn out(capacity: usize) -> (WsOut, watch::Receiver<Option<Closing>>) {
-        let (closing, closing_rx) = watch::channel(None);
-        let frames = FrameQueue::new(capacity);
-        let metrics = Metrics::disabled();
-        (
-            WsOut {
-                frames,
-                closing,
-                metrics,
-            },
-            closing_rx,
-        )
-    }
-
-    #[test]
-    fn a_full_queue_is_reported_so_the_hub_closes_instead_of_dropping() {
-        let (ws, closing) = out(1);
-        let event = Outgoing::new("user_online", &serde_json::json!({"userId": "u"}));
-        assert_eq!(ws.send(&event), Ok(()));
-        assert_eq!(ws.send(&event), Err(SendFailure::QueueFull));
-        assert_eq!(
-            ws.frames.try_pop().expect("queued").0.as_ref(),
-            br#"{"type":"user_online","payload":{"userId":"u"}}"#
-        );
-        ws.close("send queue full");
-        ws.close("server shutting down");
-        let c = closing.borrow().clone().expect("closing");
-        assert_eq!(
-            (c.code, c.reason.as_str()),
-            (close_code::POLICY, "send queue full"),
-            "the first reason is the one the client sees"
-        );
-        assert_eq!(
-            ws.send(&event),
-            Ok(()),
-            "room again once the client has read"
-        );
-        ws.frames.close();
-        assert_eq!(ws.send(&event), Err(SendFailure::Closed));
-        assert_eq!(
-            ws.frames.try_pop(),
-            None,
-            "nothing kept for a closed connection"
-        );
-    }
 
     #[test]
     fn frames_decode_with_their_id_even_when_refused() {
