@@ -42,6 +42,9 @@ node --test --test-timeout=600000 tests/js/drain-fleet.test.mjs
 echo "== Autobahn|Testsuite against the /ws WebSocket settings"
 bash scripts/autobahn.sh
 
+echo "== fuzz targets: a few seconds each (cargo-fuzz)"
+bash scripts/fuzz.sh --smoke
+
 echo "== benchmark harness smoke run"
 bash scripts/bench.sh --smoke
 "$CARGO_TARGET_DIR/debug/confab-bench" check artifacts/bench/smoke/results.json

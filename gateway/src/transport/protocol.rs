@@ -52,39 +52,77 @@ pub fn parse_request(event: &str, payload: Value) -> Result<Request, ChatError> 
 /// Longest quoted client text a parse error may repeat: field names and enum variants fit,
 /// a token (or any large fragment of one) does not.
 const MAX_ECHOED_CHARS: usize = 24;
+/// Longest redacted message: quotes nested in the client's own text (backticks in a field name)
+/// can split it into short pieces that each pass; the whole is cut here.
+const MAX_REDACTED_CHARS: usize = 240;
 
 /// A serde error's message without the client's own long values: serde quotes what it could
 /// not accept (`invalid type: string "eyJ…"`), and that may be a token sent in the wrong place.
 /// Longer quoted text becomes `"…(N characters)"`, so the message still names the problem.
 pub fn redact(e: &dyn std::fmt::Display) -> String {
-    let text = e.to_string();
+    let out = redact_long_words(&redact_quotes(&e.to_string()));
+    match out.char_indices().nth(MAX_REDACTED_CHARS) {
+        Some((cut, _)) => format!("{}…", &out[..cut]),
+        None => out,
+    }
+}
+
+/// Longest run without a space a parse error may keep. serde's own words are short; a run
+/// longer than this is the client's text (a field name with a backtick in it ends serde's
+/// quoting early, so quote-based redaction alone is not enough: found by fuzzing).
+const MAX_WORD_CHARS: usize = 32;
+
+fn redact_long_words(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, word) in text.split(' ').enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        let n = word.chars().count();
+        if n > MAX_WORD_CHARS {
+            out.push_str(&format!("…({n} characters)"));
+        } else {
+            out.push_str(word);
+        }
+    }
+    out
+}
+
+fn redact_quotes(text: &str) -> String {
     let mut out = String::with_capacity(text.len().min(256));
-    let mut rest = text.as_str();
-    while let Some(open) = rest.find(['"', '`']) {
-        let quote = rest[open..].chars().next().unwrap_or('"');
-        out.push_str(&rest[..=open]);
-        let inner = &rest[open + 1..];
-        let Some(close) = inner.find(quote) else {
-            // Unterminated: whatever follows is the client's.
-            let n = inner.chars().count();
-            if n > MAX_ECHOED_CHARS {
-                out.push_str(&format!("…({n} characters)"));
-            } else {
-                out.push_str(inner);
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '"' && c != '`' {
+            continue;
+        }
+        // serde Debug-quotes strings (`"a\"b"`, escapes included) and backticks names as
+        // they are: read to the matching close, honouring escapes inside double quotes.
+        let mut quoted = String::new();
+        let mut closed = false;
+        while let Some(q) = chars.next() {
+            if q == c {
+                closed = true;
+                break;
             }
-            return out;
-        };
-        let quoted = &inner[..close];
+            quoted.push(q);
+            if q == '\\'
+                && c == '"'
+                && let Some(escaped) = chars.next()
+            {
+                quoted.push(escaped);
+            }
+        }
         let n = quoted.chars().count();
         if n > MAX_ECHOED_CHARS {
             out.push_str(&format!("…({n} characters)"));
         } else {
-            out.push_str(quoted);
+            out.push_str(&quoted);
         }
-        out.push(quote);
-        rest = &inner[close + 1..];
+        if closed {
+            out.push(c);
+        }
     }
-    out.push_str(rest);
     out
 }
 
@@ -465,6 +503,38 @@ mod tests {
             ),
             Ok(Request::Conversation(_))
         ));
+    }
+
+    #[test]
+    fn an_escaped_quote_inside_a_value_does_not_end_its_redaction() {
+        // Found by the event_payload fuzz target: `"\"abc…"` once ended the quote at `\"`.
+        let value = format!("\"{}", "b".repeat(40));
+        let e = parse::<ConversationRequest>("typing_start", Value::String(value))
+            .expect_err("a string is not the payload");
+        assert!(!e.to_string().contains("bbbbbbbbbbbbbbbbbbbbbbbbb"), "{e}");
+        assert!(e.to_string().contains(" characters)"), "{e}");
+    }
+
+    #[test]
+    fn a_field_name_with_a_backtick_in_it_is_not_repeated() {
+        // Found by the event_payload fuzz target: the backtick ended serde's quote early.
+        let key = format!("conversa`tion{}", "x".repeat(40));
+        let e = parse::<MarkReadRequest>("mark_read", serde_json::json!({ key.clone(): 1 }))
+            .expect_err("unknown field");
+        assert!(!e.to_string().contains(&"x".repeat(33)), "{e}");
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn a_message_of_many_short_quotes_is_cut_as_a_whole() {
+        // Found by the ws_frame fuzz target: backticks in a field name split it into pieces.
+        let text = "unknown field `".to_owned() + &"ab`` ".repeat(500) + "`";
+        let redacted = redact(&text);
+        assert!(
+            redacted.chars().count() <= MAX_REDACTED_CHARS + 1,
+            "{redacted}"
+        );
+        assert!(redacted.ends_with('…'));
     }
 
     #[test]
