@@ -114,7 +114,8 @@ impl Tally {
     }
 }
 
-/// Frames recorded from the servers measured (one text payload per line), by server and transport.
+/// Frames recorded from the servers measured (one text payload per line), by server and transport;
+/// `bench/fixtures/frames/capture.mjs` records them again.
 pub const RECORDED: [(&str, Transport, &str); 4] = [
     (
         "Confab socket.io",

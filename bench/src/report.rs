@@ -61,6 +61,13 @@ pub fn render(results: &Value) -> Result<String> {
         results["load_at_start"].as_str().unwrap_or("?"),
         results["load_at_end"].as_str().unwrap_or("?"),
     );
+    if let Some(t) = results.get("scenario_seconds").and_then(Value::as_object) {
+        let parts: Vec<String> = t.iter().map(|(k, v)| format!("{k} {v} s")).collect();
+        let _ = writeln!(out, "Time per scenario: {}.\n", parts.join(", "));
+    }
+    for f in results["failures"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "**Failed:** {}\n", f.as_str().unwrap_or("?"));
+    }
     let summary: Vec<Vec<String>> = results["summary"]
         .as_array()
         .map(|a| a.iter().map(strs).collect())

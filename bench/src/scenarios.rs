@@ -66,6 +66,8 @@ pub struct Bench {
     tables: Vec<Value>,
     summary: Vec<Vec<String>>,
     failures: Vec<String>,
+    /// Seconds each scenario took (the full run has a 25-minute budget).
+    timings: Vec<(String, u64)>,
     tmp: tempdir::Dir,
     ws_available: Option<bool>,
 }
@@ -128,6 +130,7 @@ impl Bench {
             tables: Vec::new(),
             summary: Vec::new(),
             failures: Vec::new(),
+            timings: Vec::new(),
             tmp: tempdir::Dir::new()?,
             ws_available: None,
         })
@@ -350,6 +353,7 @@ impl Bench {
                 continue;
             }
             eprintln!("== {} (load {})", s.to_uppercase(), loadavg());
+            let t0 = std::time::Instant::now();
             let r = match s {
                 "s1" => self.s1().await,
                 "s2" => self.s2().await,
@@ -357,6 +361,9 @@ impl Bench {
                 "s4" => self.s4().await,
                 _ => self.s5().await,
             };
+            let took = t0.elapsed().as_secs();
+            eprintln!("== {} took {took} s", s.to_uppercase());
+            self.timings.push((s.to_owned(), took));
             if let Err(e) = r {
                 eprintln!("!! {s} failed: {e:#}");
                 self.failures.push(format!("{s}: {e:#}"));
@@ -372,6 +379,15 @@ impl Bench {
         self.json.insert("summary".into(), json!(self.summary));
         self.json.insert("tables".into(), json!(self.tables));
         self.json.insert("failures".into(), json!(self.failures));
+        self.json.insert(
+            "scenario_seconds".into(),
+            Value::Object(
+                self.timings
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect(),
+            ),
+        );
         let json = Value::Object(std::mem::take(&mut self.json));
         std::fs::write(
             self.opts.out_dir.join("results.json"),
@@ -762,7 +778,13 @@ impl Bench {
                         f1(t.recv_p50_ms),
                         f1(t.recv_p99_ms),
                         f1(t.recv_max_ms),
-                        if step.sustained { "yes" } else { "no" }.into(),
+                        match (step.sustained, t.disconnects) {
+                            (true, 0) => "yes".into(),
+                            (false, 0) => "no".into(),
+                            (ok, n) => {
+                                format!("{} ({n} disconnected)", if ok { "yes" } else { "no" })
+                            }
+                        },
                         cpu_per(&t),
                     ]);
                     rows.push(
@@ -789,7 +811,7 @@ impl Bench {
                     tried.push(step);
                     if !sustained {
                         // An overloaded step's backlog must not run into the next step.
-                        let _ = fleet.quiet(Duration::from_secs(20)).await;
+                        let _ = fleet.quiet(Duration::from_secs(10)).await;
                     }
                 }
                 fleet.stop().await;

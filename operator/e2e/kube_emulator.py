@@ -18,6 +18,7 @@ import attrs
 import jsonpatch
 import jsonpointer
 import kmock
+import yaml
 
 # Every resource the operator lists, watches or writes, with its kind and namespacing.
 RESOURCES: dict[str, tuple[str, bool]] = {
@@ -226,6 +227,16 @@ class StampingEmulator(kmock.KubernetesEmulator):
                     obj.delete()
         self.collection_deletes.append((request.resource, request.namespace, selector))
         return {"apiVersion": "v1", "kind": "List", "metadata": {}, "items": deleted}
+
+
+def write_kubeconfig(path: Any, server: kmock.Server) -> None:
+    """A kubeconfig for the emulator, no credentials, default namespace confab-system."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
+        "users": [{"name": "nobody", "user": {}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "nobody", "namespace": "confab-system"}}],
+    }))
 
 
 async def start(port: int = 0) -> tuple[StampingEmulator, kmock.Server]:

@@ -112,12 +112,7 @@ async def scenario(tmp: pathlib.Path) -> None:
                 "metadata": {"name": name, "namespace": NS}, "data": {key: "c2VjcmV0"},
             })
         kubeconfig = tmp / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
-            "users": [{"name": "nobody", "user": {}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "nobody", "namespace": "confab-system"}}],
-        }))
+        kube_emulator.write_kubeconfig(kubeconfig, server)
         metrics_port = free_port()
         env = dict(os.environ, KUBECONFIG=str(kubeconfig), POD_NAME="confab-operator-0", POD_NAMESPACE="confab-system",
                    CONFAB_OPERATOR_METRICS_ADDR=f"127.0.0.1:{metrics_port}", RUST_LOG="info,kube=warn",

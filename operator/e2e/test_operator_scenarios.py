@@ -13,7 +13,6 @@ from typing import Any, AsyncIterator
 import aiohttp
 import kmock
 import pytest
-import yaml
 
 import kube_emulator
 from rbac_check import ungranted
@@ -78,12 +77,7 @@ async def running_operator(namespaces: list[str], extra_env: dict[str, str] | No
                 emulator.seed("v1/secrets", secret("confab-auth", "jwt-secret", "c2VjcmV0", ns))
                 emulator.seed("v1/secrets", secret("confab-postgres", "url", "cG9zdGdyZXM6Ly9h", ns))
             kubeconfig = tmp / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-                "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
-                "users": [{"name": "nobody", "user": {}}],
-                "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "nobody", "namespace": "confab-system"}}],
-            }))
+            kube_emulator.write_kubeconfig(kubeconfig, server)
             env = dict(os.environ, KUBECONFIG=str(kubeconfig), POD_NAME="confab-operator-0", POD_NAMESPACE="confab-system",
                        CONFAB_OPERATOR_METRICS_ADDR=f"127.0.0.1:{free_port()}", RUST_LOG="info,kube=warn",
                        CONFAB_OPERATOR_LOG_FORMAT="text", CONFAB_OPERATOR_LEADER_ELECTION="false", **(extra_env or {}))

@@ -351,10 +351,15 @@ pub struct ManagedBackend {
     pub replicas: i32,
     /// Size of the data volume, e.g. `1Gi`.
     #[serde(default = "default_storage")]
-    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"))]
+    // Bounded lengths keep the CEL transition rules' estimated cost small.
+    #[schemars(
+        regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$"),
+        length(max = 32)
+    )]
     pub storage: String,
     /// StorageClass of the data volume; the cluster's default when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
     /// Overrides the default image.
     #[serde(default, skip_serializing_if = "Option::is_none")]

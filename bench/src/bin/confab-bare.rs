@@ -1,7 +1,8 @@
 //! The near-limit reference: a bare tokio-tungstenite room broadcaster with no chat logic.
 //!
 //! It speaks just enough of `/ws` for the generator (`join_conversation`, `send_message`, acks):
-//! no auth, no store, no seq bookkeeping beyond a counter. A broadcast is serialised once and the
+//! no auth, no store, no seq bookkeeping beyond a counter. A delivery to a full queue is dropped
+//! (the generator counts what arrives); an ack never is. A broadcast is serialised once and the
 //! bytes shared; each connection's writer feeds what is queued and flushes once.
 
 use std::collections::HashMap;
@@ -98,15 +99,21 @@ async fn serve(tcp: TcpStream, _peer: SocketAddr, rooms: Arc<Rooms>) -> Result<(
                     "conversationId": room, "seq": seq, "content": payload["content"]}})
                 .to_string()
                 .into();
-                // try_send never waits, so delivering under the read lock holds it briefly.
-                let members = rooms.members.read().unwrap_or_else(|p| p.into_inner());
-                for (_, t) in members.get(room).into_iter().flatten() {
-                    // A full queue drops here; the generator counts what arrives.
-                    let _ = t.try_send(event.clone());
+                {
+                    // try_send never waits, so delivering under the read lock holds it briefly.
+                    let members = rooms.members.read().unwrap_or_else(|p| p.into_inner());
+                    for (_, t) in members.get(room).into_iter().flatten() {
+                        // A full queue drops here; the generator counts what arrives.
+                        let _ = t.try_send(event.clone());
+                    }
                 }
-                drop(members);
                 let ack = json!({"type":"ack","id":id,"payload":{"seq":seq}});
-                let _ = tx.try_send(ack.to_string().into());
+                // The ack waits for room in the sender's own queue (it is a member too, so its
+                // queue fills with the room's traffic): a dropped ack would leave a delivered
+                // message unaccounted for. The wait slows this sender's reads: backpressure.
+                if tx.send(ack.to_string().into()).await.is_err() {
+                    break;
+                }
             }
             _ => {}
         }

@@ -31,6 +31,7 @@ pub fn envelope_for(conversation: Uuid, seq: i64) -> Envelope {
         }),
         // Crosses the wire too: every node times the delivery from it.
         committed_at_us: Some(1_700_000_000_000_000 + seq),
+        membership: None,
     }
 }
 

@@ -46,6 +46,11 @@ pub trait Bus: Send + Sync + 'static {
     async fn unsubscribe(&self, topic: Topic) -> Result<(), BusError>;
     /// Whether the bus can publish right now, for readiness.
     async fn ready(&self) -> bool;
+    /// Moves on whenever this node may have missed envelopes (its broker connection was lost
+    /// or restored): what was kept up to date by envelopes (the conversation cache) is dropped.
+    fn epoch(&self) -> u64 {
+        0
+    }
 }
 
 /// The distinct bus keys a route is published under. A node holding several of them (a

@@ -46,6 +46,8 @@ struct Shared {
     messages_exchange: String,
     deliver: OnceLock<Deliver>,
     seen: SeenEnvelopes,
+    /// See [`Bus::epoch`]: bumped when the connection is lost and when it is back.
+    epoch: std::sync::atomic::AtomicU64,
     /// Routing keys this node holds; bound on every (re)connect.
     state: Mutex<(Option<Live>, HashSet<String>)>,
     connected: AtomicBool,
@@ -170,6 +172,7 @@ impl Shared {
                 }
             }
             self.connected.store(false, Ordering::Release);
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             self.state.lock().await.0 = None;
             tracing::warn!("RabbitMQ connection lost; local delivery goes on, reconnecting");
             let mut backoff = Duration::from_millis(100);
@@ -186,6 +189,7 @@ impl Shared {
                     }
                 }
             };
+            self.epoch.fetch_add(1, Ordering::AcqRel);
             tracing::info!("RabbitMQ connection restored");
         }
     }
@@ -236,6 +240,7 @@ impl RabbitBus {
             settings,
             deliver: OnceLock::new(),
             seen: SeenEnvelopes::new(4096),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new((None, HashSet::new())),
             connected: AtomicBool::new(false),
         });
@@ -329,6 +334,10 @@ impl Bus for RabbitBus {
                 .await?;
         }
         Ok(())
+    }
+
+    fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
     }
 
     async fn ready(&self) -> bool {

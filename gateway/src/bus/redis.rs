@@ -18,6 +18,9 @@ struct Shared {
     /// Channels this node holds. Redis may still hand over a message published just after an
     /// UNSUBSCRIBE was sent; checking here makes "nothing arrives for a topic given up" exact.
     held: Mutex<HashSet<String>>,
+    /// See [`Bus::epoch`]: bumped on every reconnect of the subscriber (pub/sub is
+    /// at-most-once: what was published meanwhile is gone for this node).
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -53,7 +56,20 @@ impl RedisBus {
             deliver: OnceLock::new(),
             seen: SeenEnvelopes::new(4096),
             held: Mutex::new(HashSet::new()),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         });
+        {
+            let mut reconnects = subscriber.reconnect_rx();
+            let weak = Arc::downgrade(&shared);
+            tokio::spawn(async move {
+                while reconnects.recv().await.is_ok() {
+                    let Some(shared) = weak.upgrade() else { break };
+                    shared
+                        .epoch
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+            });
+        }
         let mut messages = subscriber.message_rx();
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -145,6 +161,10 @@ impl Bus for RedisBus {
             .remove(&channel);
         self.subscriber.unsubscribe(channel).await?;
         Ok(())
+    }
+
+    fn epoch(&self) -> u64 {
+        self.shared.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn ready(&self) -> bool {

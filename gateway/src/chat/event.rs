@@ -8,6 +8,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::model::{Conversation, ConversationId, Message, UserId};
+use super::state::MembershipChange;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -197,6 +198,9 @@ pub struct Envelope {
     /// delivery (commit → socket write). Absent from envelopes of older gateways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed_at_us: Option<i64>,
+    /// The membership change this event announces, for every node's conversation cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership: Option<MembershipChange>,
 }
 
 /// Subscription keys of a bus: a node receives envelopes whose route touches a key it holds.

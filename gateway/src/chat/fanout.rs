@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::event::{Envelope, Event, Outgoing, Route, Topic};
 use super::hub::{Outbound, TopicChange};
 use super::service::ChatService;
+use super::state::MembershipChange;
 
 /// Longest a join waits for another join's bus binding of its conversation.
 const BINDING_WAIT: Duration = Duration::from_secs(5);
@@ -35,6 +36,10 @@ impl ChatService {
                 result
             } else {
                 self.lock_bindings().remove(&key);
+                if let Topic::Conversation(id) = &topic {
+                    // Its membership events no longer arrive here.
+                    self.conversations.forget(*id);
+                }
                 self.bus.unsubscribe(topic).await
             };
             self.bindings_changed.notify_waiters();
@@ -69,7 +74,19 @@ impl ChatService {
     }
 
     pub(super) async fn publish(&self, route: Route, event: Event) -> bool {
-        self.publish_stamped(route, event, None).await
+        self.publish_envelope(route, event, None, None).await
+    }
+
+    /// Publishes an event that announces a membership change: every node holding the
+    /// conversation applies it to its cached state.
+    pub(super) async fn publish_membership(
+        &self,
+        route: Route,
+        event: Event,
+        change: MembershipChange,
+    ) -> bool {
+        self.publish_envelope(route, event, None, Some(change))
+            .await
     }
 
     /// Publishes with the commit time of the message it carries, so deliveries can be timed.
@@ -79,12 +96,24 @@ impl ChatService {
         event: Event,
         committed_at_us: Option<i64>,
     ) -> bool {
+        self.publish_envelope(route, event, committed_at_us, None)
+            .await
+    }
+
+    async fn publish_envelope(
+        &self,
+        route: Route,
+        event: Event,
+        committed_at_us: Option<i64>,
+        membership: Option<MembershipChange>,
+    ) -> bool {
         let envelope = Envelope {
             id: Uuid::now_v7(),
             origin: self.settings.node_id.clone(),
             route,
             event,
             committed_at_us,
+            membership,
         };
         match self.bus.publish(Arc::new(envelope)).await {
             Ok(()) => true,
@@ -97,7 +126,22 @@ impl ChatService {
 
     /// An envelope arrived from the bus: apply its side effects here, then fan it out locally.
     pub(super) fn receive(self: &Arc<Self>, envelope: &Envelope) {
+        if let Some(change) = &envelope.membership {
+            self.conversations.apply(change);
+            if change.role.is_none() {
+                // Removed: out of the room on every node holding the conversation, before
+                // anything published after the removal is delivered.
+                let change = self.hub.evict(&change.user_id, change.conversation_id);
+                if !change.released.is_empty() {
+                    let service = self.clone();
+                    tokio::spawn(async move { service.apply(change).await });
+                }
+            }
+        }
         match (&envelope.event, &envelope.route) {
+            (Event::NewMessage(m), Route::Conversation { .. }) => {
+                self.conversations.committed(m.conversation_id, m.seq);
+            }
             (Event::ConversationRemoved(removed), Route::Users { ids }) => {
                 for user in ids {
                     let change = self.hub.evict(user, removed.conversation_id);

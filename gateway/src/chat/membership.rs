@@ -8,6 +8,7 @@ use super::model::{
     UserId,
 };
 use super::service::ChatService;
+use super::state::MembershipChange;
 use super::{CreateConversation, Joined, check_text, check_user_id, rules, store_err};
 use crate::limits::LimitClass;
 use crate::store::NewConversation;
@@ -154,14 +155,14 @@ impl ChatService {
                 Event::ConversationAdded(ConversationRef { conversation }),
             )
             .await;
-            self.announce_member(id, user).await;
+            self.announce_member(id, user, MemberRole::Member).await;
         }
         Ok(())
     }
 
     /// `user_joined` to the room: `user` has just become a member of conversation `id`.
-    pub(super) async fn announce_member(&self, id: ConversationId, user: &str) {
-        self.publish(
+    pub(super) async fn announce_member(&self, id: ConversationId, user: &str, role: MemberRole) {
+        self.publish_membership(
             Route::Conversation {
                 id,
                 also_users: vec![],
@@ -170,6 +171,11 @@ impl ChatService {
                 conversation_id: id,
                 user_id: user.to_owned(),
             }),
+            MembershipChange {
+                conversation_id: id,
+                user_id: user.to_owned(),
+                role: Some(role),
+            },
         )
         .await;
     }
@@ -200,17 +206,24 @@ impl ChatService {
         if actor.is_none() && who.is_admin() {
             audit::admin("remove_member", Some(&who.user_id), &(id, user));
         }
-        // The removed user's connections leave the room before anything else is delivered.
-        self.publish(
+        // The removed user's connections leave the room before anything else is delivered,
+        // on every node: those holding the user (its topic) and those holding the conversation.
+        let removed = MembershipChange {
+            conversation_id: id,
+            user_id: user.to_owned(),
+            role: None,
+        };
+        self.publish_membership(
             Route::Users {
                 ids: vec![user.to_owned()],
             },
             Event::ConversationRemoved(ConversationIdRef {
                 conversation_id: id,
             }),
+            removed.clone(),
         )
         .await;
-        self.publish(
+        self.publish_membership(
             Route::Conversation {
                 id,
                 also_users: vec![],
@@ -219,6 +232,7 @@ impl ChatService {
                 conversation_id: id,
                 user_id: user.to_owned(),
             }),
+            removed,
         )
         .await;
         Ok(())
@@ -248,9 +262,10 @@ impl ChatService {
     ) -> Result<Joined, ChatError> {
         self.throttle(LimitClass::UserJoins, &who.user_id).await?;
         let in_room = self.hub.is_in_room(conn, id);
-        let conversation = self.load(id).await?;
-        let member = self.member(id, &who.user_id).await?;
-        let role = rules::join_role(&conversation, member.as_ref(), who).map_err(|e| {
+        // From the node's conversation state: no store read for a member's join.
+        let state = self.state(id).await?;
+        let member = state.member(&who.user_id);
+        let role = rules::join_role(&state.conversation, member.as_ref(), who).map_err(|e| {
             // An agent probing conversations outside its departments learns nothing: the same
             // answer as for an id that does not exist.
             if who.is_agent() && !who.is_admin() {
@@ -264,8 +279,9 @@ impl ChatService {
                 .store
                 .add_member(id, &who.user_id, role)
                 .await
-                .map_err(store_err)?,
-            None => false,
+                .map_err(store_err)?
+                .then_some(role),
+            None => None,
         };
         let change = self
             .hub
@@ -276,21 +292,22 @@ impl ChatService {
         // `user_joined` announces a new member. A member's connection (re)joining the room is
         // not news: presence (`user_online`) covers it, and after a drain every reconnect would
         // otherwise reach every member of the room (clients × members events in one window).
-        if newly {
+        if let Some(role) = newly {
             audit::membership("join", &id, &who.user_id, &who.user_id);
-            self.announce_member(id, &who.user_id).await;
+            self.announce_member(id, &who.user_id, role).await;
         }
         let members = if with_members {
             Some(self.store.members(id).await.map_err(store_err)?)
         } else {
             None
         };
-        // A connection already in the room read last_seq after it entered; one that just
-        // entered reads it again, so sync from it loses nothing.
+        // A connection already in the room reads last_seq after it entered; one that just
+        // entered reads it again (the conversation's topic is bound now, so the state is kept
+        // up to date by its events from here on), so sync from it loses nothing.
         let conversation = if in_room {
-            conversation
+            state.conversation()
         } else {
-            self.load(id).await?
+            self.state(id).await?.conversation()
         };
         Ok(Joined {
             last_seq: conversation.last_seq,

@@ -8,7 +8,7 @@ use super::error::ChatError;
 use super::event::{ConversationUser, Event, Read, Route};
 use super::model::{ConversationId, ConversationKind, Identity};
 use super::service::ChatService;
-use super::{Page, Send, Sent, Synced, check_text, rules, store_err};
+use super::{Page, Send, Sent, Synced, check_text, store_err};
 use crate::limits::LimitClass;
 use crate::store::{Inserted, NewMessage};
 use crate::telemetry::metrics::unix_micros;
@@ -45,8 +45,8 @@ impl ChatService {
         check_text("clientMsgId", &req.client_msg_id, 100, false)?;
         self.throttle(LimitClass::UserMessages, &who.user_id)
             .await?;
-        let member = self.member(req.conversation_id, &who.user_id).await?;
-        rules::can_participate(member.as_ref())?;
+        // From the node's conversation state: no store read for a member's send.
+        self.participating_state(req.conversation_id, who).await?;
         let persist = tracing::info_span!(
             "store.insert_message",
             conversation_id = %req.conversation_id,

@@ -6,6 +6,7 @@
 //! - `messages`: send, read watermarks, history and sync;
 //! - `presence` and `typing`: who is online, who is typing;
 //! - `resume`: server-side subscriptions at connect, and the replay of what a client missed;
+//! - `state`: the per-node conversation cache (kind, department, members, last seq);
 //! - `fanout`: bus bindings, publishing and delivery of what arrives to local connections
 //!   (`hub`).
 
@@ -20,6 +21,7 @@ mod presence;
 mod resume;
 pub mod rules;
 mod service;
+mod state;
 pub mod typing;
 
 use std::time::Duration;

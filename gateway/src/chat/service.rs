@@ -4,9 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::error::ChatError;
+use super::event::Topic;
 use super::hub::{ConnId, Hub, Outbound, TopicChange};
 use super::model::{Conversation, ConversationId, Identity, Member, UserId};
 use super::resume::Cursors;
+use super::state::{ConversationCache, ConversationState};
 use super::{ChatSettings, rules, store_err, unavailable};
 use crate::bus::Bus;
 use crate::limits::{LimitClass, Limits};
@@ -32,6 +34,8 @@ pub struct ChatService {
     /// Each conversation's department inbox (`Some` for support conversations), read once: a
     /// conversation's kind and department never change, and every send needs them.
     pub(super) departments: Mutex<HashMap<ConversationId, Option<String>>>,
+    /// Conversations this node holds, kept exact by membership events: see [`super::state`].
+    pub(super) conversations: ConversationCache,
     pub(super) settings: ChatSettings,
     pub(super) metrics: Arc<Metrics>,
 }
@@ -64,6 +68,7 @@ impl ChatService {
             hub: Hub::default(),
             offline_pending: Mutex::default(),
             departments: Mutex::default(),
+            conversations: ConversationCache::default(),
             bindings: Mutex::default(),
             bindings_changed: tokio::sync::Notify::new(),
             pending_generation: Mutex::new(0),
@@ -317,14 +322,54 @@ impl ChatService {
         self.store.member(id, user).await.map_err(store_err)
     }
 
+    /// What this node knows of a conversation: from the cache when it holds the conversation,
+    /// else read from the store (and kept, when the conversation's bus topic is bound here, so
+    /// its membership events keep the entry exact).
+    pub(super) async fn state(
+        &self,
+        id: ConversationId,
+    ) -> Result<Arc<ConversationState>, ChatError> {
+        let ticket = match self.conversations.get(id, self.bus.epoch()) {
+            Ok(state) => return Ok(state),
+            Err(ticket) => ticket,
+        };
+        let bound = self
+            .lock_bindings()
+            .contains(&Topic::Conversation(id).key());
+        let conversation = self.load(id).await?;
+        let members = self.store.members(id).await.map_err(store_err)?;
+        let state = Arc::new(ConversationState::new(conversation, members));
+        if bound {
+            self.conversations.insert(state.clone(), ticket);
+        }
+        Ok(state)
+    }
+
+    /// The state of a conversation the caller takes part in; strangers learn nothing of it
+    /// (not even whether it exists).
+    pub(super) async fn participating_state(
+        &self,
+        id: ConversationId,
+        who: &Identity,
+    ) -> Result<Arc<ConversationState>, ChatError> {
+        let state = match self.state(id).await {
+            Ok(state) => state,
+            Err(ChatError::NotFound(_)) => {
+                rules::can_participate(None)?;
+                return Err(ChatError::not_found("no such conversation"));
+            }
+            Err(e) => return Err(e),
+        };
+        rules::can_participate(state.member(&who.user_id).as_ref())?;
+        Ok(state)
+    }
+
     /// Loads a conversation the caller takes part in; strangers learn nothing of it.
     pub(super) async fn participating(
         &self,
         id: ConversationId,
         who: &Identity,
     ) -> Result<Conversation, ChatError> {
-        let member = self.member(id, &who.user_id).await?;
-        rules::can_participate(member.as_ref())?;
-        self.load(id).await
+        Ok(self.participating_state(id, who).await?.conversation())
     }
 }

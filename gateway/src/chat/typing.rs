@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use super::error::ChatError;
 use super::event::{ConversationUser, Event, Route, Typing};
 use super::model::{ConversationId, Identity, UserId};
-use super::rules;
 use super::service::ChatService;
 use super::unavailable;
 
@@ -66,8 +65,7 @@ impl ChatService {
         who: &Identity,
         id: ConversationId,
     ) -> Result<(), ChatError> {
-        let member = self.member(id, &who.user_id).await?;
-        rules::can_participate(member.as_ref())?;
+        self.participating_state(id, who).await?;
         let (new, generation) = self
             .presence
             .typing_start(id, &who.user_id, self.settings.typing_ttl)
@@ -119,8 +117,7 @@ impl ChatService {
     }
 
     pub async fn typing_stop(&self, who: &Identity, id: ConversationId) -> Result<(), ChatError> {
-        let member = self.member(id, &who.user_id).await?;
-        rules::can_participate(member.as_ref())?;
+        self.participating_state(id, who).await?;
         if self
             .presence
             .typing_stop(id, &who.user_id)

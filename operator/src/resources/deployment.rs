@@ -664,27 +664,7 @@ mod tests {
         let mut cc = sample();
         let d = deployment(&cc, &Inputs::default()).expect("builds");
         let pod = d.spec.template.spec.as_ref().expect("pod");
-        assert_eq!(pod.priority_class_name.as_deref(), Some("chat-critical"));
-        assert_eq!(
-            pod.node_selector.as_ref().expect("nodeSelector")["pool"],
-            "chat"
-        );
-        assert_eq!(
-            pod.tolerations.as_ref().expect("tolerations")[0]
-                .key
-                .as_deref(),
-            Some("dedicated")
-        );
-        assert_eq!(
-            pod.image_pull_secrets.as_ref().expect("pull secrets")[0].name,
-            "registry"
-        );
-        assert!(
-            pod.affinity
-                .as_ref()
-                .and_then(|a| a.node_affinity.as_ref())
-                .is_some()
-        );
+        placement::assert_has_sample_overrides(pod);
         assert_eq!(
             pod.topology_spread_constraints,
             Some(placement::default_gateway_spread(&cc))

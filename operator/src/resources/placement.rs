@@ -99,6 +99,21 @@ pub fn apply(
         (!o.image_pull_secrets.is_empty()).then(|| o.image_pull_secrets.clone());
 }
 
+/// Asserts that a pod spec carries every scheduling field of `sample_pod_overrides()`.
+#[cfg(test)]
+pub(crate) fn assert_has_sample_overrides(pod: &PodSpec) {
+    let o = crate::sample::sample_pod_overrides();
+    assert_eq!(pod.affinity, o.affinity);
+    assert_eq!(pod.tolerations.as_ref(), Some(&o.tolerations));
+    assert_eq!(pod.node_selector.as_ref(), Some(&o.node_selector));
+    assert_eq!(pod.priority_class_name, o.priority_class_name);
+    assert_eq!(pod.image_pull_secrets.as_ref(), Some(&o.image_pull_secrets));
+    assert!(
+        pod.affinity.is_some() && o.priority_class_name.is_some(),
+        "the sample sets them"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

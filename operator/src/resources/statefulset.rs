@@ -317,28 +317,7 @@ mod tests {
         let sts = statefulset(&cc, ManagedKind::Redis)
             .expect("builds")
             .expect("managed");
-        let spec = pod(&sts);
-        assert_eq!(spec.priority_class_name.as_deref(), Some("chat-critical"));
-        assert_eq!(
-            spec.node_selector.as_ref().expect("nodeSelector")["pool"],
-            "chat"
-        );
-        assert_eq!(
-            spec.tolerations.as_ref().expect("tolerations")[0]
-                .value
-                .as_deref(),
-            Some("chat")
-        );
-        assert_eq!(
-            spec.image_pull_secrets.as_ref().expect("pull secrets")[0].name,
-            "registry"
-        );
-        assert!(
-            spec.affinity
-                .as_ref()
-                .and_then(|a| a.node_affinity.as_ref())
-                .is_some()
-        );
+        placement::assert_has_sample_overrides(pod(&sts));
     }
 
     #[test]

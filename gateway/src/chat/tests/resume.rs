@@ -140,3 +140,99 @@ async fn malformed_cursors_are_refused_with_a_reason() {
     let many: Cursors = (0..1001).map(|_| (uuid::Uuid::now_v7(), 0)).collect();
     assert!(resume_check(&many).is_err());
 }
+
+/// A local bus whose connection epoch a test moves, as a broker reconnect does.
+#[derive(Default)]
+struct EpochBus {
+    inner: LocalBus,
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl crate::bus::Bus for EpochBus {
+    fn attach(&self, deliver: crate::bus::Deliver) {
+        self.inner.attach(deliver);
+    }
+    async fn publish(
+        &self,
+        envelope: Arc<crate::chat::event::Envelope>,
+    ) -> Result<(), crate::bus::BusError> {
+        self.inner.publish(envelope).await
+    }
+    async fn subscribe(
+        &self,
+        topic: crate::chat::event::Topic,
+    ) -> Result<(), crate::bus::BusError> {
+        self.inner.subscribe(topic).await
+    }
+    async fn unsubscribe(
+        &self,
+        topic: crate::chat::event::Topic,
+    ) -> Result<(), crate::bus::BusError> {
+        self.inner.unsubscribe(topic).await
+    }
+    async fn ready(&self) -> bool {
+        self.inner.ready().await
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn sends_by_members_read_membership_from_the_node_state_until_the_bus_reconnects() {
+    let bus = Arc::new(EpochBus::default());
+    let svc = service_on(bus.clone());
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (_, _b) = connect(&svc, &bob).await;
+    svc.send(&bob, text(&c, "b1", "x")).await.expect("member");
+    assert_eq!(svc.conversations.len(), 1, "held while its topic is bound");
+    // A removal this node never heard of (its event lost with the broker connection): the
+    // cached state still says member, which is why a reconnect must drop it.
+    assert!(
+        svc.store()
+            .remove_member(c.id, "bob")
+            .await
+            .expect("remove")
+    );
+    svc.send(&bob, text(&c, "b2", "x"))
+        .await
+        .expect("from the cache: no store read");
+    bus.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let refused = svc
+        .send(&bob, text(&c, "b3", "x"))
+        .await
+        .expect_err("reloaded");
+    assert_eq!(refused.code(), "forbidden");
+}
+
+#[tokio::test]
+async fn membership_events_keep_the_node_state_exact() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &[]).await;
+    let (_, a) = connect(&svc, &alice).await;
+    svc.send(&alice, text(&c, "a1", "x")).await.expect("send");
+    assert_eq!(svc.conversations.len(), 1);
+    svc.add_member(&alice, c.id, "bob").await.expect("add");
+    let (_, b) = connect(&svc, &bob).await;
+    svc.send(&bob, text(&c, "b1", "x"))
+        .await
+        .expect("the added member may send at once");
+    svc.remove_member(&alice, c.id, "bob")
+        .await
+        .expect("remove");
+    let refused = svc
+        .send(&bob, text(&c, "b2", "x"))
+        .await
+        .expect_err("removed");
+    assert_eq!(refused.code(), "forbidden");
+    svc.send(&alice, text(&c, "a2", "x")).await.expect("send");
+    assert_eq!(seqs(&a, &c), vec![1, 2, 3]);
+    assert_eq!(seqs(&b, &c), vec![2], "nothing after the removal");
+    // The cached last seq follows commits, for join's lastSeq.
+    let (conn, _) = connect(&svc, &alice).await;
+    let joined = svc.join(conn, &alice, c.id).await.expect("join");
+    assert_eq!(joined.last_seq, 3);
+}

@@ -1,0 +1,192 @@
+//! Per-node conversation state: kind, department, members and last seq of the conversations
+//! this node holds a bus binding for, so sends and joins by members make no store read.
+//!
+//! An entry is loaded on first use, and only while the conversation's bus topic is bound here:
+//! from then on every membership change (create, add, remove, join of a new member) reaches this
+//! node on that topic and is applied to the entry in publish order. An entry goes when the
+//! topic is released, and every entry goes when the bus reconnects (its connection epoch
+//! changes): events published meanwhile may never have arrived, so nothing cached is trusted.
+//! Members' `last_read_seq` is not kept here (the watermark lives in the store).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::model::{Conversation, ConversationId, Member, MemberRole, UserId, now};
+
+/// A membership change, carried on the envelope of the event that announces it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MembershipChange {
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    /// The member's role; `None`: no longer a member.
+    pub role: Option<MemberRole>,
+}
+
+/// What a node knows of one conversation.
+#[derive(Debug)]
+pub struct ConversationState {
+    /// Kind, title and department never change; its `last_seq` is the one at load time.
+    pub conversation: Conversation,
+    members: RwLock<HashMap<UserId, (MemberRole, DateTime<Utc>)>>,
+    last_seq: AtomicI64,
+}
+
+impl ConversationState {
+    pub fn new(conversation: Conversation, members: Vec<Member>) -> Self {
+        Self {
+            last_seq: AtomicI64::new(conversation.last_seq),
+            conversation,
+            members: RwLock::new(
+                members
+                    .into_iter()
+                    .map(|m| (m.user_id, (m.role, m.joined_at)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The member `user`, if they are one (its `last_read_seq` is not kept: 0).
+    pub fn member(&self, user: &str) -> Option<Member> {
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        members.get(user).map(|&(role, joined_at)| Member {
+            conversation_id: self.conversation.id,
+            user_id: user.to_owned(),
+            role,
+            last_read_seq: 0,
+            joined_at,
+        })
+    }
+
+    /// The highest seq committed that this node has seen.
+    pub fn last_seq(&self) -> i64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// The conversation with its current last seq.
+    pub fn conversation(&self) -> Conversation {
+        Conversation {
+            last_seq: self.last_seq(),
+            ..self.conversation.clone()
+        }
+    }
+
+    fn apply(&self, change: &MembershipChange) {
+        let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+        match change.role {
+            Some(role) => {
+                members
+                    .entry(change.user_id.clone())
+                    .or_insert((role, now()));
+            }
+            None => {
+                members.remove(&change.user_id);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Entries {
+    /// The bus connection epoch the entries were loaded in.
+    epoch: u64,
+    /// Membership changes applied so far: a load that saw a change land meanwhile is not kept
+    /// (it may have read the store just before that change committed).
+    changes: u64,
+    map: HashMap<ConversationId, Arc<ConversationState>>,
+}
+
+/// Where a load started: [`ConversationCache::insert`] keeps its result only if nothing moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ticket {
+    epoch: u64,
+    changes: u64,
+}
+
+#[derive(Default)]
+pub(super) struct ConversationCache {
+    entries: Mutex<Entries>,
+}
+
+/// Past this many entries the cache starts over (entries are per bound conversation, so only a
+/// node holding that many conversations at once gets there).
+const REMEMBERED: usize = 200_000;
+
+impl ConversationCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The entry, if one was loaded in the bus's current `epoch` (an older epoch drops them
+    /// all), or the ticket a load of it starts with.
+    pub(super) fn get(
+        &self,
+        id: ConversationId,
+        epoch: u64,
+    ) -> Result<Arc<ConversationState>, Ticket> {
+        let mut entries = self.lock();
+        if entries.epoch != epoch {
+            if !entries.map.is_empty() {
+                tracing::info!(
+                    entries = entries.map.len(),
+                    "the bus reconnected: dropping the conversation cache"
+                );
+            }
+            entries.epoch = epoch;
+            entries.map.clear();
+        }
+        entries.map.get(&id).cloned().ok_or(Ticket {
+            epoch,
+            changes: entries.changes,
+        })
+    }
+
+    /// Keeps a freshly loaded entry, unless the epoch moved on or a membership change landed
+    /// while it loaded.
+    pub(super) fn insert(&self, state: Arc<ConversationState>, ticket: Ticket) {
+        let mut entries = self.lock();
+        if entries.epoch != ticket.epoch || entries.changes != ticket.changes {
+            return;
+        }
+        if entries.map.len() >= REMEMBERED {
+            entries.map.clear();
+        }
+        entries.map.insert(state.conversation.id, state);
+    }
+
+    /// The conversation's topic was released here: its events no longer arrive.
+    pub(super) fn forget(&self, id: ConversationId) {
+        let mut entries = self.lock();
+        entries.changes += 1;
+        entries.map.remove(&id);
+    }
+
+    /// Applies a membership change to the entry, if there is one.
+    pub(super) fn apply(&self, change: &MembershipChange) {
+        let entry = {
+            let mut entries = self.lock();
+            entries.changes += 1;
+            entries.map.get(&change.conversation_id).cloned()
+        };
+        if let Some(entry) = entry {
+            entry.apply(change);
+        }
+    }
+
+    /// A message was committed: the entry's last seq follows.
+    pub(super) fn committed(&self, id: ConversationId, seq: i64) {
+        let entry = self.lock().map.get(&id).cloned();
+        if let Some(entry) = entry {
+            entry.last_seq.fetch_max(seq, Ordering::AcqRel);
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+}
