@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Autobahn|Testsuite (fuzzingclient) against the gateway's /ws/echo conformance route: cases
+# Autobahn|Testsuite (fuzzingclient) against the gateway's echo routes — /ws/echo (the /ws
+# WebSocket settings) and /socket.io/echo (the Socket.IO WebSocket's) — cases
 # 1–10 and, with permessage-deflate on, 12–13. Fails when any case's behaviour differs from
 # tests/autobahn/expected.json. `--update` rewrites that file from this run instead.
 # Installs autobahntestsuite (python2.7) into $HOME/.cache/confab-autobahn on first use.
@@ -78,14 +79,15 @@ fi
 cat >"$WORK/spec.json" <<EOF
 {
   "outdir": "$WORK/reports",
-  "servers": [{"agent": "confab", "url": "${URL%/}/ws/echo"}],
+  "servers": [{"agent": "confab", "url": "${URL%/}/ws/echo"},
+              {"agent": "confab-socketio", "url": "${URL%/}/socket.io/echo"}],
   "cases": ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "8.*", "9.*", "10.*", "12.*", "13.*"],
   "exclude-cases": [$EXCLUDE],
   "exclude-agent-cases": {}
 }
 EOF
 
-echo "== Autobahn fuzzingclient against ${URL%/}/ws/echo"
+echo "== Autobahn fuzzingclient against ${URL%/}/ws/echo and ${URL%/}/socket.io/echo"
 started=$(date +%s)
 (cd "$WORK" && PYTHONPATH="$SITE" "$PY2" -m autobahntestsuite.wstest -m fuzzingclient -s "$WORK/spec.json" >"$WORK/wstest.log" 2>&1) || {
   tail -40 "$WORK/wstest.log" >&2; exit 1; }
@@ -98,12 +100,18 @@ import json, sys
 from collections import Counter
 
 index_path, expected_path, update = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-results = json.load(open(index_path))["confab"]
+index = json.load(open(index_path))
 key = lambda c: [int(p) for p in c.split(".")]
-got = {c: {"behavior": r["behavior"], "behaviorClose": r["behaviorClose"]}
-       for c, r in sorted(results.items(), key=lambda kv: key(kv[0]))}
+def outcomes(agent):
+    return {c: {"behavior": r["behavior"], "behaviorClose": r["behaviorClose"]}
+            for c, r in sorted(index[agent].items(), key=lambda kv: key(kv[0]))}
+got = outcomes("confab")
+# The Socket.IO WebSocket has the same settings: its echo must behave exactly as /ws's.
+socketio = outcomes("confab-socketio")
 summary = Counter(r["behavior"] for r in got.values())
-print("   " + ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) + f" ({len(got)} cases)")
+print("   /ws/echo: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) + f" ({len(got)} cases)")
+summary = Counter(r["behavior"] for r in socketio.values())
+print("   /socket.io/echo: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) + f" ({len(socketio)} cases)")
 acceptable = {"OK", "NON-STRICT", "INFORMATIONAL"}
 # A case passes on its behaviour; the closing behaviour is recorded too, so any change in either
 # fails the comparison below.
@@ -135,9 +143,13 @@ def matches(want, have):
     if want is None or have is None:
         return want == have
     return all(have[k] in (v if isinstance(v, list) else [v]) for k, v in want.items())
-for c in sorted(set(expected) | set(got), key=key):
-    if not matches(expected.get(c), got.get(c)):
-        diff.append(f"   {c}: expected {expected.get(c)}, got {got.get(c)}")
+for name, run in (("/ws/echo", got), ("/socket.io/echo", socketio)):
+    for c in sorted(set(expected) | set(run), key=key):
+        if not matches(expected.get(c), run.get(c)):
+            diff.append(f"   {name} {c}: expected {expected.get(c)}, got {run.get(c)}")
+for c, r in socketio.items():
+    if r["behavior"] not in acceptable:
+        bad.setdefault(c, r)
 if diff:
     print(f"Autobahn results differ from {expected_path}:")
     print("\n".join(diff))

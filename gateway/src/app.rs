@@ -349,9 +349,8 @@ impl App {
             .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize));
         router = match config.socketio_engine {
             SocketIoEngine::Socketioxide => router.layer(sio_layer),
-            SocketIoEngine::Confab => router.merge(engineio::routes(
-                "/socket.io/",
-                engineio::Engine::new(
+            SocketIoEngine::Confab => {
+                let engine = engineio::Engine::new(
                     engineio::settings_of(&gateway),
                     Arc::new(engineio::socket::ChatSockets {
                         gw: gateway.clone(),
@@ -359,8 +358,12 @@ impl App {
                     ws::options(&gateway.settings),
                     gateway.service.metrics().clone(),
                     gateway.settings.trusted_proxies.clone(),
-                ),
-            )),
+                );
+                if config.ws_echo_route {
+                    router = router.merge(engineio::echo_route(engine.clone()));
+                }
+                router.merge(engineio::routes("/socket.io/", engine))
+            }
         };
         let router = router
             .layer(axum::middleware::from_fn_with_state(

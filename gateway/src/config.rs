@@ -293,8 +293,8 @@ pub struct Config {
     #[arg(long, env = "CONFAB_WS_AUTH_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(100..), global = true)]
     pub ws_auth_timeout_ms: u64,
-    /// Milliseconds a `/ws` client may leave its socket unread with frames waiting before it is
-    /// disconnected.
+    /// Milliseconds a client (`/ws` or Socket.IO) may leave its socket unread with frames waiting
+    /// before it is disconnected.
     #[arg(long, env = "CONFAB_WS_SEND_DEADLINE_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..), global = true)]
     pub ws_send_deadline_ms: u64,
@@ -312,7 +312,7 @@ pub struct Config {
         long,
         env = "CONFAB_SOCKETIO_ENGINE",
         value_enum,
-        default_value = "socketioxide",
+        default_value = "confab",
         global = true
     )]
     pub socketio_engine: SocketIoEngine,

@@ -712,9 +712,14 @@ fn on_text(text: &[u8], requests: &Requests<Option<RequestId>>, outbox: &Outbox)
 
 /// `/ws/echo`: every text or binary message back as it came, over the same WebSocket settings
 /// as `/ws`. For the Autobahn|Testsuite; enabled only by `--ws-echo-route`.
-async fn upgrade_echo(State(state): State<WsState>, mut req: Request) -> Result<Response, WsError> {
+async fn upgrade_echo(State(state): State<WsState>, req: Request) -> Result<Response, WsError> {
+    echo(req, state.options)
+}
+
+/// Upgrades with `options` and echoes every text or binary message back as it came.
+pub(super) fn echo(mut req: Request, options: Options) -> Result<Response, WsError> {
     first_deflate_offer(req.headers_mut());
-    let (response, upgraded) = WebSocket::upgrade_with_options(&mut req, state.options)?;
+    let (response, upgraded) = WebSocket::upgrade_with_options(&mut req, options)?;
     tokio::spawn(async move {
         let Ok(mut ws) = upgraded.await else { return };
         loop {

@@ -788,6 +788,20 @@ pub fn routes(path: &str, engine: Arc<Engine>) -> axum::Router {
         .with_state(engine)
 }
 
+/// `/socket.io/echo`: an echo over the WebSocket settings of this engine, for the
+/// Autobahn|Testsuite (enabled with `/ws/echo` by `--ws-echo-route`).
+pub fn echo_route(engine: Arc<Engine>) -> axum::Router {
+    async fn echo(
+        State(engine): State<Arc<Engine>>,
+        req: Request,
+    ) -> Result<Response, super::ws::WsError> {
+        super::ws::echo(req, engine.ws_options.clone())
+    }
+    axum::Router::new()
+        .route("/socket.io/echo", axum::routing::get(echo))
+        .with_state(engine)
+}
+
 /// Engine.IO settings from the gateway's transport settings.
 pub fn settings_of(gw: &Gateway) -> EngineSettings {
     let st = &gw.settings;
