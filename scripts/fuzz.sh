@@ -8,7 +8,7 @@ seconds=${1:---smoke}
 [ "$seconds" = --smoke ] && seconds=${CONFAB_FUZZ_SMOKE_SECONDS:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(ws_frame event_payload jwt)
+[ ${#targets[@]} -gt 0 ] || targets=(ws_frame event_payload jwt engineio_packet)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "== installing cargo-fuzz"

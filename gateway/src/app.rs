@@ -9,16 +9,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use base64::Engine;
-use socketioxide::SocketIo;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::auth::{Authenticator, KeyError};
 use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
 use crate::chat::{ChatService, ChatSettings};
-use crate::config::{
-    BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, SocketIoEngine, StoreBackend,
-};
+use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
 use crate::drain::{Drain, DrainState};
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
@@ -29,7 +26,7 @@ use crate::telemetry::instrumented::{
 };
 use crate::telemetry::{self, TelemetryError};
 use crate::transport::origin::{self, OriginPolicy};
-use crate::transport::{Gateway, TransportSettings, engineio, http, socketio, web, ws};
+use crate::transport::{Gateway, TransportSettings, engineio, http, web, ws};
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -96,7 +93,8 @@ where
 /// A built gateway, ready to serve.
 pub struct App {
     pub router: Router,
-    pub io: SocketIo,
+    /// The Engine.IO server behind `/socket.io/`: its sessions are closed at shutdown.
+    pub engine: Arc<engineio::Engine>,
     pub gateway: Arc<Gateway>,
     /// Set when running on the generated dev secret: tokens may be minted for the newcomer.
     pub dev_secret_path: Option<std::path::PathBuf>,
@@ -337,7 +335,6 @@ impl App {
                 ws_compression: config.ws_compression,
             },
         });
-        let (sio_layer, io) = socketio::layer(gateway.clone());
         let policy = Arc::new(OriginPolicy {
             allowed: allowed_origins,
         });
@@ -347,24 +344,19 @@ impl App {
             .merge(ws::routes(gateway.clone(), config.ws_echo_route))
             .merge(telemetry::routes(metrics))
             .layer(DefaultBodyLimit::max(config.max_frame_bytes as usize));
-        router = match config.socketio_engine {
-            SocketIoEngine::Socketioxide => router.layer(sio_layer),
-            SocketIoEngine::Confab => {
-                let engine = engineio::Engine::new(
-                    engineio::settings_of(&gateway),
-                    Arc::new(engineio::socket::ChatSockets {
-                        gw: gateway.clone(),
-                    }),
-                    ws::options(&gateway.settings),
-                    gateway.service.metrics().clone(),
-                    gateway.settings.trusted_proxies.clone(),
-                );
-                if config.ws_echo_route {
-                    router = router.merge(engineio::echo_route(engine.clone()));
-                }
-                router.merge(engineio::routes("/socket.io/", engine))
-            }
-        };
+        let engine = engineio::Engine::new(
+            engineio::settings_of(&gateway),
+            Arc::new(engineio::socket::ChatSockets {
+                gw: gateway.clone(),
+            }),
+            ws::options(&gateway.settings),
+            gateway.service.metrics().clone(),
+            gateway.settings.trusted_proxies.clone(),
+        );
+        if config.ws_echo_route {
+            router = router.merge(engineio::echo_route(engine.clone()));
+        }
+        router = router.merge(engineio::routes("/socket.io/", engine.clone()));
         let router = router
             .layer(axum::middleware::from_fn_with_state(
                 gateway.clone(),
@@ -373,7 +365,7 @@ impl App {
             .layer(axum::middleware::from_fn_with_state(policy, origin::check));
         Ok(Self {
             router,
-            io,
+            engine,
             gateway,
             dev_secret_path,
             server,
@@ -390,7 +382,7 @@ pub async fn serve(
     drain_on: impl Future<Output = ()> + Send + 'static,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let io = app.io.clone();
+    let engine = app.engine.clone();
     let gateway = app.gateway.clone();
     let drain = gateway.drain.clone();
     let (signalled_tx, mut signalled) = tokio::sync::watch::channel(false);
@@ -416,7 +408,7 @@ pub async fn serve(
             } => tracing::info!("drained: shutting down"),
             _ = stop => tracing::warn!("second signal: shutting down without finishing the drain"),
         }
-        io.close().await;
+        engine.close_all();
         for out in gateway.service.hub().all() {
             out.close(crate::chat::hub::CloseReason::Shutdown);
         }

@@ -92,15 +92,6 @@ pub enum WsCompression {
     Off,
 }
 
-/// Which implementation serves `/socket.io/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SocketIoEngine {
-    /// Confab's own Engine.IO v4 / Socket.IO v5 on the shared connection core.
-    Confab,
-    /// socketioxide (being replaced).
-    Socketioxide,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -307,15 +298,6 @@ pub struct Config {
         global = true
     )]
     pub ws_compression: WsCompression,
-    /// The implementation that serves `/socket.io/`.
-    #[arg(
-        long,
-        env = "CONFAB_SOCKETIO_ENGINE",
-        value_enum,
-        default_value = "confab",
-        global = true
-    )]
-    pub socketio_engine: SocketIoEngine,
     /// Serve `/ws/echo`, an echo endpoint with the `/ws` WebSocket settings, for the
     /// Autobahn|Testsuite. Never on in production.
     #[arg(

@@ -154,7 +154,7 @@ where
         LogFormat::Json => fmt.json().with_current_span(true).boxed(),
         LogFormat::Text => fmt.fmt_fields(escaping_fields()).boxed(),
     };
-    let logs = Registry::default().with(fmt.with_filter(filter).with_filter(no_packet_dumps()));
+    let logs = Registry::default().with(fmt.with_filter(filter));
     // Two types rather than an `Option` layer: a `None` layer would enable every callsite the
     // log filter leaves out.
     match tracer {
@@ -168,18 +168,6 @@ where
         ),
         None => Box::new(logs),
     }
-}
-
-/// socketioxide and engineioxide log every packet at DEBUG and TRACE, the handshake's
-/// `auth: {token}` included: whatever `RUST_LOG` asks, they log INFO and above only, so no token
-/// reaches the log.
-fn no_packet_dumps() -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool>
-{
-    tracing_subscriber::filter::filter_fn(|meta| {
-        *meta.level() <= tracing::Level::INFO
-            || !(meta.target().starts_with("socketioxide")
-                || meta.target().starts_with("engineioxide"))
-    })
 }
 
 /// Text-line fields with every control character escaped (`\n` → `\\n`), whatever the field's

@@ -5,7 +5,6 @@ pub mod engineio;
 pub mod http;
 pub mod origin;
 pub mod protocol;
-pub mod socketio;
 pub mod web;
 pub mod ws;
 

@@ -246,6 +246,15 @@ impl Engine {
         self.sessions().get(sid).cloned()
     }
 
+    /// Closes every session (shutdown): namespaces get their DISCONNECT, polls their close.
+    pub fn close_all(&self) {
+        let sessions: Vec<_> = self.sessions().values().cloned().collect();
+        for s in sessions {
+            s.close(Disconnect::Shutdown);
+            s.wake_poll.notify_waiters();
+        }
+    }
+
     /// Live sessions (for tests and shutdown).
     pub fn len(&self) -> usize {
         self.sessions().len()
