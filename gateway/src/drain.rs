@@ -149,7 +149,9 @@ pub async fn run(drain: Arc<Drain>, service: Arc<ChatService>) {
     let mut slots = Vec::with_capacity(outs.len());
     let mut unsent = 0usize;
     for (out, delay) in outs.into_iter().zip(delays) {
-        let told = out.send(&Outgoing::new(
+        // Past the resume gate: a connection still attaching (its bus topics or replay on the
+        // way) learns of the drain now, not once it is attached.
+        let told = out.notice(&Outgoing::new(
             "server_draining",
             &ServerDraining {
                 reconnect_after_ms: delay.as_millis() as u64,

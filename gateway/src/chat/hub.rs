@@ -39,6 +39,11 @@ pub trait Outbound: Send + Sync {
     fn drain_close(&self) {
         self.close(CloseReason::Shutdown);
     }
+    /// Sends a notice about the connection itself (`server_draining`), which no replay orders:
+    /// it never waits behind a resume.
+    fn notice(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
+        self.send(event)
+    }
 }
 
 /// Live events a connection may hold back while its resume replays what it missed.
@@ -96,6 +101,10 @@ impl Outbound for Gate {
 
     fn drain_close(&self) {
         self.inner.drain_close();
+    }
+
+    fn notice(&self, event: &Arc<Outgoing>) -> Result<(), SendFailure> {
+        self.inner.send(event)
     }
 }
 

@@ -22,7 +22,7 @@ let routed = worker; // this worker's round-robin position
 let phase = null; // {url, t0}: the drain being measured
 let reconnects = [];
 let failures = [];
-const stats = { refusedReconnects: 0, liveDuplicates: 0 };
+const stats = { refusedReconnects: 0, liveDuplicates: 0, duplicateSamples: [] };
 
 class Device {
   constructor(user) {
@@ -33,6 +33,7 @@ class Device {
     this.liveIds = new Set();
     this.moves = 0; this.drainings = 0; this.url = null; this.client = null; this.ready = null;
     this.kind = user.index % 4 === 3 ? ws : socketio; // a quarter on the plain WebSocket
+    this.transport = this.kind === ws ? 'ws' : 'socketio';
   }
 
   record(m) {
@@ -62,8 +63,13 @@ class Device {
   }
 
   onLive(m) {
-    const key = `${client.transport}:${m.id}:${this.moves}`;
-    if (this.liveIds.has(key)) stats.liveDuplicates += 1;
+    const key = `${this.transport}:${m.id}:${this.moves}`;
+    if (this.liveIds.has(key)) {
+      stats.liveDuplicates += 1;
+      if (stats.duplicateSamples.length < 5) {
+        stats.duplicateSamples.push({ device: this.user.index, transport: this.transport, seq: m.seq, moves: this.moves, sender: m.senderId === this.user.id, contiguous: this.contiguous() });
+      }
+    }
     this.liveIds.add(key);
     this.record(m);
   }

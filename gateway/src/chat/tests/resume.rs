@@ -131,6 +131,37 @@ async fn live_events_held_during_a_replay_follow_it_without_the_messages_it_repl
 }
 
 #[tokio::test]
+async fn a_connection_still_attaching_is_told_of_a_drain_at_once_and_its_messages_wait() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let rec = Arc::new(Recorder::default());
+    let (conn, change) = svc.register(&bob, rec.clone());
+    let joined = svc.hub().join(conn, c.id).expect("open");
+    svc.subscribe(joined).await;
+    svc.send(&alice, text(&c, "m1", "x")).await.expect("send");
+    let drain = crate::drain::Drain::new(Duration::from_millis(200));
+    let running = tokio::spawn(crate::drain::run(drain.clone(), svc.clone()));
+    assert!(drain.begin("test"));
+    for _ in 0..100 {
+        if !rec.named("server_draining").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        rec.names(),
+        vec!["server_draining"],
+        "the notice passes the gate, the message waits"
+    );
+    svc.connected_resuming(&bob, conn, change, Some(vec![(c.id, 0)]))
+        .await
+        .expect("connected");
+    assert_eq!(seqs(&rec, &c), vec![1]);
+    running.abort();
+}
+
+#[tokio::test]
 async fn malformed_cursors_are_refused_with_a_reason() {
     let id = uuid::Uuid::now_v7();
     let e = resume_check(&vec![(id, 1), (id, 2)]).expect_err("twice");
