@@ -270,7 +270,9 @@ async fn sends_joins_and_typing_by_members_of_a_held_conversation_make_no_store_
     let (bob_conn, _) = connect(&svc, &bob).await;
     let (_, v) = connect(&svc, &visitor).await;
     // The first use of each conversation loads its state; from then on it is held.
-    svc.send(&alice, text(&c, "a1", "load")).await.expect("send");
+    svc.send(&alice, text(&c, "a1", "load"))
+        .await
+        .expect("send");
     svc.send(&visitor, text(&support, "v1", "load"))
         .await
         .expect("send");
@@ -296,7 +298,11 @@ async fn sends_joins_and_typing_by_members_of_a_held_conversation_make_no_store_
         .iter()
         .map(|m| m["content"].clone())
         .collect();
-    assert_eq!(inboxed, vec!["load", "hot"], "the department from the state");
+    assert_eq!(
+        inboxed,
+        vec!["load", "hot"],
+        "the department from the state"
+    );
     // Asking for the member list is a read, and a non-held conversation still loads.
     svc.join_with(bob_conn, &bob, c.id, true)
         .await
