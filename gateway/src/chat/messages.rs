@@ -13,9 +13,6 @@ use crate::limits::LimitClass;
 use crate::store::{Inserted, NewMessage};
 use crate::telemetry::metrics::unix_micros;
 
-/// Conversations whose department [`ChatService::department_of`] keeps; past this it starts over.
-const DEPARTMENTS_REMEMBERED: usize = 100_000;
-
 impl ChatService {
     /// Persist, then broadcast, then return (the caller acks). A retry of a committed
     /// `clientMsgId` returns the original and broadcasts nothing.
@@ -45,8 +42,14 @@ impl ChatService {
         check_text("clientMsgId", &req.client_msg_id, 100, false)?;
         self.throttle(LimitClass::UserMessages, &who.user_id)
             .await?;
-        // From the node's conversation state: no store read for a member's send.
-        self.participating_state(req.conversation_id, who).await?;
+        // From the node's conversation state: no store read for a member's send (its kind and
+        // department, which never change, come from there too).
+        let state = self.participating_state(req.conversation_id, who).await?;
+        let department = match state.conversation.kind {
+            ConversationKind::Support => state.conversation.department_id.clone(),
+            _ => None,
+        };
+        drop(state);
         let persist = tracing::info_span!(
             "store.insert_message",
             conversation_id = %req.conversation_id,
@@ -116,7 +119,7 @@ impl ChatService {
                 committed_at_us,
             )
             .await;
-            if let Some(department) = self.department_of(message.conversation_id).await {
+            if let Some(department) = department {
                 self.publish_stamped(
                     Route::Department { id: department },
                     Event::NewMessage(message.clone()),
@@ -131,30 +134,6 @@ impl ChatService {
             message,
             fresh: true,
         })
-    }
-
-    pub(super) async fn department_of(&self, id: ConversationId) -> Option<String> {
-        let known = self
-            .departments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-            .cloned();
-        if let Some(department) = known {
-            return department;
-        }
-        let department = match self.store.conversation(id).await {
-            Ok(Some(c)) if c.kind == ConversationKind::Support => c.department_id,
-            Ok(Some(_)) => None,
-            // Not remembered: a store error or a missing conversation says nothing lasting.
-            _ => return None,
-        };
-        let mut departments = self.departments.lock().unwrap_or_else(|p| p.into_inner());
-        if departments.len() >= DEPARTMENTS_REMEMBERED {
-            departments.clear();
-        }
-        departments.insert(id, department.clone());
-        department
     }
 
     pub async fn mark_read(

@@ -97,26 +97,37 @@ impl ChatService {
             return replayed;
         };
         let cap = self.settings.max_resume;
-        for (id, after) in cursors {
-            if !member_of.contains(&id) {
-                continue;
+        let cursors: Cursors = cursors
+            .into_iter()
+            .filter(|(id, _)| member_of.contains(id))
+            .collect();
+        if cursors.is_empty() {
+            return replayed;
+        }
+        // Every cursor in one read; one more than the cap tells whether anything was left.
+        let mut missed = match self.store.messages_after_each(&cursors, cap + 1).await {
+            Ok(messages) => Some(messages.into_iter().peekable()),
+            Err(e) => {
+                tracing::warn!(error = %e, "resume could not read missed messages; the client pages them with sync");
+                None
             }
-            // One more than the cap tells whether anything was left behind.
+        };
+        for (id, after) in cursors {
             let mut last = after;
-            let truncated = match self.store.messages_after(id, after, cap + 1).await {
-                Ok(mut batch) => {
-                    let truncated = batch.len() as u32 > cap;
-                    batch.truncate(cap as usize);
-                    for message in batch {
+            let mut count = 0u32;
+            let truncated = match missed.as_mut() {
+                Some(missed) => {
+                    while let Some(message) = missed.next_if(|m| m.conversation_id == id) {
+                        count += 1;
+                        if count > cap {
+                            continue;
+                        }
                         last = message.seq;
                         ChatService::direct(&*out, &Arc::new(Event::NewMessage(message).encode()));
                     }
-                    truncated
+                    count > cap
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "resume could not read missed messages; the client pages them with sync");
-                    true
-                }
+                None => true,
             };
             if last > after {
                 replayed.insert(id, last);

@@ -31,9 +31,6 @@ pub struct ChatService {
     /// logged), and a wake-up for joins waiting on one: see [`ChatService::bound`].
     pub(super) bindings: Mutex<HashSet<String>>,
     pub(super) bindings_changed: tokio::sync::Notify,
-    /// Each conversation's department inbox (`Some` for support conversations), read once: a
-    /// conversation's kind and department never change, and every send needs them.
-    pub(super) departments: Mutex<HashMap<ConversationId, Option<String>>>,
     /// Conversations this node holds, kept exact by membership events: see [`super::state`].
     pub(super) conversations: ConversationCache,
     pub(super) settings: ChatSettings,
@@ -67,7 +64,6 @@ impl ChatService {
             limits,
             hub: Hub::default(),
             offline_pending: Mutex::default(),
-            departments: Mutex::default(),
             conversations: ConversationCache::default(),
             bindings: Mutex::default(),
             bindings_changed: tokio::sync::Notify::new(),

@@ -92,6 +92,14 @@ fn service() -> Arc<ChatService> {
 
 /// A service with generous limits on the given bus.
 fn service_on(bus: Arc<dyn crate::bus::Bus>) -> Arc<ChatService> {
+    service_with(Arc::new(MemoryStore::default()), bus)
+}
+
+/// A service with generous limits on the given store and bus.
+fn service_with(
+    store: Arc<dyn crate::store::Store>,
+    bus: Arc<dyn crate::bus::Bus>,
+) -> Arc<ChatService> {
     let generous = Quota {
         per_second: 1000,
         burst: 1000,
@@ -104,7 +112,7 @@ fn service_on(bus: Arc<dyn crate::bus::Bus>) -> Arc<ChatService> {
         user_requests: generous,
     };
     ChatService::new(
-        Arc::new(MemoryStore::default()),
+        store,
         bus,
         Arc::new(MemoryPresence::new()),
         Arc::new(MemoryLimits::new(limits)),
@@ -333,7 +341,7 @@ async fn the_department_inbox_receives_new_support_conversations_and_their_messa
     svc.send(&visitor, text(&c, "v1", "my invoice is wrong"))
         .await
         .expect("send");
-    // The second send finds the department already known (read once per conversation).
+    // The department comes with the conversation's state, like its members.
     svc.send(&visitor, text(&c, "v2", "twice"))
         .await
         .expect("send again");

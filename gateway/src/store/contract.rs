@@ -32,6 +32,8 @@ pub async fn run(store: &dyn Store) {
     read_watermark_only_rises(store).await;
     co_members_lists_everyone_sharing_a_conversation(store).await;
     missing_conversation_is_reported(store).await;
+    sends_queued_together_are_answered_each_on_its_own(store).await;
+    messages_after_each_reads_every_cursor_with_its_own_cap(store).await;
     // The well-known ids used by the reopen test of the file store.
     let alice = "contract-alice";
     let c = store
@@ -450,4 +452,133 @@ async fn concurrent_senders_get_distinct_gap_free_seqs(store: Arc<dyn Store>) {
     }
     all.sort();
     assert_eq!(all, (1..=200).collect::<Vec<i64>>());
+}
+
+/// Sends queued at once, so a group-committing store takes them as one batch: fresh sends,
+/// sends to a conversation that does not exist, and one clientMsgId sent ten times.
+async fn sends_queued_together_are_answered_each_on_its_own(store: &dyn Store) {
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Group,
+            title: None,
+            department_id: None,
+            members: vec![(alice.clone(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create");
+    let ghost = uuid::Uuid::now_v7();
+    let mut sends = Vec::new();
+    for i in 0..40 {
+        sends.push(text(
+            c.id,
+            &alice,
+            &format!("fresh-{i}"),
+            &format!("body {i}"),
+        ));
+    }
+    for i in 0..10 {
+        sends.push(text(ghost, &alice, &format!("ghost-{i}"), "lost"));
+        sends.push(text(c.id, &bob, "again", "once"));
+    }
+    let results =
+        futures::future::join_all(sends.into_iter().map(|m| store.insert_message(m))).await;
+    let mut seqs = Vec::new();
+    let mut again = Vec::new();
+    for result in results {
+        match result {
+            Ok(Inserted::New(m)) if m.client_msg_id == "again" => {
+                seqs.push(m.seq);
+                again.push((true, m.id));
+            }
+            Ok(Inserted::New(m)) => {
+                assert_eq!(m.content, format!("body {}", &m.client_msg_id[6..]));
+                seqs.push(m.seq);
+            }
+            Ok(Inserted::Existing(m)) => {
+                assert_eq!(m.content, "once");
+                again.push((false, m.id));
+            }
+            Err(super::StoreError::NoSuchConversation(id)) => assert_eq!(id, ghost),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    seqs.sort();
+    assert_eq!(
+        seqs,
+        (1..=41).collect::<Vec<i64>>(),
+        "gap-free, one seq per message"
+    );
+    assert_eq!(again.len(), 10);
+    assert_eq!(
+        again.iter().filter(|(new, _)| *new).count(),
+        1,
+        "stored once"
+    );
+    assert!(
+        again.iter().all(|(_, id)| *id == again[0].1),
+        "every retry gets that message"
+    );
+    let stored = store.messages_after(c.id, 0, 100).await.expect("read back");
+    assert_eq!(stored.len(), 41);
+    assert_eq!(
+        stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=41).collect::<Vec<i64>>()
+    );
+    let c = store.conversation(c.id).await.expect("load").expect("some");
+    assert_eq!(c.last_seq, 41);
+}
+
+async fn messages_after_each_reads_every_cursor_with_its_own_cap(store: &dyn Store) {
+    let alice = unique("alice");
+    let mut ids = Vec::new();
+    for n in [3, 7, 0] {
+        let c = store
+            .create_conversation(NewConversation {
+                kind: ConversationKind::Group,
+                title: None,
+                department_id: None,
+                members: vec![(alice.clone(), MemberRole::Owner)],
+            })
+            .await
+            .expect("create");
+        for i in 1..=n {
+            store
+                .insert_message(text(c.id, &alice, &format!("e-{i}"), &format!("{n}:{i}")))
+                .await
+                .expect("insert");
+        }
+        ids.push(c.id);
+    }
+    let ghost = uuid::Uuid::now_v7();
+    // In the order asked, each capped at 4, each from its own cursor.
+    let cursors = vec![(ids[1], 2), (ids[0], 0), (ids[2], 0), (ghost, 0)];
+    let read = store
+        .messages_after_each(&cursors, 4)
+        .await
+        .expect("read all cursors");
+    let got: Vec<(uuid::Uuid, i64, String)> = read
+        .iter()
+        .map(|m| (m.conversation_id, m.seq, m.content.clone()))
+        .collect();
+    let mut want = Vec::new();
+    for seq in 3..=6 {
+        want.push((ids[1], seq, format!("7:{seq}")));
+    }
+    for seq in 1..=3 {
+        want.push((ids[0], seq, format!("3:{seq}")));
+    }
+    assert_eq!(got, want);
+    assert!(
+        store
+            .messages_after_each(&[], 4)
+            .await
+            .expect("none asked")
+            .is_empty()
+    );
+    let caught_up = store
+        .messages_after_each(&[(ids[0], 3)], 4)
+        .await
+        .expect("caught up");
+    assert!(caught_up.is_empty());
 }

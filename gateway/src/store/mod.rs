@@ -109,6 +109,20 @@ pub trait Store: Send + Sync + 'static {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError>;
+    /// For each `(conversation, after_seq)`, up to `limit` of its messages with `seq >
+    /// after_seq`, oldest first, conversation after conversation in the order asked. Resume
+    /// reads all of a connection's cursors with this: one round trip where the store can.
+    async fn messages_after_each(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let mut messages = Vec::new();
+        for &(conversation, after_seq) in cursors {
+            messages.extend(self.messages_after(conversation, after_seq, limit).await?);
+        }
+        Ok(messages)
+    }
     /// Raises the member's read watermark to `seq` (never lowers it); returns the watermark, or
     /// `None` if the user is not a member.
     async fn mark_read(

@@ -1,11 +1,15 @@
 //! `PostgresStore`: the shared store of a gateway fleet, on a sized sqlx connection pool.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Dispatch;
+use tracing::instrument::WithSubscriber;
 use uuid::Uuid;
 
 use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
@@ -17,9 +21,32 @@ use crate::chat::model::{
 const MESSAGE_COLUMNS: &str =
     "id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at";
 
+/// Messages are written by group commit, as in [`super::SqliteStore`]: sends queue up for one
+/// committer task, which writes whatever is waiting (up to [`MAX_BATCH`]) in one transaction of
+/// a fixed number of statements, whatever the batch's size, and answers each send after the
+/// commit. Alone, a send is a batch of one; under load a batch shares its round trips.
+///
+/// Several gateways commit into one database at once: a batch row-locks its conversations in
+/// id order first (so two batches never deadlock), and only then looks for `clientMsgId`s
+/// already committed. Every insert into a conversation holds that lock until it commits, so
+/// what the look finds is final, and each message gets the next seq of its conversation with
+/// no gap.
 pub struct PostgresStore {
     pool: PgPool,
+    inserts: mpsc::Sender<(NewMessage, Reply)>,
 }
+
+/// Where the committer answers one queued send.
+type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
+
+/// Most messages in one transaction: enough to share its cost, few enough that a batch's first
+/// send does not wait long for its last.
+const MAX_BATCH: usize = 256;
+/// Sends waiting for the committer; beyond this a send waits to queue (back-pressure).
+const QUEUE: usize = 4096;
+/// Times a batch is tried when Postgres gives up on it for a reason that a retry clears
+/// (deadlock, serialisation failure, or a concurrent insert of one of its keys).
+const ATTEMPTS: usize = 3;
 
 fn corrupt(what: &str, value: &str) -> StoreError {
     StoreError::Corrupt(format!("{what}: {value:?}"))
@@ -82,94 +109,9 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
-    }
-
-    async fn message_by_client_id(
-        conn: &mut sqlx::PgConnection,
-        conversation: ConversationId,
-        sender: &str,
-        client_msg_id: &str,
-    ) -> Result<Option<Message>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND sender_id = $2 \
-             AND client_msg_id = $3"
-        )))
-        .bind(conversation)
-        .bind(sender)
-        .bind(client_msg_id)
-        .fetch_optional(conn)
-        .await?;
-        row.as_ref().map(message_from).transpose()
-    }
-
-    /// One attempt at an idempotent insert. `None` means a concurrent insert of the same key
-    /// won the race and its transaction has not settled in our favour: look again.
-    async fn try_insert(&self, new: &NewMessage) -> Result<Option<Inserted>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(existing) = Self::message_by_client_id(
-            &mut tx,
-            new.conversation_id,
-            &new.sender_id,
-            &new.client_msg_id,
-        )
-        .await?
-        {
-            return Ok(Some(Inserted::Existing(existing)));
-        }
-        // The UPDATE row-locks the conversation until commit: senders to one conversation
-        // take seqs one after another, and a rollback below hands the seq back (gap-free).
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
-        )
-        .bind(new.conversation_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let seq = seq.ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
-        let message = Message {
-            id: Uuid::now_v7(),
-            conversation_id: new.conversation_id,
-            seq,
-            sender_id: new.sender_id.clone(),
-            sender_name: new.sender_name.clone(),
-            kind: new.kind,
-            content: new.content.clone(),
-            client_msg_id: new.client_msg_id.clone(),
-            created_at: crate::chat::model::now(),
-        };
-        // A concurrent retry of the same key that committed after our first look makes this
-        // insert a no-op (ON CONFLICT waits for an in-flight one to settle, never errors).
-        let inserted = sqlx::query(
-            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (conversation_id, sender_id, client_msg_id) DO NOTHING",
-        )
-        .bind(message.id)
-        .bind(message.conversation_id)
-        .bind(message.seq)
-        .bind(&message.sender_id)
-        .bind(&message.sender_name)
-        .bind(&message.client_msg_id)
-        .bind(message.kind.as_str())
-        .bind(&message.content)
-        .bind(message.created_at)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            // Give the seq back: the other insert is the message.
-            tx.rollback().await?;
-            let mut conn = self.pool.acquire().await?;
-            return Ok(Self::message_by_client_id(
-                &mut conn,
-                new.conversation_id,
-                &new.sender_id,
-                &new.client_msg_id,
-            )
-            .await?
-            .map(Inserted::Existing));
-        }
-        tx.commit().await?;
-        Ok(Some(Inserted::New(message)))
+        let (inserts, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(commit_batches(pool.clone(), queue).with_subscriber(Dispatch::none()));
+        Ok(Self { pool, inserts })
     }
 }
 
@@ -317,17 +259,13 @@ impl Store for PostgresStore {
     }
 
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
-        // A handful of rounds covers any interleaving of concurrent retries of one key: each
-        // round either commits, finds the committed message, or saw the other side roll back.
-        for _ in 0..5 {
-            if let Some(inserted) = self.try_insert(&new).await? {
-                return Ok(inserted);
-            }
-        }
-        Err(StoreError::Corrupt(format!(
-            "message {:?} of {:?} neither inserts nor reads back",
-            new.client_msg_id, new.sender_id
-        )))
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StoreError::Batch("the store's committer has stopped".into());
+        self.inserts
+            .send((new, reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn messages_before(
@@ -371,6 +309,28 @@ impl Store for PostgresStore {
         rows.iter().map(message_from).collect()
     }
 
+    async fn messages_after_each(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        if cursors.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT m.* FROM unnest($1::uuid[], $2::bigint[]) WITH ORDINALITY AS k(c, a, o) \
+             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages \
+             WHERE conversation_id = k.c AND seq > k.a ORDER BY seq LIMIT $3) AS m \
+             ORDER BY k.o, m.seq"
+        )))
+        .bind(cursors.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(cursors.iter().map(|c| c.1).collect::<Vec<_>>())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(message_from).collect()
+    }
+
     async fn mark_read(
         &self,
         conversation: ConversationId,
@@ -400,6 +360,212 @@ impl Store for PostgresStore {
         .await?;
         Ok(ids)
     }
+}
+
+/// The committer: one transaction per batch of queued sends, each answered after the commit.
+/// A send whose caller has gone (its request timed out) is not written: it was never acked, and
+/// a retry with the same `clientMsgId` writes it then.
+async fn commit_batches(pool: PgPool, mut queue: mpsc::Receiver<(NewMessage, Reply)>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (news, replies): (Vec<_>, Vec<_>) = batch
+            .drain(..)
+            .filter(|(_, reply): &(NewMessage, Reply)| !reply.is_closed())
+            .unzip();
+        if news.is_empty() {
+            continue;
+        }
+        let mut outcome = write_batch(&pool, &news).await;
+        for _ in 1..ATTEMPTS {
+            match &outcome {
+                Err(StoreError::Database(e)) if retryable(e) => {
+                    outcome = write_batch(&pool, &news).await;
+                }
+                _ => break,
+            }
+        }
+        match outcome {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                // Rolled back: nothing of the batch is stored, and every send hears why.
+                let why = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Batch(why.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Deadlock, serialisation failure, or a unique key taken by a concurrent transaction: the
+/// batch was rolled back and a retry sees the winner's commit.
+fn retryable(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| matches!(code.as_ref(), "40P01" | "40001" | "23505"))
+}
+
+/// Where one send of a batch stands while the batch is written.
+enum Slot {
+    Done(Result<Inserted, StoreError>),
+    /// The `n`th fresh message of the batch.
+    Fresh(usize),
+    /// A repeat, within the batch, of the `n`th fresh message's key.
+    Repeat(usize),
+}
+
+/// Writes a batch in one transaction of at most six statements (begin, lock, look-up, seqs,
+/// insert, commit). A send to a missing conversation fails alone (it wrote nothing); any
+/// database error rolls the whole batch back.
+async fn write_batch(
+    pool: &PgPool,
+    news: &[NewMessage],
+) -> Result<Vec<Result<Inserted, StoreError>>, StoreError> {
+    let mut ids: Vec<Uuid> = news.iter().map(|n| n.conversation_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut tx = pool.begin().await?;
+    // In id order: two batches locking overlapping conversations queue, never deadlock.
+    let present: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM conversations WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let asked: Vec<&NewMessage> = news
+        .iter()
+        .filter(|n| present.contains(&n.conversation_id))
+        .collect();
+    let mut existing: HashMap<(Uuid, &str, &str), Message> = HashMap::new();
+    if !asked.is_empty() {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages \
+             JOIN unnest($1::uuid[], $2::text[], $3::text[]) AS k(c, s, i) \
+             ON conversation_id = k.c AND sender_id = k.s AND client_msg_id = k.i"
+        )))
+        .bind(asked.iter().map(|n| n.conversation_id).collect::<Vec<_>>())
+        .bind(
+            asked
+                .iter()
+                .map(|n| n.sender_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            asked
+                .iter()
+                .map(|n| n.client_msg_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let message = message_from(row)?;
+            let key = news
+                .iter()
+                .find(|n| {
+                    n.conversation_id == message.conversation_id
+                        && n.sender_id == message.sender_id
+                        && n.client_msg_id == message.client_msg_id
+                })
+                .map(|n| {
+                    (
+                        n.conversation_id,
+                        n.sender_id.as_str(),
+                        n.client_msg_id.as_str(),
+                    )
+                })
+                .ok_or_else(|| corrupt("message found for no key asked", &message.client_msg_id))?;
+            existing.insert(key, message);
+        }
+    }
+    let mut slots = Vec::with_capacity(news.len());
+    let mut fresh: Vec<&NewMessage> = Vec::new();
+    let mut first: HashMap<(Uuid, &str, &str), usize> = HashMap::new();
+    let mut counts: HashMap<Uuid, i64> = HashMap::new();
+    for new in news {
+        let key = (
+            new.conversation_id,
+            new.sender_id.as_str(),
+            new.client_msg_id.as_str(),
+        );
+        if !present.contains(&new.conversation_id) {
+            slots.push(Slot::Done(Err(StoreError::NoSuchConversation(
+                new.conversation_id,
+            ))));
+        } else if let Some(message) = existing.get(&key) {
+            slots.push(Slot::Done(Ok(Inserted::Existing(message.clone()))));
+        } else if let Some(&n) = first.get(&key) {
+            slots.push(Slot::Repeat(n));
+        } else {
+            first.insert(key, fresh.len());
+            slots.push(Slot::Fresh(fresh.len()));
+            fresh.push(new);
+            *counts.entry(new.conversation_id).or_default() += 1;
+        }
+    }
+    let mut messages = Vec::with_capacity(fresh.len());
+    if !fresh.is_empty() {
+        let (conversations, added): (Vec<Uuid>, Vec<i64>) = counts.into_iter().unzip();
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+            "UPDATE conversations AS c SET last_seq = c.last_seq + d.n \
+             FROM unnest($1::uuid[], $2::bigint[]) AS d(id, n) WHERE c.id = d.id \
+             RETURNING c.id, c.last_seq - d.n",
+        )
+        .bind(&conversations)
+        .bind(&added)
+        .fetch_all(&mut *tx)
+        .await?;
+        // The last seq each conversation had before this batch; its messages follow in order.
+        let mut next: HashMap<Uuid, i64> = rows.into_iter().collect();
+        let created_at = crate::chat::model::now();
+        for new in &fresh {
+            let seq = next
+                .get_mut(&new.conversation_id)
+                .ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
+            *seq += 1;
+            messages.push(Message {
+                id: Uuid::now_v7(),
+                conversation_id: new.conversation_id,
+                seq: *seq,
+                sender_id: new.sender_id.clone(),
+                sender_name: new.sender_name.clone(),
+                kind: new.kind,
+                content: new.content.clone(),
+                client_msg_id: new.client_msg_id.clone(),
+                created_at,
+            });
+        }
+        sqlx::query(
+            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::timestamptz[])",
+        )
+        .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.conversation_id).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.seq).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.sender_id.as_str()).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.sender_name.as_str()).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.client_msg_id.as_str()).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.created_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(slots
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::Done(result) => result,
+            Slot::Fresh(n) => Ok(Inserted::New(messages[n].clone())),
+            Slot::Repeat(n) => Ok(Inserted::Existing(messages[n].clone())),
+        })
+        .collect())
 }
 
 /// A private database per test run on the local Postgres, dropped afterwards.
@@ -556,6 +722,82 @@ mod tests {
         }
         let c = store.conversation(c.id).await.expect("load").expect("some");
         assert_eq!(c.last_seq, 10, "no seq burned by a losing retry");
+        db.drop_now().await;
+    }
+
+    #[tokio::test]
+    async fn two_nodes_group_committing_into_one_database_share_gap_free_seqs_and_keys() {
+        let db = TestDb::create().await;
+        let one = Arc::new(
+            PostgresStore::connect(&db.url, 4, Duration::from_secs(5))
+                .await
+                .expect("connects"),
+        );
+        let two = Arc::new(
+            PostgresStore::connect(&db.url, 4, Duration::from_secs(5))
+                .await
+                .expect("connects"),
+        );
+        let mut conversations = Vec::new();
+        for _ in 0..5 {
+            let c = one
+                .create_conversation(NewConversation {
+                    kind: ConversationKind::Open,
+                    title: None,
+                    department_id: None,
+                    members: vec![],
+                })
+                .await
+                .expect("create");
+            conversations.push(c.id);
+        }
+        // Both nodes send to every conversation at once, in opposite orders (batches that lock
+        // overlapping conversations), and both send every key: each key is stored once.
+        let mut tasks = Vec::new();
+        for (node, store) in [(0, one.clone()), (1, two.clone())] {
+            for i in 0..200 {
+                let store = store.clone();
+                let index = if node == 0 { i % 5 } else { 4 - i % 5 };
+                let conversation = conversations[index];
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .insert_message(NewMessage {
+                            conversation_id: conversation,
+                            sender_id: "racer".into(),
+                            sender_name: "Racer".into(),
+                            client_msg_id: format!("k-{}", i / 5),
+                            kind: MessageKind::Text,
+                            content: format!("from {node}"),
+                        })
+                        .await
+                        .expect("insert")
+                }));
+            }
+        }
+        let mut fresh = 0;
+        for t in tasks {
+            if matches!(t.await.expect("task"), Inserted::New(_)) {
+                fresh += 1;
+            }
+        }
+        assert_eq!(
+            fresh, 200,
+            "each (conversation, key) stored once of its two sends"
+        );
+        for id in conversations {
+            let stored = one.messages_after(id, 0, 1000).await.expect("read");
+            assert_eq!(
+                stored.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                (1..=40).collect::<Vec<i64>>(),
+                "gap-free"
+            );
+            let keys: std::collections::HashSet<_> =
+                stored.iter().map(|m| m.client_msg_id.clone()).collect();
+            assert_eq!(keys.len(), 40);
+            let c = one.conversation(id).await.expect("load").expect("some");
+            assert_eq!(c.last_seq, 40, "no seq burned");
+        }
+        drop((one, two));
         db.drop_now().await;
     }
 }

@@ -53,6 +53,7 @@ impl InstrumentedStore {
                 "insert_message",
                 "messages_before",
                 "messages_after",
+                "messages_after_each",
                 "mark_read",
                 "co_members",
             ],
@@ -128,6 +129,14 @@ impl Store for InstrumentedStore {
     ) -> Result<Vec<Message>, StoreError> {
         let call = self.inner.messages_after(conversation, after_seq, limit);
         timed(&self.calls, "messages_after", call).await
+    }
+    async fn messages_after_each(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        let call = self.inner.messages_after_each(cursors, limit);
+        timed(&self.calls, "messages_after_each", call).await
     }
     async fn mark_read(
         &self,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use uuid::Uuid;
@@ -22,11 +23,24 @@ struct Data {
 #[derive(Default)]
 pub struct MemoryStore {
     data: Mutex<Data>,
+    /// Calls of the store's read methods, so a test can prove a path makes none.
+    reads: AtomicUsize,
 }
 
 impl MemoryStore {
     fn data(&self) -> std::sync::MutexGuard<'_, Data> {
         self.data.lock().expect("memory store lock")
+    }
+
+    /// The data, for a read method: counted in [`reads`](Self::reads).
+    fn read(&self) -> std::sync::MutexGuard<'_, Data> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.data()
+    }
+
+    /// How many reads (conversation, members, messages, co-members look-ups) were made so far.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
     }
 }
 
@@ -66,11 +80,11 @@ impl Store for MemoryStore {
     }
 
     async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
-        Ok(self.data().conversations.get(&id).cloned())
+        Ok(self.read().conversations.get(&id).cloned())
     }
 
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
-        let d = self.data();
+        let d = self.read();
         let mut out: Vec<ConversationSummary> = d
             .members
             .iter()
@@ -132,7 +146,7 @@ impl Store for MemoryStore {
         user: &str,
     ) -> Result<Option<Member>, StoreError> {
         Ok(self
-            .data()
+            .read()
             .members
             .iter()
             .find(|m| m.conversation_id == conversation && m.user_id == user)
@@ -141,7 +155,7 @@ impl Store for MemoryStore {
 
     async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError> {
         Ok(self
-            .data()
+            .read()
             .members
             .iter()
             .filter(|m| m.conversation_id == conversation)
@@ -184,7 +198,7 @@ impl Store for MemoryStore {
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        let d = self.data();
+        let d = self.read();
         let mut v: Vec<Message> = d
             .messages
             .iter()
@@ -202,7 +216,7 @@ impl Store for MemoryStore {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        let d = self.data();
+        let d = self.read();
         let mut v: Vec<Message> = d
             .messages
             .iter()
@@ -231,7 +245,7 @@ impl Store for MemoryStore {
     }
 
     async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
-        let d = self.data();
+        let d = self.read();
         let mine: Vec<ConversationId> = d
             .members
             .iter()

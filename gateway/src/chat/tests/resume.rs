@@ -275,3 +275,68 @@ async fn membership_events_keep_the_node_state_exact() {
     let joined = svc.join(conn, &alice, c.id).await.expect("join");
     assert_eq!(joined.last_seq, 3);
 }
+
+#[tokio::test]
+async fn sends_joins_and_typing_by_members_of_a_held_conversation_make_no_store_read() {
+    let store = Arc::new(MemoryStore::default());
+    let svc = service_with(store.clone(), Arc::new(LocalBus::new()));
+    let (alice, bob, visitor) = (who("alice"), who("bob"), who("visitor"));
+    let ann = agent("ann", "billing");
+    let inbox = Arc::new(Recorder::default());
+    svc.connect_agent(&ann, inbox.clone()).await.expect("inbox");
+    let c = group(&svc, &alice, &["bob"]).await;
+    let support = svc
+        .create_conversation(
+            &visitor,
+            CreateConversation {
+                kind: ConversationKind::Support,
+                title: None,
+                members: vec![],
+                department_id: Some("billing".into()),
+            },
+        )
+        .await
+        .expect("create support");
+    let (_, a) = connect(&svc, &alice).await;
+    let (bob_conn, _) = connect(&svc, &bob).await;
+    let (_, v) = connect(&svc, &visitor).await;
+    // The first use of each conversation loads its state; from then on it is held.
+    svc.send(&alice, text(&c, "a1", "load"))
+        .await
+        .expect("send");
+    svc.send(&visitor, text(&support, "v1", "load"))
+        .await
+        .expect("send");
+    let before = store.reads();
+    svc.send(&bob, text(&c, "b1", "hot")).await.expect("send");
+    svc.send(&visitor, text(&support, "v2", "hot"))
+        .await
+        .expect("support send");
+    let joined = svc
+        .join_with(bob_conn, &bob, c.id, false)
+        .await
+        .expect("member join");
+    svc.typing_start(&bob, c.id).await.expect("typing");
+    svc.typing_stop(&bob, c.id).await.expect("typing stop");
+    assert_eq!(store.reads(), before, "no store read on the hot paths");
+    assert_eq!(joined.last_seq, 2);
+    assert!(joined.members.is_none(), "the member list only on request");
+    assert_eq!(seqs(&a, &c), vec![1, 2]);
+    assert!(a.names().contains(&"user_typing".to_owned()));
+    assert_eq!(seqs(&v, &support), vec![1, 2]);
+    let inboxed: Vec<Value> = inbox
+        .named("new_message")
+        .iter()
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(
+        inboxed,
+        vec!["load", "hot"],
+        "the department from the state"
+    );
+    // Asking for the member list is a read, and a non-held conversation still loads.
+    svc.join_with(bob_conn, &bob, c.id, true)
+        .await
+        .expect("join with members");
+    assert_eq!(store.reads(), before + 1);
+}
