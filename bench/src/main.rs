@@ -45,6 +45,9 @@ enum Cmd {
         /// S3's first offered rate (deliveries/s), for targeted checks; default 20000.
         #[arg(long)]
         s3_start: Option<f64>,
+        /// S1's connection counts (comma-separated), for targeted checks; default: the mode's.
+        #[arg(long, value_delimiter = ',')]
+        s1_clients: Vec<usize>,
         #[arg(long, default_value = "artifacts/bench")]
         out: PathBuf,
         /// The Node peer (with node_modules installed).
@@ -170,6 +173,7 @@ fn main() -> Result<()> {
             servers,
             shapes,
             s3_start,
+            s1_clients,
             out,
             node_dir,
             postgres_url,
@@ -185,6 +189,7 @@ fn main() -> Result<()> {
                     .map(|s| scenarios::parse_shape(s))
                     .collect::<Result<_>>()?,
                 s3_start,
+                s1_clients,
                 out_dir: out,
                 node_dir,
                 postgres_url,

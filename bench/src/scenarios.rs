@@ -29,6 +29,8 @@ pub struct Opts {
     /// S3 shapes (rooms, members) instead of the mode's; empty: the mode's.
     pub shapes: Vec<(usize, usize)>,
     pub s3_start: Option<f64>,
+    /// S1 connection counts instead of the mode's; empty: the mode's.
+    pub s1_clients: Vec<usize>,
     pub out_dir: PathBuf,
     pub node_dir: PathBuf,
     pub postgres_url: String,
@@ -408,10 +410,11 @@ impl Bench {
 
     /// S1: idle connections; the server's RSS growth per connection.
     async fn s1(&mut self) -> Result<()> {
-        let counts: &[usize] = match self.opts.mode {
-            Mode::Smoke => &[100],
-            Mode::Quick => &[1_000, 10_000],
-            Mode::Full => &[1_000, 10_000, 19_000],
+        let counts: Vec<usize> = match self.opts.mode {
+            _ if !self.opts.s1_clients.is_empty() => self.opts.s1_clients.clone(),
+            Mode::Smoke => vec![100],
+            Mode::Quick => vec![1_000, 10_000],
+            Mode::Full => vec![1_000, 10_000, 19_000],
         };
         let targets = self.targets().await?;
         self.section(
@@ -429,7 +432,7 @@ impl Bench {
         let mut rows = Vec::new();
         let mut at_10k = std::collections::HashMap::new();
         for &(target, transport) in &targets {
-            for &n in counts {
+            for &n in &counts {
                 let server = self.start(target, &[]).await?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let before = server.rss_kib()?;

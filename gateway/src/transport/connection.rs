@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use serde_json::Value;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::Notify;
 
 use super::protocol::ErrorReply;
 use super::{Gateway, Session, dispatch};
@@ -164,17 +164,18 @@ impl FrameQueue {
 }
 
 /// A connection's outgoing side as the core sees it: the bounded frame queue, drained by the
-/// transport's IO loop, and the first reason given to close.
+/// transport's IO loop, and the first reason given to close (a `Mutex` and a `Notify` rather
+/// than a watch channel, whose shared state costs every connection some 400 bytes).
 pub struct Outbox {
     frames: FrameQueue,
-    closing: watch::Sender<Option<Disconnect>>,
+    closing: Mutex<Option<Disconnect>>,
+    close_given: Notify,
     pub metrics: Arc<Metrics>,
     pub transport: Transport,
 }
 
 impl Outbox {
     pub fn new(capacity: usize, metrics: Arc<Metrics>, transport: Transport) -> Arc<Self> {
-        let (closing, _) = watch::channel(None);
         Arc::new(Self {
             frames: FrameQueue {
                 items: Mutex::new(VecDeque::new()),
@@ -182,7 +183,8 @@ impl Outbox {
                 ready: Notify::new(),
                 closed: AtomicBool::new(false),
             },
-            closing,
+            closing: Mutex::new(None),
+            close_given: Notify::new(),
             metrics,
             transport,
         })
@@ -277,26 +279,41 @@ impl Outbox {
     /// sees). A slow consumer's close is counted here, once.
     pub fn close(&self, why: Disconnect) -> bool {
         let slow = why.is_slow_consumer();
-        let first = self.closing.send_if_modified(|c| {
-            if c.is_some() {
+        {
+            let mut closing = self.closing_lock();
+            if closing.is_some() {
                 return false;
             }
-            *c = Some(why);
-            true
-        });
-        if first && slow {
+            *closing = Some(why);
+        }
+        self.close_given.notify_waiters();
+        if slow {
             self.metrics.send_queue_closed(self.transport);
         }
-        first
+        true
     }
 
-    /// The close reason, once one is given.
-    pub fn closing(&self) -> watch::Receiver<Option<Disconnect>> {
-        self.closing.subscribe()
+    fn closing_lock(&self) -> std::sync::MutexGuard<'_, Option<Disconnect>> {
+        self.closing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves with the close reason once one is given (at once if it already is).
+    /// Cancel-safe.
+    pub async fn closed(&self) -> Disconnect {
+        loop {
+            let given = self.close_given.notified();
+            let mut given = std::pin::pin!(given);
+            // Registered before the reason is read, so a close in between is not missed.
+            given.as_mut().enable();
+            if let Some(why) = self.close_reason() {
+                return why;
+            }
+            given.await;
+        }
     }
 
     pub fn close_reason(&self) -> Option<Disconnect> {
-        self.closing.borrow().clone()
+        self.closing_lock().clone()
     }
 
     /// Refuses further frames and frees the queued ones: the connection is gone.
@@ -365,13 +382,14 @@ pub struct Connection {
     pub session: Arc<Session>,
     pub identity: Arc<Identity>,
     pub role: Role,
+    endpoint: Arc<Endpoint>,
     counted: Option<ConnectionGuard>,
 }
 
 impl Connection {
-    /// Registers the connection before anything is read, so no event for this user is missed,
-    /// and starts its expiry watch: `token_expiring` ahead, `session_expired` and a close at
-    /// `exp`. Returns the topics the node must now bind.
+    /// Registers the connection before anything is read, so no event for this user is missed.
+    /// Returns the topics the node must now bind. Its expiry watch ([`Connection::expiry`]) runs
+    /// in the connection's worker.
     pub fn open(
         gw: &Gateway,
         identity: Identity,
@@ -398,24 +416,32 @@ impl Connection {
             }
         };
         let session = Session::new(conn, (*identity).clone(), out, transport);
-        let expiring = endpoint;
-        session.watch_expiry(gw.settings.token_warning, move || {
-            let expired = Outgoing::new(
-                "session_expired",
-                &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
-            );
-            let _ = expiring.send(&expired);
-            expiring.outbox.close(Disconnect::Expired);
-        });
         Ok((
             Self {
                 session,
                 identity,
                 role,
+                endpoint,
                 counted,
             },
             change,
         ))
+    }
+
+    /// The expiry watch: `token_expiring` ahead, `session_expired` and a close at `exp`. Run by
+    /// the connection's worker task beside its requests, not by a task of its own.
+    pub fn expiry(&self, gw: &Gateway) -> impl Future<Output = ()> + std::marker::Send + 'static {
+        let expiring = self.endpoint.clone();
+        self.session
+            .clone()
+            .expiry(gw.settings.token_warning, move || {
+                let expired = Outgoing::new(
+                    "session_expired",
+                    &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
+                );
+                let _ = expiring.send(&expired);
+                expiring.outbox.close(Disconnect::Expired);
+            })
     }
 
     pub fn conn(&self) -> ConnId {
@@ -460,23 +486,98 @@ pub struct Pending<R> {
     pub received: Option<std::time::Instant>,
 }
 
-/// The sending half of a connection's request queue: bounded by [`REQUESTS_IN_FLIGHT`].
-pub struct Requests<R>(mpsc::Sender<Box<Pending<R>>>);
+/// A connection's requests between its reader and its worker, bounded by
+/// [`REQUESTS_IN_FLIGHT`]. A `VecDeque` allocated on the first request and given back when
+/// drained, rather than a tokio channel, which allocates a block of slots (and cache-padded
+/// state) up front for every connection, idle or not.
+struct RequestQueue<R> {
+    items: Mutex<VecDeque<Pending<R>>>,
+    ready: Notify,
+    /// The other side is gone: the reader (no more requests) or the worker (no more answers).
+    closed: AtomicBool,
+}
+
+impl<R> RequestQueue<R> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending<R>>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The reader's half of a connection's request queue. Dropping it lets the worker answer what
+/// was already read and end.
+pub struct Requests<R>(Arc<RequestQueue<R>>);
 
 impl<R> Requests<R> {
-    /// Hands a request to the worker; past the in-flight cap it comes back, to be refused with
-    /// `rate_limited`.
-    pub fn offer(&self, request: Pending<R>, metrics: &Metrics) -> Result<(), Box<Pending<R>>> {
-        // Boxed: the channel's slots are allocated up front, and a pointer is all they need.
-        match self.0.try_send(Box::new(request)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(r)) => {
-                metrics.rate_limited("requests_in_flight");
-                Err(r)
+    /// Hands a request to the worker; past the in-flight cap (or once the worker is gone) it
+    /// comes back, to be refused with `rate_limited`.
+    pub fn offer(&self, request: Pending<R>, metrics: &Metrics) -> Result<(), Pending<R>> {
+        let mut items = self.0.lock();
+        if self.0.closed.load(Ordering::Acquire) {
+            return Err(request);
+        }
+        if items.len() >= REQUESTS_IN_FLIGHT {
+            drop(items);
+            metrics.rate_limited("requests_in_flight");
+            return Err(request);
+        }
+        items.push_back(request);
+        drop(items);
+        self.0.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl<R> Drop for Requests<R> {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.ready.notify_one();
+    }
+}
+
+/// The worker's half: the requests in the order they were read.
+struct RequestsRx<R>(Arc<RequestQueue<R>>);
+
+impl<R> RequestsRx<R> {
+    /// The next request; `None` once the reader is gone and every request it left is taken.
+    /// Cancel-safe.
+    async fn recv(&mut self) -> Option<Pending<R>> {
+        loop {
+            let ready = self.0.ready.notified();
+            let mut ready = std::pin::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut items = self.0.lock();
+                if let Some(request) = items.pop_front() {
+                    if items.is_empty() {
+                        items.shrink_to_fit();
+                    }
+                    return Some(request);
+                }
+                if self.0.closed.load(Ordering::Acquire) {
+                    return None;
+                }
             }
-            Err(mpsc::error::TrySendError::Closed(r)) => Err(r),
+            ready.await;
         }
     }
+}
+
+impl<R> Drop for RequestsRx<R> {
+    fn drop(&mut self) {
+        let mut items = self.0.lock();
+        self.0.closed.store(true, Ordering::Release);
+        // Requests no one will run are freed with the worker, not with the reader.
+        *items = VecDeque::new();
+    }
+}
+
+fn request_queue<R>() -> (Requests<R>, RequestsRx<R>) {
+    let queue = Arc::new(RequestQueue {
+        items: Mutex::new(VecDeque::new()),
+        ready: Notify::new(),
+        closed: AtomicBool::new(false),
+    });
+    (Requests(queue.clone()), RequestsRx(queue))
 }
 
 /// How a transport encodes the answer to one request, or `None` when nothing is owed (a request
@@ -492,8 +593,9 @@ pub fn too_many_requests() -> ChatError {
 
 /// Starts the worker that completes the connection (bus topics, presence) and then runs its
 /// requests one after another, in the order they arrived, so a client sees its own requests
-/// take effect in order. `cursors` (a resume in the handshake) replay what the client missed
-/// before any live event. Answers go to `outbox`, encoded by `answer`.
+/// take effect in order, and the connection's expiry watch between them: the one task of a
+/// connection besides its IO loop. `cursors` (a resume in the handshake) replay what the client
+/// missed before any live event. Answers go to `outbox`, encoded by `answer`.
 pub fn spawn_worker<R: std::marker::Send + 'static>(
     gw: Arc<Gateway>,
     connection: &Connection,
@@ -502,10 +604,13 @@ pub fn spawn_worker<R: std::marker::Send + 'static>(
     outbox: Arc<Outbox>,
     answer: Answer<R>,
 ) -> (Requests<R>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::channel::<Box<Pending<R>>>(REQUESTS_IN_FLIGHT);
+    let (tx, mut rx) = request_queue::<R>();
     let session = connection.session.clone();
     let identity = connection.identity.clone();
+    let expiry = connection.expiry(&gw);
     let worker = tokio::spawn(async move {
+        let mut expiry = std::pin::pin!(expiry);
+        let mut expired = false;
         // The big futures are boxed, so the task an idle connection keeps is only as large as
         // its wait for the next request.
         let connected = gw
@@ -516,13 +621,24 @@ pub fn spawn_worker<R: std::marker::Send + 'static>(
             outbox.close(Disconnect::Internal);
             return;
         }
-        while let Some(request) = rx.recv().await {
+        loop {
+            let request = tokio::select! {
+                biased;
+                request = rx.recv() => match request {
+                    Some(request) => request,
+                    None => break,
+                },
+                () = &mut expiry, if !expired => {
+                    expired = true;
+                    continue;
+                }
+            };
             let Pending {
                 event,
                 payload,
                 reply_to,
                 received,
-            } = *request;
+            } = request;
             let label = super::event_label(&event);
             let result = Box::pin(dispatch(&gw, &session, &event, payload)).await;
             if let Some(bytes) = answer(&reply_to, &result) {
@@ -531,7 +647,7 @@ pub fn spawn_worker<R: std::marker::Send + 'static>(
             }
         }
     });
-    (Requests(tx), worker)
+    (tx, worker)
 }
 
 /// Sends a ready-made event to one connection through its endpoint (companions, notices).
@@ -599,6 +715,94 @@ mod tests {
         assert!(outbox.is_empty());
         assert_eq!(outbox.push_all(vec![frame(b"a"), frame(b"b")]), Ok(()));
         assert_eq!(outbox.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_close_given_before_the_io_loop_waits_is_still_seen() {
+        let outbox = Outbox::new(4, Metrics::disabled(), Transport::Ws);
+        assert!(outbox.close(Disconnect::Internal));
+        assert!(
+            !outbox.close(Disconnect::Shutdown),
+            "only the first reason counts"
+        );
+        let why = tokio::time::timeout(std::time::Duration::from_secs(1), outbox.closed())
+            .await
+            .expect("resolves at once");
+        assert_eq!(why, Disconnect::Internal);
+    }
+
+    #[tokio::test]
+    async fn a_close_wakes_a_waiting_io_loop() {
+        let outbox = Outbox::new(4, Metrics::disabled(), Transport::SocketIo);
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.closed().await }
+        });
+        tokio::task::yield_now().await;
+        outbox.close(Disconnect::SendDeadline);
+        let why = tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(why, Disconnect::SendDeadline);
+    }
+
+    fn request(n: u64) -> Pending<u64> {
+        Pending {
+            event: "sync".into(),
+            payload: serde_json::json!({ "n": n }),
+            reply_to: n,
+            received: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_cap_come_back_and_the_worker_drains_after_the_reader_goes() {
+        let metrics = Metrics::disabled();
+        let (tx, mut rx) = request_queue::<u64>();
+        for n in 0..REQUESTS_IN_FLIGHT as u64 {
+            assert!(tx.offer(request(n), &metrics).is_ok());
+        }
+        let refused = tx
+            .offer(request(99), &metrics)
+            .expect_err("past the in-flight cap");
+        assert_eq!(refused.reply_to, 99, "the refused request comes back whole");
+        assert_eq!(rx.recv().await.map(|r| r.reply_to), Some(0));
+        assert!(tx.offer(request(100), &metrics).is_ok(), "room again");
+        drop(tx);
+        let mut left = Vec::new();
+        while let Some(r) = rx.recv().await {
+            left.push(r.reply_to);
+        }
+        let expected: Vec<u64> = (1..REQUESTS_IN_FLIGHT as u64).chain([100]).collect();
+        assert_eq!(left, expected, "what was read is still run, in order");
+        assert_eq!(
+            rx.0.lock().capacity(),
+            0,
+            "a drained queue holds no allocation"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_wakes_a_waiting_worker_and_a_gone_worker_refuses_requests() {
+        let metrics = Metrics::disabled();
+        let (tx, mut rx) = request_queue::<u64>();
+        let worker = tokio::spawn(async move {
+            let first = rx.recv().await.map(|r| r.reply_to);
+            (first, rx)
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.offer(request(7), &metrics).is_ok());
+        let (first, rx) = tokio::time::timeout(std::time::Duration::from_secs(1), worker)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(first, Some(7));
+        drop(rx);
+        assert_eq!(
+            tx.offer(request(8), &metrics).map_err(|r| r.reply_to),
+            Err(8)
+        );
     }
 
     #[test]

@@ -9,12 +9,13 @@ pub mod web;
 pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
@@ -115,7 +116,11 @@ pub struct Session {
     pub conn: ConnId,
     pub transport: Transport,
     identity: RwLock<Arc<Identity>>,
-    exp: watch::Sender<i64>,
+    /// The token's expiry (Unix seconds), and a wake for the expiry watch when it moves: an
+    /// atomic and a `Notify` rather than a watch channel, which allocates a shared state with
+    /// nine wait lists for every connection.
+    exp: AtomicI64,
+    renewed: Notify,
     pub out: Arc<dyn Outbound>,
 }
 
@@ -126,12 +131,12 @@ impl Session {
         out: Arc<dyn Outbound>,
         transport: Transport,
     ) -> Arc<Self> {
-        let (exp, _) = watch::channel(identity.exp);
         Arc::new(Self {
             conn,
             transport,
+            exp: AtomicI64::new(identity.exp),
+            renewed: Notify::new(),
             identity: RwLock::new(Arc::new(identity)),
-            exp,
             out,
         })
     }
@@ -146,52 +151,47 @@ impl Session {
     fn renew(&self, identity: Identity) {
         let exp = identity.exp;
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(identity);
-        self.exp.send_replace(exp);
+        self.exp.store(exp, Ordering::Release);
+        self.renewed.notify_waiters();
     }
 
-    /// Sends `token_expiring` ahead of `exp` and closes the connection at `exp`, unless a
-    /// `refresh_token` moved `exp` meanwhile. Ends when the connection does.
-    pub fn watch_expiry(
-        self: &Arc<Self>,
-        warning: Duration,
-        on_expired: impl FnOnce() + std::marker::Send + 'static,
-    ) {
-        let weak = Arc::downgrade(self);
-        let mut rx = self.exp.subscribe();
-        tokio::spawn(async move {
-            let mut warned_for = None;
-            loop {
-                let exp = *rx.borrow_and_update();
-                let left =
-                    Duration::from_secs((exp - chrono::Utc::now().timestamp()).max(0) as u64);
-                let (wait, is_warning) = if warned_for != Some(exp) && left > Duration::ZERO {
-                    (left.saturating_sub(warning), true)
-                } else {
-                    (left, false)
-                };
-                tokio::select! {
-                    changed = rx.changed() => {
-                        if changed.is_err() { return; }
-                        continue;
-                    }
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                let Some(session) = weak.upgrade() else {
-                    return;
-                };
-                if is_warning {
-                    warned_for = Some(exp);
-                    let seconds_left = (exp - chrono::Utc::now().timestamp()).max(0);
-                    ChatService::direct(
-                        session.out.as_ref(),
-                        &Outgoing::new("token_expiring", &TokenExpiring { exp, seconds_left }),
-                    );
-                } else {
-                    on_expired();
-                    return;
-                }
+    /// Sends `token_expiring` ahead of `exp` and calls `on_expired` at `exp`, unless a
+    /// `refresh_token` moved `exp` meanwhile. A future, not a task: the connection's worker runs
+    /// it beside its requests, so an idle connection keeps one task fewer; it ends when the
+    /// worker does.
+    pub async fn expiry(self: Arc<Self>, warning: Duration, on_expired: impl FnOnce()) {
+        let mut warned_for = None;
+        loop {
+            let renewed = self.renewed.notified();
+            let mut renewed = std::pin::pin!(renewed);
+            // Registered before `exp` is read, so a renewal in between is not missed.
+            renewed.as_mut().enable();
+            let exp = self.exp.load(Ordering::Acquire);
+            let left = Duration::from_secs((exp - chrono::Utc::now().timestamp()).max(0) as u64);
+            let (wait, is_warning) = if warned_for != Some(exp) && left > Duration::ZERO {
+                (left.saturating_sub(warning), true)
+            } else {
+                (left, false)
+            };
+            tokio::select! {
+                () = renewed => continue,
+                () = tokio::time::sleep(wait) => {}
             }
-        });
+            if self.exp.load(Ordering::Acquire) != exp {
+                continue;
+            }
+            if is_warning {
+                warned_for = Some(exp);
+                let seconds_left = (exp - chrono::Utc::now().timestamp()).max(0);
+                ChatService::direct(
+                    self.out.as_ref(),
+                    &Outgoing::new("token_expiring", &TokenExpiring { exp, seconds_left }),
+                );
+            } else {
+                on_expired();
+                return;
+            }
+        }
     }
 }
 

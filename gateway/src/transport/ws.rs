@@ -532,7 +532,6 @@ pub(super) async fn pump(
     reader: &mut impl Reader,
     transport: Transport,
 ) -> Option<Disconnect> {
-    let mut closing = outbox.closing();
     if let Some(hello) = hello
         && timeout(st.send_deadline, ws.send(Frame::text(hello)))
             .await
@@ -547,9 +546,7 @@ pub(super) async fn pump(
     loop {
         tokio::select! {
             biased;
-            changed = closing.changed() => {
-                let Ok(()) = changed else { return None };
-                let why = closing.borrow().clone()?;
+            why = outbox.closed() => {
                 if why.flushes_queue() && !why.settles() {
                     let _ = timeout(st.send_deadline, Box::pin(flush_queue(ws, outbox))).await;
                 }

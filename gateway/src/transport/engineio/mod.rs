@@ -450,10 +450,9 @@ async fn poll(engine: &Arc<Engine>, session: &Arc<EngineSession>) -> Response {
         }
         return text_response("6");
     }
-    let mut closing = session.outbox.closing();
     tokio::select! {
         _ = session.outbox.ready() => {}
-        _ = closing.wait_for(Option::is_some) => {}
+        _ = session.outbox.closed() => {}
         _ = session.wake_poll.notified() => {}
     }
     let why = session.outbox.close_reason();
@@ -557,7 +556,6 @@ async fn drive_polling(engine: Arc<Engine>, session: Arc<EngineSession>) {
     let st = &engine.settings;
     let mut next_ping = Instant::now() + st.ping_interval;
     let mut pong_due: Option<Instant> = None;
-    let mut closing = session.outbox.closing();
     loop {
         let (kind, polling, drained_at) = {
             let s = session.lock();
@@ -604,7 +602,7 @@ async fn drive_polling(engine: Arc<Engine>, session: Arc<EngineSession>) {
             wake
         };
         tokio::select! {
-            _ = closing.wait_for(Option::is_some) => break,
+            _ = session.outbox.closed() => break,
             _ = tokio::time::sleep_until(wake) => {}
         }
     }

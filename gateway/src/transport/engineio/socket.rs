@@ -2,7 +2,6 @@
 //! session, CONNECT with `auth`, CONNECT_ERROR with the reason, EVENT/ACK, BINARY_EVENT with
 //! attachments, DISCONNECT.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -49,7 +48,7 @@ impl Handlers for ChatSockets {
         Arc::new(Arc::new(SocketSession {
             gw: self.gw.clone(),
             hs,
-            namespaces: Mutex::new(HashMap::new()),
+            namespaces: Mutex::new(Namespaces::default()),
             binary: Mutex::new(None),
         }))
     }
@@ -62,6 +61,47 @@ struct Namespace {
     worker: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The namespaces connected on a session, by name: at most two, so a `Vec` (one small
+/// allocation, on the first CONNECT) rather than a hash table (buckets for four, a hasher).
+#[derive(Default)]
+struct Namespaces(Vec<(&'static str, Namespace)>);
+
+impl Namespaces {
+    fn contains_key(&self, nsp: &str) -> bool {
+        self.get(nsp).is_some()
+    }
+
+    fn get(&self, nsp: &str) -> Option<&Namespace> {
+        self.0.iter().find(|(n, _)| *n == nsp).map(|(_, ns)| ns)
+    }
+
+    fn insert(&mut self, nsp: &'static str, ns: Namespace) {
+        self.remove(nsp);
+        self.0.push((nsp, ns));
+    }
+
+    fn remove(&mut self, nsp: &str) -> Option<Namespace> {
+        let at = self.0.iter().position(|(n, _)| *n == nsp)?;
+        Some(self.0.swap_remove(at).1)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.0.iter().map(|(n, _)| *n)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Namespace> {
+        self.0.iter_mut().map(|(_, ns)| ns)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Namespace> + '_ {
+        self.0.drain(..).map(|(_, ns)| ns)
+    }
+}
+
 /// A binary event waiting for its attachments.
 struct Assembling {
     packet: SocketPacket,
@@ -71,12 +111,12 @@ struct Assembling {
 struct SocketSession {
     gw: Arc<Gateway>,
     hs: Handshake,
-    namespaces: Mutex<HashMap<&'static str, Namespace>>,
+    namespaces: Mutex<Namespaces>,
     binary: Mutex<Option<Assembling>>,
 }
 
 impl SocketSession {
-    fn namespaces(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, Namespace>> {
+    fn namespaces(&self) -> std::sync::MutexGuard<'_, Namespaces> {
         self.namespaces.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -254,7 +294,12 @@ impl SocketSession {
             }
             Role::Agent => {
                 let gw = gw.clone();
-                let worker = tokio::spawn(async move { gw.service.subscribe(change).await });
+                // Its one task: bind the departments' topics, then watch the token's expiry.
+                let expiry = connection.expiry(&gw);
+                let worker = tokio::spawn(async move {
+                    gw.service.subscribe(change).await;
+                    expiry.await;
+                });
                 Namespace {
                     connection: Some(connection),
                     requests: None,
@@ -391,7 +436,7 @@ impl Handler for Arc<SocketSession> {
     }
 
     fn closed(&self) -> BoxFuture<'static, ()> {
-        let gone: Vec<Namespace> = self.namespaces().drain().map(|(_, ns)| ns).collect();
+        let gone: Vec<Namespace> = self.namespaces().drain().collect();
         let gw = self.gw.clone();
         Box::pin(async move {
             for ns in gone {
