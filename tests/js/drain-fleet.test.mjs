@@ -147,9 +147,14 @@ describe('draining gateways of a busy fleet', () => {
       // operator's arithmetic); beyond that the scenario, not the drain, would be wrong.
       assert.ok(n <= BUDGET * DRAIN_SECONDS, `drain #${report.length}: ${n} clients exceed ${BUDGET}/s × ${DRAIN_SECONDS} s`);
       assert.ok(peak <= BUDGET * 1.2, `reconnects peaked at ${peak}/s; budget ${BUDGET}/s: ${perSecond}`);
-      // And the ramp is flat: no second far above this pod's own average rate.
+      // And the drain's ramp is flat: no second far above this pod's own average rate in when
+      // its clients begin to reconnect (what the drain's slots decide). Completions also carry
+      // the handshake's latency (reported above, and the clients' own event-loop lag), which
+      // the budget above bounds.
       const even = n / DRAIN_SECONDS;
-      assert.ok(peak <= even * 1.2 + 5, `reconnects peaked at ${peak}/s; ${n} clients over ${DRAIN_SECONDS} s average ${even}/s: ${perSecond}`);
+      const startedPeak = Math.max(...startedPerSecond);
+      assert.ok(startedPeak <= even * 1.2 + 5, `reconnects began at up to ${startedPeak}/s; ${n} clients over ${DRAIN_SECONDS} s average ${even}/s: ${startedPerSecond}`);
+      assert.ok(peak <= even * 1.5 + 5, `reconnects completed at up to ${peak}/s; ${n} clients over ${DRAIN_SECONDS} s average ${even}/s: ${perSecond}`);
       assert.ok(elapsed < (DRAIN_SECONDS + 6) * 1000, `drain took ${elapsed} ms`);
     }
 

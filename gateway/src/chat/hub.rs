@@ -55,6 +55,11 @@ const HELD_EVENTS: usize = 1024;
 struct Gate {
     inner: Arc<dyn Outbound>,
     held: Mutex<Option<Vec<Arc<Outgoing>>>>,
+    /// After a replay: the last seq it wrote per conversation. A message's live copy can still
+    /// be on the bus when the replay has read it from the store (committed, not yet published
+    /// here), so copies at or below it are dropped after the gate opens too. Empty (no
+    /// allocation) for a connection that replayed nothing.
+    replayed: Mutex<HashMap<ConversationId, i64>>,
 }
 
 impl Gate {
@@ -66,10 +71,11 @@ impl Gate {
     /// wrote (seq at or below `replayed[conversation]`).
     fn release(&self, replayed: &HashMap<ConversationId, i64>) {
         let mut held = self.lock();
+        if !replayed.is_empty() {
+            *self.replayed.lock().unwrap_or_else(|p| p.into_inner()) = replayed.clone();
+        }
         for event in held.take().unwrap_or_default() {
-            if let Some((conversation, seq)) = event.message
-                && replayed.get(&conversation).is_some_and(|&last| seq <= last)
-            {
+            if self.was_replayed(&event) {
                 continue;
             }
             if self.inner.send(&event) == Err(SendFailure::QueueFull) {
@@ -77,6 +83,17 @@ impl Gate {
                 return;
             }
         }
+    }
+}
+
+impl Gate {
+    /// A live copy of a message the replay already wrote.
+    fn was_replayed(&self, event: &Outgoing) -> bool {
+        let Some((conversation, seq)) = event.message else {
+            return false;
+        };
+        let replayed = self.replayed.lock().unwrap_or_else(|p| p.into_inner());
+        replayed.get(&conversation).is_some_and(|&last| seq <= last)
     }
 }
 
@@ -91,6 +108,9 @@ impl Outbound for Gate {
                 queue.push(event.clone());
                 return Ok(());
             }
+        }
+        if self.was_replayed(event) {
+            return Ok(());
         }
         self.inner.send(event)
     }
@@ -198,6 +218,7 @@ impl Hub {
         let out = Arc::new(Gate {
             inner: out,
             held: Mutex::new(held.then(Vec::new)),
+            replayed: Mutex::new(HashMap::new()),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let mut inner = self.write();

@@ -131,6 +131,38 @@ async fn live_events_held_during_a_replay_follow_it_without_the_messages_it_repl
 }
 
 #[tokio::test]
+async fn a_live_copy_arriving_after_the_replay_read_it_is_dropped_too() {
+    let svc = service();
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let mut sent = Vec::new();
+    for i in 1..=3 {
+        sent.push(
+            svc.send(&alice, text(&c, &format!("m{i}"), "x"))
+                .await
+                .expect("send")
+                .message,
+        );
+    }
+    let rec = Arc::new(Recorder::default());
+    let (conn, change) = svc.register(&bob, rec.clone());
+    svc.connected_resuming(&bob, conn, change, Some(vec![(c.id, 1)]))
+        .await
+        .expect("connected");
+    assert_eq!(seqs(&rec, &c), vec![2, 3], "the replay");
+    // Message 3 was committed before the replay read it, but its bus copy reaches this node
+    // only now (another node published it late).
+    let route = crate::chat::event::Route::Conversation {
+        id: c.id,
+        also_users: vec![],
+    };
+    let late = Arc::new(crate::chat::event::Event::NewMessage(sent[2].clone()).encode());
+    assert_eq!(svc.hub().deliver(&route, &late), 1);
+    svc.send(&alice, text(&c, "m4", "x")).await.expect("send");
+    assert_eq!(seqs(&rec, &c), vec![2, 3, 4], "each once, in order");
+}
+
+#[tokio::test]
 async fn a_connection_still_attaching_is_told_of_a_drain_at_once_and_its_messages_wait() {
     let svc = service();
     let (alice, bob) = (who("alice"), who("bob"));
