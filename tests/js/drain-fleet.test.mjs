@@ -104,6 +104,9 @@ describe('draining gateways of a busy fleet', () => {
     await setLive(live);
     await all('connect', { urls: live.map((g) => g.url) });
     await all('startSending');
+    // The fleet's steady state before the first drain: every device attached and receiving
+    // (the gateways are still attaching thousands of fresh connections for a moment).
+    await all('attached');
 
     const report = [];
     async function drain(g, how) {

@@ -1,6 +1,6 @@
 //! `RabbitBus`: events between gateways over RabbitMQ — a topic exchange, one exclusive queue per node.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -40,6 +40,28 @@ struct Live {
     queue: String,
 }
 
+/// How many routing keys the users are spread over (see [`broker_key`]).
+const USER_KEY_BUCKETS: u32 = 64;
+
+/// The broker routing key of a topic key. A user's topic (`user.<id>`) maps to one of
+/// [`USER_KEY_BUCKETS`] shared keys: a binding is a broker transaction (tens per second on a
+/// busy RabbitMQ), and one binding per connected user made a node that takes in thousands of
+/// users at once (a reconnect storm, a drained neighbour) wait tens of seconds for its
+/// bindings. A node so receives user-addressed events of other users in its buckets too; the
+/// hub delivers them to nobody. Conversation and department keys are kept as they are. The
+/// hash is FNV-1a, fixed here, so every node and version agrees on the bucket.
+fn broker_key(key: &str) -> String {
+    let Some(user) = key.strip_prefix("user.") else {
+        return key.to_owned();
+    };
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in user.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("users.{}", hash % USER_KEY_BUCKETS)
+}
+
 struct Shared {
     settings: RabbitSettings,
     events_exchange: String,
@@ -49,7 +71,9 @@ struct Shared {
     /// See [`Bus::epoch`]: bumped when the connection is lost and when it is back.
     epoch: std::sync::atomic::AtomicU64,
     /// Routing keys this node holds; bound on every (re)connect.
-    state: Mutex<(Option<Live>, HashSet<String>)>,
+    /// The live connection, and each broker routing key held here with the number of topics
+    /// that need it (several users share a key, see [`broker_key`]).
+    state: Mutex<(Option<Live>, HashMap<String, usize>)>,
     connected: AtomicBool,
 }
 
@@ -115,7 +139,7 @@ impl Shared {
             .await?;
         let queue_name = queue.name().to_string();
         let mut state = self.state.lock().await;
-        for key in state.1.iter() {
+        for key in state.1.keys() {
             channel
                 .queue_bind(
                     queue_name.as_str().into(),
@@ -241,7 +265,7 @@ impl RabbitBus {
             deliver: OnceLock::new(),
             seen: SeenEnvelopes::new(4096),
             epoch: std::sync::atomic::AtomicU64::new(0),
-            state: Mutex::new((None, HashSet::new())),
+            state: Mutex::new((None, HashMap::new())),
             connected: AtomicBool::new(false),
         });
         let connection = shared.connect().await?;
@@ -274,7 +298,14 @@ impl Bus for RabbitBus {
             .ok_or_else(|| BusError::Disconnected("RabbitMQ is unreachable".into()))?;
         let payload = serde_json::to_vec(&*envelope)?;
         let properties = BasicProperties::default().with_content_type("application/json".into());
+        let mut keys: Vec<String> = Vec::new();
         for key in routing_keys(&envelope.route) {
+            let key = broker_key(&key);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        for key in keys {
             shared
                 .publish_confirmed(
                     &channel,
@@ -301,9 +332,13 @@ impl Bus for RabbitBus {
     }
 
     async fn subscribe(&self, topic: Topic) -> Result<(), BusError> {
-        let key = topic.key();
+        let key = broker_key(&topic.key());
         let mut state = self.shared.state.lock().await;
-        state.1.insert(key.clone());
+        let holders = state.1.entry(key.clone()).or_insert(0);
+        *holders += 1;
+        if *holders > 1 {
+            return Ok(()); // bound already, for another topic sharing the key
+        }
         // While disconnected the key is only remembered: the reconnect binds it.
         if let Some(live) = &state.0 {
             live.channel
@@ -320,9 +355,18 @@ impl Bus for RabbitBus {
     }
 
     async fn unsubscribe(&self, topic: Topic) -> Result<(), BusError> {
-        let key = topic.key();
+        let key = broker_key(&topic.key());
         let mut state = self.shared.state.lock().await;
-        state.1.remove(&key);
+        match state.1.get_mut(&key) {
+            Some(holders) if *holders > 1 => {
+                *holders -= 1;
+                return Ok(()); // another topic still needs the key
+            }
+            Some(_) => {
+                state.1.remove(&key);
+            }
+            None => return Ok(()),
+        }
         if let Some(live) = &state.0 {
             live.channel
                 .queue_unbind(
@@ -366,6 +410,80 @@ mod tests {
 
     fn prefix() -> String {
         format!("confab-test-{}", uuid::Uuid::now_v7().simple())
+    }
+
+    #[test]
+    fn users_share_a_few_routing_keys_and_other_topics_keep_theirs() {
+        assert_eq!(broker_key("conv.abc"), "conv.abc");
+        assert_eq!(broker_key("dept.billing"), "dept.billing");
+        // Fixed across nodes and versions: FNV-1a of the id.
+        assert_eq!(broker_key("user.alice"), broker_key("user.alice"));
+        let buckets: std::collections::HashSet<String> = (0..2000)
+            .map(|i| broker_key(&format!("user.u{i}")))
+            .collect();
+        assert_eq!(buckets.len(), USER_KEY_BUCKETS as usize, "{buckets:?}");
+        assert!(buckets.iter().all(|k| k.starts_with("users.")));
+    }
+
+    #[tokio::test]
+    async fn a_shared_user_key_stays_bound_until_its_last_user_leaves() {
+        let p = prefix();
+        let a = node(&p, "a").await;
+        let b = node(&p, "b").await;
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = got.clone();
+        b.attach(Arc::new(move |e: Arc<Envelope>| {
+            sink.lock().expect("lock").push(e.id);
+        }));
+        a.attach(Arc::new(|_| {}));
+        // Two users of one bucket on b.
+        let first = "u0".to_owned();
+        let second = (1..)
+            .map(|i| format!("u{i}"))
+            .find(|u| broker_key(&format!("user.{u}")) == broker_key("user.u0"))
+            .expect("a second user in the bucket");
+        b.subscribe(Topic::User(first.clone())).await.expect("sub");
+        b.subscribe(Topic::User(second.clone())).await.expect("sub");
+        b.unsubscribe(Topic::User(first.clone()))
+            .await
+            .expect("unsub");
+        let envelope = |user: &str| {
+            Arc::new(Envelope {
+                id: uuid::Uuid::now_v7(),
+                origin: "a".into(),
+                route: crate::chat::event::Route::Users {
+                    ids: vec![user.to_owned()],
+                },
+                event: crate::chat::event::Event::UserOnline(crate::chat::event::UserRef {
+                    user_id: user.to_owned(),
+                }),
+                committed_at_us: None,
+                membership: None,
+            })
+        };
+        let to_second = envelope(&second);
+        a.publish(to_second.clone()).await.expect("publish");
+        for _ in 0..100 {
+            if !got.lock().expect("lock").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            *got.lock().expect("lock"),
+            vec![to_second.id],
+            "still bound for the second user"
+        );
+        b.unsubscribe(Topic::User(second.clone()))
+            .await
+            .expect("unsub");
+        a.publish(envelope(&second)).await.expect("publish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            got.lock().expect("lock").len(),
+            1,
+            "unbound with its last user"
+        );
     }
 
     #[tokio::test]

@@ -204,6 +204,20 @@ const ops = {
   },
 
   /** Waits (≤ 15 s) until every device has each conversation's last acked seq, then counts losses. */
+  /** Waits until every device has a live message of its conversation: all are attached. */
+  async attached() {
+    const started = Date.now();
+    while (devices.some((d) => d.contiguous() < 1)) {
+      if (Date.now() - started > 30000) {
+        const silent = devices.filter((d) => d.contiguous() < 1);
+        const by = (f) => Object.entries(silent.reduce((a, d) => { a[f(d)] = (a[f(d)] ?? 0) + 1; return a; }, {}));
+        throw new Error(`${silent.length} devices received nothing in 30 s: by conversation ${JSON.stringify(by((d) => d.user.conv))}, by gateway ${JSON.stringify(by((d) => d.url))}, by transport ${JSON.stringify(by((d) => d.transport))}`);
+      }
+      await sleep(100);
+    }
+    return { waitedMs: Date.now() - started };
+  },
+
   async settle({ lastSeq }) {
     const last = (d) => lastSeq[d.conversationId] ?? 0;
     const started = Date.now();
