@@ -186,6 +186,8 @@ describe('draining gateways of a busy fleet', () => {
     if (losses.length) console.log(`# losses: ${JSON.stringify(losses.slice(0, 10))}`);
     const liveDuplicates = settled.reduce((a, r) => a + r.liveDuplicates, 0);
     const refusedReconnects = settled.reduce((a, r) => a + r.refusedReconnects, 0);
+    const gapSyncs = settled.reduce((a, r) => a + r.gapSyncs, 0);
+    if (gapSyncs) console.log(`# live gaps filled by sync: ${gapSyncs}: ${JSON.stringify(settled.flatMap((r) => r.gapSamples))}`);
     const duplicates = settled.flatMap((r) => r.duplicateSamples);
     if (duplicates.length) console.log(`# live duplicates: ${JSON.stringify(duplicates)}`);
     // Duplicates in the store: one message per clientMsgId, seqs 1..n with no repeats.

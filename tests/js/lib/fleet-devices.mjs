@@ -22,7 +22,7 @@ let routed = worker; // this worker's round-robin position
 let phase = null; // {url, t0}: the drain being measured
 let reconnects = [];
 let failures = [];
-const stats = { refusedReconnects: 0, liveDuplicates: 0, duplicateSamples: [] };
+const stats = { refusedReconnects: 0, liveDuplicates: 0, duplicateSamples: [], gapSyncs: 0, gapSamples: [] };
 
 class Device {
   constructor(user) {
@@ -71,7 +71,31 @@ class Device {
       }
     }
     this.liveIds.add(key);
+    const before = this.contiguous();
     this.record(m);
+    // The client contract (DESIGN): a gap in seq means something is missing, and `sync` fills
+    // it. Counted and reported: a gap is a live delivery that did not happen.
+    if (m.seq > before + 1 && !this.filling) this.fill(before);
+  }
+
+  async fill(after) {
+    this.filling = true;
+    stats.gapSyncs += 1;
+    if (stats.gapSamples.length < 5) stats.gapSamples.push({ device: this.user.index, transport: this.transport, after, url: this.url });
+    try {
+      for (let attempt = 0; attempt < 20; attempt += 1) {
+        const c = this.client;
+        if (c) {
+          try {
+            const synced = await c.request('sync', { conversations: [{ conversationId: this.conversationId, afterSeq: after }] }, 5000);
+            if (synced?.messages) { for (const m of synced.messages) this.record(m); return; }
+          } catch { /* moved under it: retry on the next connection */ }
+        }
+        await sleep(200);
+      }
+    } finally {
+      this.filling = false;
+    }
   }
 
   onDraining({ reconnectAfterMs }) {
