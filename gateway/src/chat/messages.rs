@@ -1,6 +1,7 @@
 //! Messages: send (persist, then broadcast, then ack), read watermarks, history and sync.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use tracing::Instrument;
 
@@ -8,7 +9,7 @@ use super::error::ChatError;
 use super::event::{ConversationUser, Event, Read, Route};
 use super::model::{ConversationId, ConversationKind, Identity};
 use super::service::ChatService;
-use super::{Page, Send, Sent, Synced, check_text, store_err};
+use super::{Page, Send, Sent, Synced, check_text, store_err, unavailable};
 use crate::limits::LimitClass;
 use crate::store::{Inserted, NewMessage};
 use crate::telemetry::metrics::unix_micros;
@@ -16,6 +17,25 @@ use crate::telemetry::metrics::unix_micros;
 impl ChatService {
     /// Persist, then broadcast, then return (the caller acks). A retry of a committed
     /// `clientMsgId` returns the original and broadcasts nothing.
+    /// [`send`](Self::send) on a task of its own. Once a committed message exists it must be
+    /// published: a caller that goes away mid-send (its connection closed and the connection's
+    /// worker aborted, say between the commit and the publish) would otherwise leave a message
+    /// stored but never delivered live, and the client's retry finds it committed and publishes
+    /// nothing. The task runs to the end whatever happens to the caller.
+    pub async fn send_detached(
+        self: &Arc<Self>,
+        who: &Identity,
+        req: Send,
+    ) -> Result<Sent, ChatError> {
+        let service = self.clone();
+        let who = who.clone();
+        let task = tokio::spawn(
+            async move { service.send(&who, req).await }.instrument(tracing::Span::current()),
+        );
+        task.await
+            .unwrap_or_else(|e| Err(unavailable("send task", e)))
+    }
+
     pub async fn send(&self, who: &Identity, req: Send) -> Result<Sent, ChatError> {
         // One span per message, with the persist and publish steps as its children; ids and seq
         // only: never the content or the sender's token.

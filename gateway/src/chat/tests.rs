@@ -969,3 +969,44 @@ async fn a_join_returns_only_once_its_conversation_is_bound_even_by_another_join
     );
     first.await.expect("task").expect("alice joins");
 }
+
+#[tokio::test]
+async fn a_send_whose_caller_goes_away_is_published_if_it_was_committed() {
+    let store = MemoryStore::default();
+    store
+        .yield_after_commit
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let svc = service_with(Arc::new(store), Arc::new(LocalBus::new()));
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let rec = Arc::new(Recorder::default());
+    svc.connect(&bob, rec.clone()).await.expect("connect");
+    // Callers aborted at every point of the send, as a closed connection's worker is.
+    for i in 0..50u64 {
+        let (svc, alice, req) = (svc.clone(), alice.clone(), text(&c, &format!("a{i}"), "x"));
+        let caller = tokio::spawn(async move { svc.send_detached(&alice, req).await });
+        for _ in 0..(i % 5) {
+            tokio::task::yield_now().await;
+        }
+        caller.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stored: Vec<i64> = svc
+        .history(&alice, c.id, None, Some(100))
+        .await
+        .expect("history")
+        .messages
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    let mut delivered: Vec<i64> = rec
+        .named("new_message")
+        .iter()
+        .map(|m| m["seq"].as_i64().expect("seq"))
+        .collect();
+    delivered.sort_unstable();
+    assert_eq!(
+        delivered, stored,
+        "every committed message was delivered live"
+    );
+}

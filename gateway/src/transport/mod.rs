@@ -373,7 +373,7 @@ async fn send_message(
     let result = async {
         let req: SendMessageRequest = parse("send_message", payload)?;
         gw.service
-            .send(
+            .send_detached(
                 who,
                 Send {
                     conversation_id: req.conversation_id,

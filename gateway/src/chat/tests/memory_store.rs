@@ -25,9 +25,42 @@ pub struct MemoryStore {
     data: Mutex<Data>,
     /// Calls of the store's read methods, so a test can prove a path makes none.
     reads: AtomicUsize,
+    /// When set, a commit returns only after a few yields, as a real store's round trip does:
+    /// a caller can go away between the commit and what follows it.
+    pub yield_after_commit: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
+    /// The insert itself, under the lock.
+    fn insert_now(&self, new: NewMessage) -> Result<Inserted, StoreError> {
+        let mut d = self.data();
+        if let Some(m) = d.messages.iter().find(|m| {
+            m.conversation_id == new.conversation_id
+                && m.sender_id == new.sender_id
+                && m.client_msg_id == new.client_msg_id
+        }) {
+            return Ok(Inserted::Existing(m.clone()));
+        }
+        let c = d
+            .conversations
+            .get_mut(&new.conversation_id)
+            .ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
+        c.last_seq += 1;
+        let m = Message {
+            id: Uuid::now_v7(),
+            conversation_id: new.conversation_id,
+            seq: c.last_seq,
+            sender_id: new.sender_id,
+            sender_name: new.sender_name,
+            kind: new.kind,
+            content: new.content,
+            client_msg_id: new.client_msg_id,
+            created_at: crate::chat::model::now(),
+        };
+        d.messages.push(m.clone());
+        Ok(Inserted::New(m))
+    }
+
     fn data(&self) -> std::sync::MutexGuard<'_, Data> {
         self.data.lock().expect("memory store lock")
     }
@@ -164,32 +197,13 @@ impl Store for MemoryStore {
     }
 
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
-        let mut d = self.data();
-        if let Some(m) = d.messages.iter().find(|m| {
-            m.conversation_id == new.conversation_id
-                && m.sender_id == new.sender_id
-                && m.client_msg_id == new.client_msg_id
-        }) {
-            return Ok(Inserted::Existing(m.clone()));
+        let inserted = self.insert_now(new)?;
+        if matches!(inserted, Inserted::New(_)) && self.yield_after_commit.load(Ordering::Relaxed) {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
         }
-        let c = d
-            .conversations
-            .get_mut(&new.conversation_id)
-            .ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
-        c.last_seq += 1;
-        let m = Message {
-            id: Uuid::now_v7(),
-            conversation_id: new.conversation_id,
-            seq: c.last_seq,
-            sender_id: new.sender_id,
-            sender_name: new.sender_name,
-            kind: new.kind,
-            content: new.content,
-            client_msg_id: new.client_msg_id,
-            created_at: crate::chat::model::now(),
-        };
-        d.messages.push(m.clone());
-        Ok(Inserted::New(m))
+        Ok(inserted)
     }
 
     async fn messages_before(
