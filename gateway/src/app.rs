@@ -322,6 +322,9 @@ impl App {
             service,
             auth: Arc::new(auth),
             drain,
+            expiries: crate::transport::expiry::Expiries::new(Duration::from_secs(
+                config.token_warning_seconds,
+            )),
             settings: TransportSettings {
                 allowed_origins: allowed_origins.clone(),
                 trusted_proxies: config.trusted_proxies.clone(),

@@ -26,6 +26,8 @@ pub enum CloseReason {
     QueueFull,
     /// The server is shutting down.
     Shutdown,
+    /// The token expired (no `refresh_token` in time).
+    Expired,
 }
 
 /// A connection's outgoing side, implemented by each transport. `send` never blocks: a full

@@ -110,8 +110,13 @@ async fn a_scripted_session_moves_each_counter_and_histogram_by_exactly_its_even
         .connect(&bob, bob_out.clone())
         .await
         .expect("connects");
-    let alice_session = Session::new(a, alice.clone(), alice_out.clone(), Transport::Ws);
-    let bob_session = Session::new(b, bob.clone(), bob_out.clone(), Transport::SocketIo);
+    let alice_session = Session::new(a, Arc::new(alice.clone()), alice_out.clone(), Transport::Ws);
+    let bob_session = Session::new(
+        b,
+        Arc::new(bob.clone()),
+        bob_out.clone(),
+        Transport::SocketIo,
+    );
     let room = gw
         .service
         .create_conversation(
@@ -385,7 +390,7 @@ async fn one_message_is_one_trace_from_receive_through_persist_to_publish() {
         .connect(&alice, out.clone())
         .await
         .expect("connects");
-    let session = Session::new(conn, alice.clone(), out, Transport::Ws);
+    let session = Session::new(conn, Arc::new(alice.clone()), out, Transport::Ws);
     let room = gw
         .service
         .create_conversation(

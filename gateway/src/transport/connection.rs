@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use super::protocol::ErrorReply;
 use super::{Gateway, Session, dispatch};
 use crate::auth::AuthError;
 use crate::chat::error::ChatError;
@@ -89,6 +89,7 @@ impl From<CloseReason> for Disconnect {
         match r {
             CloseReason::QueueFull => Self::QueueFull,
             CloseReason::Shutdown => Self::Shutdown,
+            CloseReason::Expired => Self::Expired,
         }
     }
 }
@@ -382,14 +383,12 @@ pub struct Connection {
     pub session: Arc<Session>,
     pub identity: Arc<Identity>,
     pub role: Role,
-    endpoint: Arc<Endpoint>,
     counted: Option<ConnectionGuard>,
 }
 
 impl Connection {
-    /// Registers the connection before anything is read, so no event for this user is missed.
-    /// Returns the topics the node must now bind. Its expiry watch ([`Connection::expiry`]) runs
-    /// in the connection's worker.
+    /// Registers the connection before anything is read, so no event for this user is missed,
+    /// and watches its token's expiry. Returns the topics the node must now bind.
     pub fn open(
         gw: &Gateway,
         identity: Identity,
@@ -415,54 +414,48 @@ impl Connection {
                 (conn, change, None)
             }
         };
-        let session = Session::new(conn, (*identity).clone(), out, transport);
+        let session = Session::new(conn, identity.clone(), out, transport);
+        gw.expiries.watch(&session);
         Ok((
             Self {
                 session,
                 identity,
                 role,
-                endpoint,
                 counted,
             },
             change,
         ))
     }
 
-    /// The expiry watch: `token_expiring` ahead, `session_expired` and a close at `exp`. Run by
-    /// the connection's worker task beside its requests, not by a task of its own.
-    pub fn expiry(&self, gw: &Gateway) -> impl Future<Output = ()> + std::marker::Send + 'static {
-        let expiring = self.endpoint.clone();
-        self.session
-            .clone()
-            .expiry(gw.settings.token_warning, move || {
-                let expired = Outgoing::new(
-                    "session_expired",
-                    &ErrorReply::from(&ChatError::Unauthorized("token expired".into())),
-                );
-                let _ = expiring.send(&expired);
-                expiring.outbox.close(Disconnect::Expired);
-            })
-    }
-
     pub fn conn(&self) -> ConnId {
         self.session.conn
     }
 
-    /// The asynchronous half of registering: bus topics and presence (for an agent, its
-    /// departments' topics).
-    pub async fn connected(&self, gw: &Gateway, change: TopicChange) -> Result<(), ChatError> {
+    /// The asynchronous half of registering, as a future the worker runs first: bus topics
+    /// and presence, then the replay of a resume (for an agent, its departments' topics).
+    fn completion(
+        &self,
+        gw: &Arc<Gateway>,
+        change: TopicChange,
+        cursors: Option<Cursors>,
+    ) -> BoxFuture<'static, Result<(), ChatError>> {
+        let (gw, identity, conn) = (gw.clone(), self.identity.clone(), self.conn());
         match self.role {
-            Role::Main => Box::pin(gw.service.connected(&self.identity, self.conn(), change)).await,
-            Role::Agent => {
+            Role::Main => Box::pin(async move {
+                gw.service
+                    .connected_resuming(&identity, conn, change, cursors)
+                    .await
+            }),
+            Role::Agent => Box::pin(async move {
                 gw.service.subscribe(change).await;
                 Ok(())
-            }
+            }),
         }
     }
 
-    /// Unregisters: presence, bus topics, metrics and audit. Dropping the session ends its
-    /// expiry watch.
+    /// Unregisters: expiry watch, presence, bus topics, metrics and audit.
     pub async fn close(mut self, gw: &Gateway) {
+        gw.expiries.forget(&self.session);
         let conn = self.conn();
         match self.role {
             Role::Main => {
@@ -486,98 +479,191 @@ pub struct Pending<R> {
     pub received: Option<std::time::Instant>,
 }
 
-/// A connection's requests between its reader and its worker, bounded by
-/// [`REQUESTS_IN_FLIGHT`]. A `VecDeque` allocated on the first request and given back when
-/// drained, rather than a tokio channel, which allocates a block of slots (and cache-padded
-/// state) up front for every connection, idle or not.
+/// Completes the connection before any request runs; `false` if it could not (the connection
+/// is then closed, and nothing queued runs).
+type Start = BoxFuture<'static, bool>;
+
+/// Runs one request to its answer.
+type RunOne<R> = Box<dyn Fn(Pending<R>) -> BoxFuture<'static, ()> + std::marker::Send + Sync>;
+
+/// A connection's requests between its reader and the task that runs them, bounded by
+/// [`REQUESTS_IN_FLIGHT`]. The task exists only while there is work: it is started for the
+/// first request after a quiet spell and ends when the queue is empty, so an idle connection
+/// keeps one task (its IO loop) and an unallocated queue. Requests run one after another, in
+/// the order they were read, so a client sees its own requests take effect in order.
 struct RequestQueue<R> {
-    items: Mutex<VecDeque<Pending<R>>>,
-    ready: Notify,
-    /// The other side is gone: the reader (no more requests) or the worker (no more answers).
-    closed: AtomicBool,
+    state: Mutex<QueueState<R>>,
+    /// The worker ended with nothing left to run (for a drain, which waits for that).
+    idle: Notify,
+    run: RunOne<R>,
 }
 
-impl<R> RequestQueue<R> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending<R>>> {
-        self.items.lock().unwrap_or_else(|p| p.into_inner())
+struct QueueState<R> {
+    items: VecDeque<Pending<R>>,
+    /// A worker task runs (or is being started); what is queued now is its to run.
+    running: bool,
+    /// Which worker `worker` belongs to: a worker that ended before its handle was stored
+    /// must not have a later one's handle taken for its own.
+    generation: u64,
+    worker: Option<tokio::task::AbortHandle>,
+    /// The reader is gone: no more requests.
+    closed: bool,
+    /// The connection is gone: nothing queued runs.
+    stopped: bool,
+}
+
+impl<R: std::marker::Send + 'static> RequestQueue<R> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState<R>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts worker `generation`, with `first` (the connection's completion) ahead of the
+    /// queue.
+    fn start(self: &Arc<Self>, generation: u64, first: Option<Start>) {
+        let handle = tokio::spawn(work(self.clone(), first));
+        let mut st = self.lock();
+        if st.stopped {
+            handle.abort();
+        } else if st.running && st.generation == generation {
+            st.worker = Some(handle.abort_handle());
+        }
+    }
+
+    /// The next request, or `None` with the worker marked ended (under the same lock as
+    /// `offer`, so a request is either taken by this worker or starts the next one).
+    fn next(&self) -> Option<Pending<R>> {
+        let mut st = self.lock();
+        if !st.stopped
+            && let Some(request) = st.items.pop_front()
+        {
+            if st.items.is_empty() {
+                st.items.shrink_to_fit();
+            }
+            return Some(request);
+        }
+        st.running = false;
+        st.worker = None;
+        drop(st);
+        self.idle.notify_waiters();
+        None
+    }
+
+    fn stop(&self) {
+        let mut st = self.lock();
+        st.stopped = true;
+        st.running = false;
+        st.items = VecDeque::new();
+        let worker = st.worker.take();
+        drop(st);
+        if let Some(worker) = worker {
+            worker.abort();
+        }
+        self.idle.notify_waiters();
+    }
+}
+
+/// A worker task: the connection's completion first (when given), then requests until the queue
+/// is empty.
+async fn work<R: std::marker::Send + 'static>(queue: Arc<RequestQueue<R>>, first: Option<Start>) {
+    if let Some(first) = first
+        && !first.await
+    {
+        queue.stop();
+        return;
+    }
+    while let Some(request) = queue.next() {
+        (queue.run)(request).await;
     }
 }
 
 /// The reader's half of a connection's request queue. Dropping it lets the worker answer what
 /// was already read and end.
-pub struct Requests<R>(Arc<RequestQueue<R>>);
+pub struct Requests<R: std::marker::Send + 'static>(Arc<RequestQueue<R>>);
 
-impl<R> Requests<R> {
-    /// Hands a request to the worker; past the in-flight cap (or once the worker is gone) it
-    /// comes back, to be refused with `rate_limited`.
+impl<R: std::marker::Send + 'static> Requests<R> {
+    /// Hands a request to the worker, starting one if none runs; past the in-flight cap (or once
+    /// the connection is gone) it comes back, to be refused with `rate_limited`.
     pub fn offer(&self, request: Pending<R>, metrics: &Metrics) -> Result<(), Pending<R>> {
-        let mut items = self.0.lock();
-        if self.0.closed.load(Ordering::Acquire) {
+        let mut st = self.0.lock();
+        if st.closed || st.stopped {
             return Err(request);
         }
-        if items.len() >= REQUESTS_IN_FLIGHT {
-            drop(items);
+        if st.items.len() >= REQUESTS_IN_FLIGHT {
+            drop(st);
             metrics.rate_limited("requests_in_flight");
             return Err(request);
         }
-        items.push_back(request);
-        drop(items);
-        self.0.ready.notify_one();
+        st.items.push_back(request);
+        if st.running {
+            return Ok(());
+        }
+        st.running = true;
+        st.generation += 1;
+        let generation = st.generation;
+        drop(st);
+        self.0.start(generation, None);
         Ok(())
     }
 }
 
-impl<R> Drop for Requests<R> {
+impl<R: std::marker::Send + 'static> Drop for Requests<R> {
     fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
-        self.0.ready.notify_one();
+        self.0.lock().closed = true;
     }
 }
 
-/// The worker's half: the requests in the order they were read.
-struct RequestsRx<R>(Arc<RequestQueue<R>>);
+/// The connection's side of its request queue: wait for what was read to be answered (a
+/// drain), or stop it (teardown; also on drop).
+pub struct Worker<R: std::marker::Send + 'static>(Arc<RequestQueue<R>>);
 
-impl<R> RequestsRx<R> {
-    /// The next request; `None` once the reader is gone and every request it left is taken.
+impl<R: std::marker::Send + 'static> Worker<R> {
+    /// Resolves once no worker runs: the completion and every request read are done.
     /// Cancel-safe.
-    async fn recv(&mut self) -> Option<Pending<R>> {
+    pub async fn settled(&self) {
         loop {
-            let ready = self.0.ready.notified();
-            let mut ready = std::pin::pin!(ready);
-            ready.as_mut().enable();
-            {
-                let mut items = self.0.lock();
-                if let Some(request) = items.pop_front() {
-                    if items.is_empty() {
-                        items.shrink_to_fit();
-                    }
-                    return Some(request);
-                }
-                if self.0.closed.load(Ordering::Acquire) {
-                    return None;
-                }
+            let idle = self.0.idle.notified();
+            let mut idle = std::pin::pin!(idle);
+            idle.as_mut().enable();
+            if !self.0.lock().running {
+                return;
             }
-            ready.await;
+            idle.await;
         }
     }
-}
 
-impl<R> Drop for RequestsRx<R> {
-    fn drop(&mut self) {
-        let mut items = self.0.lock();
-        self.0.closed.store(true, Ordering::Release);
-        // Requests no one will run are freed with the worker, not with the reader.
-        *items = VecDeque::new();
+    /// The connection is gone: nothing queued runs, a running request is cancelled.
+    pub fn stop(&self) {
+        self.0.stop();
     }
 }
 
-fn request_queue<R>() -> (Requests<R>, RequestsRx<R>) {
+impl<R: std::marker::Send + 'static> Drop for Worker<R> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// A request queue whose requests `run` runs, with `first` run ahead of them.
+fn request_queue<R: std::marker::Send + 'static>(
+    run: RunOne<R>,
+    first: Option<Start>,
+) -> (Requests<R>, Worker<R>) {
     let queue = Arc::new(RequestQueue {
-        items: Mutex::new(VecDeque::new()),
-        ready: Notify::new(),
-        closed: AtomicBool::new(false),
+        state: Mutex::new(QueueState {
+            items: VecDeque::new(),
+            running: first.is_some(),
+            generation: 1,
+            worker: None,
+            closed: false,
+            stopped: false,
+        }),
+        idle: Notify::new(),
+        run,
     });
-    (Requests(queue.clone()), RequestsRx(queue))
+    if first.is_some() {
+        queue.start(1, first);
+    }
+    (Requests(queue.clone()), Worker(queue))
 }
 
 /// How a transport encodes the answer to one request, or `None` when nothing is owed (a request
@@ -591,11 +677,11 @@ pub fn too_many_requests() -> ChatError {
     }
 }
 
-/// Starts the worker that completes the connection (bus topics, presence) and then runs its
-/// requests one after another, in the order they arrived, so a client sees its own requests
-/// take effect in order, and the connection's expiry watch between them: the one task of a
-/// connection besides its IO loop. `cursors` (a resume in the handshake) replay what the client
-/// missed before any live event. Answers go to `outbox`, encoded by `answer`.
+/// Starts the connection's worker: it completes the connection (bus topics, presence; for an
+/// agent its departments), then runs requests as they come. `cursors` (a resume in the
+/// handshake) replay what the client missed before any live event. Answers go to `outbox`,
+/// encoded by `answer`. A connection that fails to complete is closed with
+/// [`Disconnect::Internal`].
 pub fn spawn_worker<R: std::marker::Send + 'static>(
     gw: Arc<Gateway>,
     connection: &Connection,
@@ -603,51 +689,34 @@ pub fn spawn_worker<R: std::marker::Send + 'static>(
     cursors: Option<Cursors>,
     outbox: Arc<Outbox>,
     answer: Answer<R>,
-) -> (Requests<R>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = request_queue::<R>();
+) -> (Requests<R>, Worker<R>) {
+    let completion = connection.completion(&gw, change, cursors);
+    let first: Start = {
+        let outbox = outbox.clone();
+        Box::pin(async move {
+            let done = completion.await;
+            if let Err(e) = &done {
+                tracing::warn!(error = %e, "could not complete a connection");
+                outbox.close(Disconnect::Internal);
+            }
+            done.is_ok()
+        })
+    };
     let session = connection.session.clone();
-    let identity = connection.identity.clone();
-    let expiry = connection.expiry(&gw);
-    let worker = tokio::spawn(async move {
-        let mut expiry = std::pin::pin!(expiry);
-        let mut expired = false;
-        // The big futures are boxed, so the task an idle connection keeps is only as large as
-        // its wait for the next request.
-        let connected = gw
-            .service
-            .connected_resuming(&identity, session.conn, change, cursors);
-        if let Err(e) = Box::pin(connected).await {
-            tracing::warn!(error = %e, "could not complete a connection");
-            outbox.close(Disconnect::Internal);
-            return;
-        }
-        loop {
-            let request = tokio::select! {
-                biased;
-                request = rx.recv() => match request {
-                    Some(request) => request,
-                    None => break,
-                },
-                () = &mut expiry, if !expired => {
-                    expired = true;
-                    continue;
-                }
-            };
-            let Pending {
-                event,
-                payload,
-                reply_to,
-                received,
-            } = request;
-            let label = super::event_label(&event);
-            let result = Box::pin(dispatch(&gw, &session, &event, payload)).await;
-            if let Some(bytes) = answer(&reply_to, &result) {
-                let stamp = received.map_or(Stamp::None, |at| Stamp::Ack(at, label));
+    let run: RunOne<R> = Box::new(move |request: Pending<R>| {
+        let (gw, session, outbox) = (gw.clone(), session.clone(), outbox.clone());
+        Box::pin(async move {
+            let label = super::event_label(&request.event);
+            let result = Box::pin(dispatch(&gw, &session, &request.event, request.payload)).await;
+            if let Some(bytes) = answer(&request.reply_to, &result) {
+                let stamp = request
+                    .received
+                    .map_or(Stamp::None, |at| Stamp::Ack(at, label));
                 outbox.answer(bytes, stamp);
             }
-        }
+        })
     });
-    (tx, worker)
+    request_queue(run, Some(first))
 }
 
 /// Sends a ready-made event to one connection through its endpoint (companions, notices).
@@ -756,10 +825,39 @@ mod tests {
         }
     }
 
+    /// A queue whose worker records what it ran, each request waiting for `gate` to open.
+    fn recording(
+        first: Option<Start>,
+        gate: Arc<tokio::sync::Semaphore>,
+    ) -> (Requests<u64>, Worker<u64>, Arc<Mutex<Vec<u64>>>) {
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let run: RunOne<u64> = {
+            let ran = ran.clone();
+            Box::new(move |r: Pending<u64>| {
+                let (ran, gate) = (ran.clone(), gate.clone());
+                Box::pin(async move {
+                    let _permit = gate.acquire().await.expect("open");
+                    ran.lock().expect("lock").push(r.reply_to);
+                })
+            })
+        };
+        let (tx, worker) = request_queue(run, first);
+        (tx, worker, ran)
+    }
+
+    fn open_gate() -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(
+            tokio::sync::Semaphore::MAX_PERMITS,
+        ))
+    }
+
     #[tokio::test]
-    async fn requests_past_the_cap_come_back_and_the_worker_drains_after_the_reader_goes() {
+    async fn requests_past_the_cap_come_back_and_what_was_read_runs_in_order_after_the_reader_goes()
+    {
         let metrics = Metrics::disabled();
-        let (tx, mut rx) = request_queue::<u64>();
+        let (connected_tx, connected_rx) = tokio::sync::oneshot::channel::<()>();
+        let first: Start = Box::pin(async move { connected_rx.await.is_ok() });
+        let (tx, worker, ran) = recording(Some(first), open_gate());
         for n in 0..REQUESTS_IN_FLIGHT as u64 {
             assert!(tx.offer(request(n), &metrics).is_ok());
         }
@@ -767,42 +865,92 @@ mod tests {
             .offer(request(99), &metrics)
             .expect_err("past the in-flight cap");
         assert_eq!(refused.reply_to, 99, "the refused request comes back whole");
-        assert_eq!(rx.recv().await.map(|r| r.reply_to), Some(0));
-        assert!(tx.offer(request(100), &metrics).is_ok(), "room again");
+        assert!(
+            ran.lock().expect("lock").is_empty(),
+            "nothing runs before the connection is complete"
+        );
+        connected_tx.send(()).expect("worker waits");
         drop(tx);
-        let mut left = Vec::new();
-        while let Some(r) = rx.recv().await {
-            left.push(r.reply_to);
-        }
-        let expected: Vec<u64> = (1..REQUESTS_IN_FLIGHT as u64).chain([100]).collect();
-        assert_eq!(left, expected, "what was read is still run, in order");
+        tokio::time::timeout(std::time::Duration::from_secs(5), worker.settled())
+            .await
+            .expect("settles");
+        let expected: Vec<u64> = (0..REQUESTS_IN_FLIGHT as u64).collect();
         assert_eq!(
-            rx.0.lock().capacity(),
+            *ran.lock().expect("lock"),
+            expected,
+            "what was read is still run, in order"
+        );
+        let st = worker.0.lock();
+        assert!(!st.running && st.worker.is_none(), "no task is left");
+        assert_eq!(
+            st.items.capacity(),
             0,
             "a drained queue holds no allocation"
         );
     }
 
     #[tokio::test]
-    async fn a_request_wakes_a_waiting_worker_and_a_gone_worker_refuses_requests() {
+    async fn a_worker_runs_only_while_there_is_work_and_starts_again_for_the_next_request() {
         let metrics = Metrics::disabled();
-        let (tx, mut rx) = request_queue::<u64>();
-        let worker = tokio::spawn(async move {
-            let first = rx.recv().await.map(|r| r.reply_to);
-            (first, rx)
-        });
-        tokio::task::yield_now().await;
-        assert!(tx.offer(request(7), &metrics).is_ok());
-        let (first, rx) = tokio::time::timeout(std::time::Duration::from_secs(1), worker)
-            .await
-            .expect("woken")
-            .expect("task");
-        assert_eq!(first, Some(7));
-        drop(rx);
-        assert_eq!(
-            tx.offer(request(8), &metrics).map_err(|r| r.reply_to),
-            Err(8)
+        let (tx, worker, ran) = recording(None, open_gate());
+        assert!(
+            !worker.0.lock().running,
+            "an idle connection keeps no worker"
         );
+        assert!(tx.offer(request(7), &metrics).is_ok());
+        worker.settled().await;
+        assert!(!worker.0.lock().running);
+        assert!(tx.offer(request(8), &metrics).is_ok());
+        assert!(tx.offer(request(9), &metrics).is_ok());
+        worker.settled().await;
+        assert_eq!(*ran.lock().expect("lock"), vec![7, 8, 9]);
+        let st = worker.0.lock();
+        assert!(
+            st.worker.is_none(),
+            "an ended worker's handle is given back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stopped_queue_cancels_the_running_request_and_refuses_new_ones() {
+        let metrics = Metrics::disabled();
+        // A gate that never opens: the first request runs forever.
+        let (tx, worker, ran) = recording(None, Arc::new(tokio::sync::Semaphore::new(0)));
+        assert!(tx.offer(request(1), &metrics).is_ok());
+        assert!(tx.offer(request(2), &metrics).is_ok());
+        tokio::task::yield_now().await;
+        worker.stop();
+        tokio::time::timeout(std::time::Duration::from_secs(1), worker.settled())
+            .await
+            .expect("a stopped queue is settled");
+        assert_eq!(
+            tx.offer(request(3), &metrics).map_err(|r| r.reply_to),
+            Err(3)
+        );
+        assert!(ran.lock().expect("lock").is_empty());
+        assert_eq!(
+            worker.0.lock().items.capacity(),
+            0,
+            "what was queued is freed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_cannot_complete_runs_none_of_its_requests() {
+        let metrics = Metrics::disabled();
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+        let first: Start = Box::pin(async move {
+            let _ = failed_rx.await;
+            false
+        });
+        let (tx, worker, ran) = recording(Some(first), open_gate());
+        assert!(tx.offer(request(1), &metrics).is_ok());
+        failed_tx.send(()).expect("worker waits");
+        tokio::time::timeout(std::time::Duration::from_secs(1), worker.settled())
+            .await
+            .expect("settles");
+        assert!(ran.lock().expect("lock").is_empty());
+        assert!(tx.offer(request(2), &metrics).is_err());
     }
 
     #[test]

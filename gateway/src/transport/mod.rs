@@ -2,6 +2,7 @@
 
 pub mod connection;
 pub mod engineio;
+pub mod expiry;
 pub mod http;
 pub mod origin;
 pub mod protocol;
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use serde_json::{Value, json};
-use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
@@ -30,8 +30,7 @@ use crate::telemetry::{Transport, audit};
 use protocol::{
     ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest, MarkReadRequest,
     MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded,
-    RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, TokenExpiring,
-    parse,
+    RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, parse,
 };
 
 /// Transport-level settings, from configuration.
@@ -80,6 +79,8 @@ pub struct Gateway {
     pub auth: Arc<Authenticator>,
     pub settings: TransportSettings,
     pub drain: Arc<crate::drain::Drain>,
+    /// Every live session's token expiry, on one timer.
+    pub expiries: Arc<expiry::Expiries>,
 }
 
 /// The client's address. From a trusted proxy, the rightmost `X-Forwarded-For` hop that is not
@@ -116,18 +117,19 @@ pub struct Session {
     pub conn: ConnId,
     pub transport: Transport,
     identity: RwLock<Arc<Identity>>,
-    /// The token's expiry (Unix seconds), and a wake for the expiry watch when it moves: an
-    /// atomic and a `Notify` rather than a watch channel, which allocates a shared state with
-    /// nine wait lists for every connection.
+    /// The token's expiry (Unix seconds), watched by the gateway's [`expiry::Expiries`]: its
+    /// entry is due at `due` (Unix ms, 0 when not watched), and `token_expiring` was sent for
+    /// the `exp` in `warned_for`. Atomics, so an idle connection keeps no timer of its own.
     exp: AtomicI64,
-    renewed: Notify,
+    due: AtomicI64,
+    warned_for: AtomicI64,
     pub out: Arc<dyn Outbound>,
 }
 
 impl Session {
     pub fn new(
         conn: ConnId,
-        identity: Identity,
+        identity: Arc<Identity>,
         out: Arc<dyn Outbound>,
         transport: Transport,
     ) -> Arc<Self> {
@@ -135,8 +137,9 @@ impl Session {
             conn,
             transport,
             exp: AtomicI64::new(identity.exp),
-            renewed: Notify::new(),
-            identity: RwLock::new(Arc::new(identity)),
+            due: AtomicI64::new(0),
+            warned_for: AtomicI64::new(0),
+            identity: RwLock::new(identity),
             out,
         })
     }
@@ -148,50 +151,12 @@ impl Session {
             .clone()
     }
 
-    fn renew(&self, identity: Identity) {
+    /// A `refresh_token`: the new identity, and its expiry watched from now on.
+    fn renew(self: &Arc<Self>, identity: Identity, expiries: &Arc<expiry::Expiries>) {
         let exp = identity.exp;
         *self.identity.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(identity);
         self.exp.store(exp, Ordering::Release);
-        self.renewed.notify_waiters();
-    }
-
-    /// Sends `token_expiring` ahead of `exp` and calls `on_expired` at `exp`, unless a
-    /// `refresh_token` moved `exp` meanwhile. A future, not a task: the connection's worker runs
-    /// it beside its requests, so an idle connection keeps one task fewer; it ends when the
-    /// worker does.
-    pub async fn expiry(self: Arc<Self>, warning: Duration, on_expired: impl FnOnce()) {
-        let mut warned_for = None;
-        loop {
-            let renewed = self.renewed.notified();
-            let mut renewed = std::pin::pin!(renewed);
-            // Registered before `exp` is read, so a renewal in between is not missed.
-            renewed.as_mut().enable();
-            let exp = self.exp.load(Ordering::Acquire);
-            let left = Duration::from_secs((exp - chrono::Utc::now().timestamp()).max(0) as u64);
-            let (wait, is_warning) = if warned_for != Some(exp) && left > Duration::ZERO {
-                (left.saturating_sub(warning), true)
-            } else {
-                (left, false)
-            };
-            tokio::select! {
-                () = renewed => continue,
-                () = tokio::time::sleep(wait) => {}
-            }
-            if self.exp.load(Ordering::Acquire) != exp {
-                continue;
-            }
-            if is_warning {
-                warned_for = Some(exp);
-                let seconds_left = (exp - chrono::Utc::now().timestamp()).max(0);
-                ChatService::direct(
-                    self.out.as_ref(),
-                    &Outgoing::new("token_expiring", &TokenExpiring { exp, seconds_left }),
-                );
-            } else {
-                on_expired();
-                return;
-            }
-        }
+        expiries.watch(self);
     }
 }
 
@@ -227,7 +192,7 @@ fn to_value(v: impl serde::Serialize) -> Value {
 /// `message_error`, `rate_limit_exceeded`) go straight to the session.
 pub async fn dispatch(
     gw: &Gateway,
-    session: &Session,
+    session: &Arc<Session>,
     event: &str,
     payload: Value,
 ) -> Result<Value, ChatError> {
@@ -259,7 +224,7 @@ pub async fn dispatch(
 
 async fn run(
     gw: &Gateway,
-    session: &Session,
+    session: &Arc<Session>,
     event: &str,
     payload: Value,
 ) -> Result<Value, ChatError> {
@@ -349,7 +314,7 @@ async fn run(
                 return Err(ChatError::forbidden("the new token is for another user"));
             }
             let exp = renewed.exp;
-            session.renew(renewed);
+            session.renew(renewed, &gw.expiries);
             Ok(to_value(RefreshReply { exp }))
         }
         other => Err(ChatError::invalid(format!(

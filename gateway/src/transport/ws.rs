@@ -419,7 +419,7 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address:
     }
     .encode();
 
-    let (requests, mut worker) = spawn_worker(
+    let (requests, worker) = spawn_worker(
         gw.clone(),
         &connection,
         change,
@@ -445,7 +445,7 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address:
         if why.settles() {
             // The request channel closed with the reader: the worker answers what was already
             // read and ends; its answers go out before the close.
-            let _ = timeout(crate::drain::IN_FLIGHT_DEADLINE, &mut worker).await;
+            let _ = timeout(crate::drain::IN_FLIGHT_DEADLINE, worker.settled()).await;
             let _ = timeout(st.send_deadline, Box::pin(flush_queue(&mut ws, &outbox))).await;
         }
         Box::pin(close_socket(
@@ -456,7 +456,7 @@ async fn serve(gw: Arc<Gateway>, mut ws: Box<Ws>, handshake: Handshake, address:
         ))
         .await;
     }
-    worker.abort();
+    worker.stop();
     outbox.shut();
     connection.close(&gw).await;
 }

@@ -106,6 +106,9 @@ pub struct EngineSession {
     wake_poll: Notify,
     pong: AtomicBool,
     ended: AtomicBool,
+    /// The connect-timeout timer, cancelled once a namespace connects: an idle session keeps no
+    /// task for a deadline that has passed its purpose.
+    connect_timer: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl EngineSession {
@@ -127,6 +130,18 @@ impl EngineSession {
 
     pub fn close(&self, why: Disconnect) {
         self.outbox.close(why);
+    }
+
+    /// A namespace connected: the connect timeout no longer applies.
+    pub fn namespace_connected(&self) {
+        let timer = self
+            .connect_timer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(timer) = timer {
+            timer.abort();
+        }
     }
 }
 
@@ -284,12 +299,13 @@ impl Engine {
             wake_poll: Notify::new(),
             pong: AtomicBool::new(false),
             ended: AtomicBool::new(false),
+            connect_timer: Mutex::new(None),
         });
         self.sessions().insert(sid, session.clone());
         let wait = self.settings.connect_timeout;
         if !wait.is_zero() {
             let weak = Arc::downgrade(&session);
-            tokio::spawn(async move {
+            let timer = tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 if let Some(session) = weak.upgrade()
                     && !session.handler.is_connected()
@@ -300,6 +316,10 @@ impl Engine {
                     session.wake_poll.notify_waiters();
                 }
             });
+            *session
+                .connect_timer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(timer.abort_handle());
         }
         session
     }

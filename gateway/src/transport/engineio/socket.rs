@@ -18,7 +18,7 @@ use crate::chat::error::ChatError;
 use crate::telemetry::{Stamp, Transport};
 use crate::transport::Gateway;
 use crate::transport::connection::{
-    Codec, Connection, Disconnect, Endpoint, Pending, Requests, Role, admit, authenticate,
+    Codec, Connection, Disconnect, Endpoint, Pending, Requests, Role, Worker, admit, authenticate,
     spawn_worker, too_many_requests,
 };
 use crate::transport::protocol::{ErrorReply, parse_cursors};
@@ -58,7 +58,7 @@ impl Handlers for ChatSockets {
 struct Namespace {
     connection: Option<Connection>,
     requests: Option<Requests<Option<u64>>>,
-    worker: Option<tokio::task::JoinHandle<()>>,
+    worker: Option<Worker<Option<u64>>>,
 }
 
 /// The namespaces connected on a session, by name: at most two, so a `Vec` (one small
@@ -276,39 +276,24 @@ impl SocketSession {
                 return session.close(Disconnect::Internal);
             }
         };
-        let ns = match role {
-            Role::Main => {
-                let (requests, worker) = spawn_worker(
-                    gw.clone(),
-                    &connection,
-                    change,
-                    cursors,
-                    session.outbox.clone(),
-                    answer,
-                );
-                Namespace {
-                    connection: Some(connection),
-                    requests: Some(requests),
-                    worker: Some(worker),
-                }
-            }
-            Role::Agent => {
-                let gw = gw.clone();
-                // Its one task: bind the departments' topics, then watch the token's expiry.
-                let expiry = connection.expiry(&gw);
-                let worker = tokio::spawn(async move {
-                    gw.service.subscribe(change).await;
-                    expiry.await;
-                });
-                Namespace {
-                    connection: Some(connection),
-                    requests: None,
-                    worker: Some(worker),
-                }
-            }
+        // An agent's namespace only receives: its worker binds the departments' topics and
+        // ends; it is offered no requests.
+        let (requests, worker) = spawn_worker(
+            gw.clone(),
+            &connection,
+            change,
+            cursors,
+            session.outbox.clone(),
+            answer,
+        );
+        let ns = Namespace {
+            connection: Some(connection),
+            requests: (role == Role::Main).then_some(requests),
+            worker: Some(worker),
         };
         tracing::debug!(sid = %session.sid, nsp, conn = ns.connection.as_ref().map(Connection::conn), "socket.io connected");
         namespaces.insert(nsp, ns);
+        session.namespace_connected();
     }
 }
 
@@ -337,7 +322,7 @@ fn connect_error(session: &EngineSession, nsp: &str, message: &str) {
 async fn close_namespace(gw: Arc<Gateway>, mut ns: Namespace) {
     ns.requests.take();
     if let Some(worker) = ns.worker.take() {
-        worker.abort();
+        worker.stop();
     }
     if let Some(connection) = ns.connection.take() {
         connection.close(&gw).await;
@@ -430,7 +415,7 @@ impl Handler for Arc<SocketSession> {
             .collect();
         Box::pin(async move {
             for w in workers {
-                let _ = w.await;
+                w.settled().await;
             }
         })
     }
