@@ -501,21 +501,21 @@ impl Bench {
             .unwrap_or(f64::NAN);
         if let Some(&c) = at_10k.get(&(Target::Confab, Transport::Sio)) {
             self.goal(
-                format!("S1 Socket.IO ≤ 16 KB per idle connection ({largest})"),
-                format!("{} KB {}", f1(c), if c <= 16.0 { "✅" } else { "❌" }),
+                format!("S1 Socket.IO ≤ 10 KB per idle connection ({largest})"),
+                format!("{} KB {}", f1(c), if c <= 10.0 { "✅" } else { "❌" }),
                 ratio(c, node),
                 ratio(c, bare),
             );
         }
         match at_10k.get(&(Target::Confab, Transport::Ws)) {
             Some(&c) => self.goal(
-                format!("S1 /ws ≤ 8 KB per idle connection ({largest})"),
-                format!("{} KB {}", f1(c), if c <= 8.0 { "✅" } else { "❌" }),
+                format!("S1 /ws ≤ 6 KB per idle connection ({largest})"),
+                format!("{} KB {}", f1(c), if c <= 6.0 { "✅" } else { "❌" }),
                 ratio(c, node),
                 ratio(c, bare),
             ),
             None => self.goal(
-                "S1 /ws ≤ 8 KB per idle connection".into(),
+                "S1 /ws ≤ 6 KB per idle connection".into(),
                 "not measured: the gateway has no /ws yet".into(),
                 "–".into(),
                 "–".into(),
