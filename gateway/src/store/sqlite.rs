@@ -11,7 +11,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Dispatch;
 use tracing::instrument::WithSubscriber;
 use uuid::Uuid;
@@ -33,6 +33,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
     inserts: mpsc::Sender<(NewMessage, Reply)>,
+    /// Bumped by the committer after each batch: the WAL grew.
+    wrote: watch::Sender<()>,
 }
 
 /// Where the committer answers one queued send.
@@ -43,6 +45,10 @@ type Reply = oneshot::Sender<Result<Inserted, StoreError>>;
 const MAX_BATCH: usize = 128;
 /// Sends waiting for the committer; beyond this a send waits to queue (back-pressure).
 const QUEUE: usize = 1024;
+/// At most one checkpoint in this long (the WAL holds what is written meanwhile).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// A checkpoint at least this often, also when only other writes than messages happened.
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(5);
 
 fn timestamp(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -112,7 +118,38 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        Self::connect(options).await
+        let store = Self::connect(options).await?;
+        store.checkpoint_in_background();
+        Ok(store)
+    }
+
+    /// The WAL is copied back into the database file by a task of its own, on a reader
+    /// connection, rather than by the writer: SQLite's automatic checkpoint runs inside the commit
+    /// that crosses 1,000 WAL pages and fsyncs the database file there, so every send queued
+    /// behind that commit waited for the disk (the p99 of S2). A PASSIVE checkpoint waits for no
+    /// writer, so commits go on beside it.
+    fn checkpoint_in_background(&self) {
+        let readers = self.readers.clone();
+        let mut wrote = self.wrote.subscribe();
+        tokio::spawn(
+            async move {
+                loop {
+                    // After writes (at most every CHECKPOINT_EVERY), and now and then anyway.
+                    match tokio::time::timeout(CHECKPOINT_IDLE, wrote.changed()).await {
+                        Ok(Err(_)) => return, // the store is gone
+                        Ok(Ok(())) | Err(_) => {}
+                    }
+                    if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                        .execute(&readers)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; retrying later");
+                    }
+                    tokio::time::sleep(CHECKPOINT_EVERY).await;
+                }
+            }
+            .with_subscriber(Dispatch::none()),
+        );
     }
 
     /// A private in-memory database, for tests.
@@ -130,7 +167,9 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options.clone())
+            // Checkpoints are the background task's (`checkpoint_in_background`), not the
+            // committing writer's.
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
         sqlx::migrate!("migrations/sqlite").run(&writer).await?;
         let readers = SqlitePoolOptions::new()
@@ -141,11 +180,15 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         let (inserts, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(commit_batches(writer.clone(), queue).with_subscriber(Dispatch::none()));
+        let (wrote, _) = watch::channel(());
+        tokio::spawn(
+            commit_batches(writer.clone(), queue, wrote.clone()).with_subscriber(Dispatch::none()),
+        );
         Ok(Self {
             writer,
             readers,
             inserts,
+            wrote,
         })
     }
 
@@ -594,7 +637,11 @@ impl SqliteStore {
 /// The committer: one transaction per batch of queued sends, each answered after the commit.
 /// A send whose caller has gone (its request timed out) is not written: it was never acked, and
 /// a retry with the same `clientMsgId` writes it then.
-async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<(NewMessage, Reply)>) {
+async fn commit_batches(
+    writer: SqlitePool,
+    mut queue: mpsc::Receiver<(NewMessage, Reply)>,
+    wrote: watch::Sender<()>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let (news, replies): (Vec<_>, Vec<_>) = batch
@@ -609,6 +656,7 @@ async fn commit_batches(writer: SqlitePool, mut queue: mpsc::Receiver<(NewMessag
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
+                wrote.send_replace(());
             }
             Err(e) => {
                 // Rolled back: nothing of the batch is stored, and every send hears why.
@@ -670,6 +718,50 @@ mod tests {
             .expect("list");
         assert_eq!(before, after);
         assert!(!after.is_empty());
+    }
+
+    #[tokio::test]
+    async fn committed_messages_reach_the_database_file_through_the_background_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.db");
+        let store = SqliteStore::open(&path).await.expect("opens");
+        let room = store
+            .create_conversation(NewConversation {
+                kind: ConversationKind::Open,
+                title: None,
+                department_id: None,
+                members: vec![("ann".into(), MemberRole::Owner)],
+            })
+            .await
+            .expect("create");
+        let size = || std::fs::metadata(&path).expect("db file").len();
+        let before = size();
+        // Fewer WAL pages than the 1,000 at which SQLite's own checkpoint would run.
+        for i in 0..150 {
+            let sent = store
+                .insert_message(NewMessage {
+                    conversation_id: room.id,
+                    sender_id: "ann".into(),
+                    sender_name: "Ann".into(),
+                    client_msg_id: format!("m-{i}"),
+                    kind: MessageKind::Text,
+                    content: "x".repeat(3_000),
+                })
+                .await
+                .expect("insert");
+            assert_eq!(sent.message().seq, i + 1);
+        }
+        // 450 KB of messages, in the WAL until a checkpoint copies them: the writer runs none,
+        // so only the background task can have grown the file.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size() < before + 400_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint: the file stayed at {} bytes",
+                size()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[tokio::test]
