@@ -35,13 +35,25 @@ pub async fn connect(
     token: &str,
     source: IpAddr,
 ) -> Result<Client> {
+    connect_resuming(base, transport, token, source, None).await
+}
+
+/// [`connect`] with resume cursors (`{conversationId: lastSeq}`) in the handshake: the server
+/// replays what was missed before any live event.
+pub async fn connect_resuming(
+    base: &str,
+    transport: Transport,
+    token: &str,
+    source: IpAddr,
+    cursors: Option<&Value>,
+) -> Result<Client> {
     let addr = host_port(base)?;
     let sock = TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(source, 0))
         .with_context(|| format!("binding source address {source}"))?;
     let tcp = sock.connect(addr).await.context("tcp connect")?;
     tcp.set_nodelay(true)?;
-    let conn = Conn::upgrade(tcp, addr, &transport.path(token))
+    let conn = Conn::upgrade(tcp, addr, &transport.path(token, cursors))
         .await
         .context("websocket upgrade")?;
     let mut c = Client {
@@ -50,7 +62,7 @@ pub async fn connect(
         next_id: 0,
     };
     if transport == Transport::Sio {
-        c.conn.send_text(&wire::sio_connect(token)).await?;
+        c.conn.send_text(&wire::sio_connect(token, cursors)).await?;
     }
     // The handshake has a deadline so a stuck server shows up as a failed connect, not a hang.
     tokio::time::timeout(Duration::from_secs(30), c.await_connected())

@@ -962,7 +962,7 @@ impl Bench {
     }
 
     /// S4: every receiver dropped at one instant; time until all are reconnected and until all
-    /// have caught up (re-joined and synced), and messages lost.
+    /// have caught up (resumed in the handshake and synced), and messages lost.
     async fn s4(&mut self) -> Result<()> {
         // The drain bounds how long the storm may take to settle after the send window.
         let (clients, n_rooms, secs, drain) = match self.opts.mode {
@@ -980,7 +980,7 @@ impl Bench {
         );
         self.note(format!(
             "Times are from the drop instant to the last client reconnected (transport connected) and to the \
-             last caught up (joined and synced to the room's seq); a count below \"dropped\" means some \
+             last caught up (resumed in the handshake, then synced to the room's seq); a count below \"dropped\" means some \
              did not get there within {} s of the send window's end.",
             drain / 1000
         ));

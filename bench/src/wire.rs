@@ -23,10 +23,15 @@ impl Transport {
 
     /// The upgrade's path; `/ws` carries the token in the query because a browser-like client
     /// cannot set headers on an upgrade.
-    pub fn path(self, token: &str) -> String {
-        match self {
-            Transport::Sio => "/socket.io/?EIO=4&transport=websocket".into(),
-            Transport::Ws => format!("/ws?token={token}"),
+    /// The upgrade path, with the resume cursors in the query for `/ws` (Socket.IO carries them
+    /// in its CONNECT's `auth`, [`sio_connect`]).
+    pub fn path(self, token: &str, cursors: Option<&Value>) -> String {
+        match (self, cursors) {
+            (Transport::Sio, _) => "/socket.io/?EIO=4&transport=websocket".into(),
+            (Transport::Ws, None) => format!("/ws?token={token}"),
+            (Transport::Ws, Some(c)) => {
+                format!("/ws?token={token}&cursors={}", query_escape(&c.to_string()))
+            }
         }
     }
 }
@@ -51,8 +56,25 @@ pub enum Incoming<'a> {
 pub const PONG: &str = "3";
 
 /// Socket.IO CONNECT to the main namespace with `auth: {token}`.
-pub fn sio_connect(token: &str) -> String {
-    format!("40{}", serde_json::json!({ "token": token }))
+/// CONNECT with `auth: {token, cursors}`: a resume in the handshake.
+pub fn sio_connect(token: &str, cursors: Option<&Value>) -> String {
+    match cursors {
+        None => format!("40{}", serde_json::json!({ "token": token })),
+        Some(c) => format!("40{}", serde_json::json!({ "token": token, "cursors": c })),
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986), for a query value.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A request that expects an ack: `42N["event",payload]` or `{"type","id","payload"}`.

@@ -493,11 +493,20 @@ async fn connect_retrying(
     i: usize,
     token: &str,
     source: IpAddr,
+    cursors: Option<Value>,
 ) -> Result<Client> {
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0;
     loop {
-        match client::connect(spec.url_of(i), spec.transport, token, source).await {
+        match client::connect_resuming(
+            spec.url_of(i),
+            spec.transport,
+            token,
+            source,
+            cursors.as_ref(),
+        )
+        .await
+        {
             Ok(c) => return Ok(c),
             Err(e) if attempt >= 8 => return Err(e),
             Err(_) => {
@@ -624,7 +633,7 @@ async fn client_task(sh: &Shared, i: usize) -> Result<()> {
     let mut seen = Seen::default();
     let mut client = {
         let _permit = sh.gate.acquire().await.context("connect gate closed")?;
-        let mut c = connect_retrying(spec, i, &token, source).await?;
+        let mut c = connect_retrying(spec, i, &token, source, None).await?;
         add(&sh.connected, 1);
         if let Some(room) = &room {
             seen.join_seq = join(&mut c, room, &mut seen, &sh.scanner).await?;
@@ -638,6 +647,8 @@ async fn client_task(sh: &Shared, i: usize) -> Result<()> {
     let mut phase = sh.phase.clone();
     let c = &sh.counts;
     let mut pending: HashMap<u64, (Instant, u64)> = HashMap::new();
+    // The cursor a storm's reconnect resumes from (and the cursors it sent).
+    let mut resumed_from: Option<(u64, Value)> = None;
     let mut ticker: Option<tokio::time::Interval> = None;
     let mut window_end = Instant::now();
     let mut round_id = 0u64;
@@ -728,7 +739,13 @@ async fn client_task(sh: &Shared, i: usize) -> Result<()> {
                 // Dropped without a close frame, as when a network path dies.
                 client = None;
                 add(&c.dropped, 1);
-                reconnect = Some(Box::pin(connect_retrying(spec, i, &token, source)));
+                // The storm resumes in the handshake: the cursor of what arrived in order.
+                resumed_from = room.as_deref().map(|r| {
+                    let after = seen.contiguous();
+                    (after, json!({ r: after }))
+                });
+                let cursors = resumed_from.as_ref().map(|(_, c)| c.clone());
+                reconnect = Some(Box::pin(connect_retrying(spec, i, &token, source, cursors)));
             }
             () = sleep_until(retry_at) => {
                 let Some(cl) = client.as_mut() else { continue };
@@ -755,9 +772,13 @@ async fn client_task(sh: &Shared, i: usize) -> Result<()> {
                     add(&c.reconnected, 1);
                     max_into(&c.all_reconnected_us, at.elapsed().as_micros() as u64);
                 }
-                recovery = match room {
-                    Some(_) => Recovery::Joining { id: cl.send_request("join_conversation", &json!({"conversationId": room})).await? },
-                    None => Recovery::Live,
+                recovery = match (&room, resumed_from.take()) {
+                    // Resumed: no join. The server answers requests only after its replay, so
+                    // this sync's answer marks the catch-up: what the replay left (a truncated
+                    // replay's rest), usually nothing.
+                    (Some(_), Some((after, _))) => Recovery::Syncing { id: send_sync(&mut cl, room.as_deref(), after).await?, after },
+                    (Some(_), None) => Recovery::Joining { id: cl.send_request("join_conversation", &json!({"conversationId": room})).await? },
+                    (None, _) => Recovery::Live,
                 };
                 client = Some(cl);
             }
@@ -803,7 +824,7 @@ async fn client_task(sh: &Shared, i: usize) -> Result<()> {
                     // up, as a real client does; the row shows the disconnect.
                     if reconnect.is_none() {
                         storm_drop = None;
-                        reconnect = Some(Box::pin(connect_retrying(spec, i, &token, source)));
+                        reconnect = Some(Box::pin(connect_retrying(spec, i, &token, source, None)));
                     }
                     continue;
                 }
