@@ -1,12 +1,12 @@
 //! Presence rules: who is online, announced to the users who share a conversation with them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::error::ChatError;
 use super::event::{Event, Route, UserRef};
 use super::hub::ConnId;
-use super::model::{Identity, Status, UserId, UserStatus};
+use super::model::{ConversationId, Identity, Status, UserId, UserStatus};
 use super::service::ChatService;
 use super::{check_user_id, store_err, unavailable};
 
@@ -60,6 +60,36 @@ impl ChatService {
                 return;
             }
         };
+        self.announce_to(user, others, online).await;
+    }
+
+    /// `user_online` for a user who just connected, to the members of `conversations` (the
+    /// user's, just subscribed), from the node's conversation state: a reconnect storm would
+    /// otherwise run one co-member query per client, which starved the store's readers (and
+    /// the resumes and syncs behind them) in S4. A conversation not in the cache is loaded as
+    /// a send would load it.
+    pub(super) async fn announce_online_in(
+        &self,
+        user: &str,
+        conversations: &HashSet<ConversationId>,
+    ) {
+        let mut others = HashSet::new();
+        for id in conversations {
+            match self.state(*id).await {
+                Ok(state) => others.extend(state.member_ids()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list co-members for presence");
+                    return;
+                }
+            }
+        }
+        others.remove(user);
+        let mut others: Vec<UserId> = others.into_iter().collect();
+        others.sort_unstable();
+        self.announce_to(user, others, true).await;
+    }
+
+    async fn announce_to(&self, user: &str, others: Vec<UserId>, online: bool) {
         if others.is_empty() {
             return;
         }

@@ -171,7 +171,7 @@ impl ChatService {
             _ => Default::default(),
         };
         self.hub.release(conn, &replayed);
-        subscribed?;
+        let conversations = subscribed?;
         let first = self
             .presence
             .connect(&who.user_id, &self.presence_key(conn))
@@ -181,7 +181,7 @@ impl ChatService {
         // inside the grace is no new "online" either.
         self.take_pending_offline(&who.user_id);
         if first {
-            self.announce_presence(&who.user_id, true).await;
+            self.announce_online_in(&who.user_id, &conversations).await;
         }
         Ok(())
     }

@@ -64,6 +64,12 @@ impl ConversationState {
         })
     }
 
+    /// Every member's user id.
+    pub fn member_ids(&self) -> Vec<UserId> {
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        members.keys().cloned().collect()
+    }
+
     /// The highest seq committed that this node has seen.
     pub fn last_seq(&self) -> i64 {
         self.last_seq.load(Ordering::Acquire)
