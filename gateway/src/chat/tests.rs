@@ -149,6 +149,7 @@ fn text(c: &Conversation, client_msg_id: &str, content: &str) -> Send {
         kind: MessageKind::Text,
         content: content.into(),
         client_msg_id: client_msg_id.into(),
+        attachment_id: None,
     }
 }
 

@@ -27,7 +27,9 @@ use crate::chat::{ChatService, Send};
 use crate::config::WsCompression;
 use crate::limits::LimitClass;
 use crate::telemetry::{Transport, audit};
+use crate::chat::attachments::{Attachments, Upload};
 use protocol::{
+    AttachmentReply, UploadAttachmentRequest,
     ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest, MarkReadRequest,
     MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded,
     RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, TokenExpiring,
@@ -80,6 +82,7 @@ pub struct Gateway {
     pub auth: Arc<Authenticator>,
     pub settings: TransportSettings,
     pub drain: Arc<crate::drain::Drain>,
+    pub attachments: Arc<Attachments>,
 }
 
 /// The client's address. From a trusted proxy, the rightmost `X-Forwarded-For` hop that is not
@@ -207,6 +210,7 @@ pub const EVENTS: &[&str] = &[
     "sync",
     "presence",
     "refresh_token",
+    "upload_attachment",
 ];
 
 /// The static name of a client event, for metric labels and spans: `other` for unknown names,
@@ -352,12 +356,51 @@ async fn run(
             session.renew(renewed);
             Ok(to_value(RefreshReply { exp }))
         }
+        "upload_attachment" => upload_attachment(gw, session, &who, payload).await,
         other => Err(ChatError::invalid(format!(
             "unknown event {:?}; expected one of {}",
             other.chars().take(64).collect::<String>(),
             EVENTS.join(", ")
         ))),
     }
+}
+
+/// `upload_attachment` over Socket.IO, whose binary attachments carry the bytes. `/ws` has no
+/// binary events (its binary frames are refused): there the answer names the HTTP upload.
+async fn upload_attachment(
+    gw: &Gateway,
+    session: &Session,
+    who: &Identity,
+    payload: Value,
+) -> Result<Value, ChatError> {
+    if session.transport != Transport::SocketIo {
+        return Err(ChatError::invalid(
+            "upload_attachment needs Socket.IO binary attachments; over /ws upload with HTTP: POST /api/conversations/{id}/attachments?name=… with the file as the body",
+        ));
+    }
+    let req: UploadAttachmentRequest = parse("upload_attachment", payload)?;
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(req.data.base64.as_bytes())
+        .map_err(|_| ChatError::invalid("upload_attachment: data is not a binary attachment"))?;
+    let len = bytes.len() as u64;
+    let body: crate::attachments::ByteStream = Box::pin(futures::stream::once(async move {
+        Ok(bytes::Bytes::from(bytes))
+    }));
+    let attachment = gw
+        .attachments
+        .upload(
+            who,
+            Upload {
+                conversation_id: req.conversation_id,
+                name: req.name,
+                declared_type: req.content_type,
+                declared_len: Some(len),
+            },
+            body,
+        )
+        .await?;
+    Ok(to_value(AttachmentReply { attachment }))
 }
 
 async fn send_message(
@@ -380,6 +423,7 @@ async fn send_message(
                     kind: req.kind,
                     content: req.content,
                     client_msg_id: req.client_msg_id,
+                    attachment_id: req.attachment_id,
                 },
             )
             .await
