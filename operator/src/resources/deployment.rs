@@ -456,7 +456,7 @@ mod tests {
             }),
         });
         let d = deployment(&cc, &Inputs::default()).expect("builds");
-        let pod = d.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod");
+        let pod = d.spec.template.spec.as_ref().expect("pod");
         let volume = pod
             .volumes
             .as_ref()
