@@ -193,6 +193,7 @@ impl App {
         let server = ServerSettings {
             header_timeout: Duration::from_millis(config.http_header_timeout_ms),
             body_timeout: Duration::from_millis(config.http_body_timeout_ms),
+            upload_timeout: Duration::from_millis(config.http_upload_timeout_ms),
             idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
             max_connections: server::connection_cap(
                 config.max_connections,

@@ -293,6 +293,11 @@ pub struct Config {
     #[arg(long, env = "CONFAB_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..), global = true)]
     pub http_body_timeout_ms: u64,
+    /// Milliseconds an attachment upload's body has to arrive, from its head (uploads only:
+    /// 10 MiB from a phone takes longer than CONFAB_HTTP_BODY_TIMEOUT_MS allows).
+    #[arg(long, env = "CONFAB_HTTP_UPLOAD_TIMEOUT_MS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+    pub http_upload_timeout_ms: u64,
     /// Milliseconds an HTTP connection may sit with no request in flight before it is closed.
     #[arg(long, env = "CONFAB_HTTP_IDLE_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(100..), global = true)]

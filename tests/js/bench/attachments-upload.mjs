@@ -23,8 +23,6 @@ const gw = await startGateway({
     CONFAB_MAX_ATTACHMENT_BYTES: String(size),
     CONFAB_MESSAGES_PER_SECOND: '1000', CONFAB_MESSAGE_BURST: '1000',
     CONFAB_API_REQUESTS_PER_SECOND: '1000', CONFAB_API_REQUEST_BURST: '1000',
-    // A 10 MiB body from a loaded machine may take longer than the default 10 s.
-    CONFAB_HTTP_BODY_TIMEOUT_MS: '120000',
   },
 });
 const kib = (field) => Number(readFileSync(`/proc/${gw.proc.pid}/status`, 'utf8').match(new RegExp(`${field}:\\s+(\\d+) kB`))[1]);
