@@ -12,14 +12,14 @@ use base64::Engine;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
-use crate::attachments::{
-    AttachmentError, AttachmentStore, LocalAttachments, S3Attachments,
-};
+use crate::attachments::{AttachmentError, AttachmentStore, LocalAttachments, S3Attachments};
 use crate::auth::{Authenticator, KeyError};
-use crate::chat::attachments::{AttachmentSettings, Attachments};
 use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
+use crate::chat::attachments::{AttachmentSettings, Attachments};
 use crate::chat::{ChatService, ChatSettings};
-use crate::config::{AttachmentsBackend, BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
+use crate::config::{
+    AttachmentsBackend, BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend,
+};
 use crate::drain::{Drain, DrainState};
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
@@ -301,14 +301,14 @@ impl App {
             ChatService::with_metrics(store, bus, presence, limits, settings, metrics.clone());
         service.spawn_presence_upkeep();
         let objects: Arc<dyn AttachmentStore> = match config.attachments_backend()? {
-            AttachmentsBackend::Local(dir) => Arc::new(
-                LocalAttachments::open(&dir)
-                    .await
-                    .map_err(|source| AppError::Attachments {
+            AttachmentsBackend::Local(dir) => {
+                Arc::new(LocalAttachments::open(&dir).await.map_err(|source| {
+                    AppError::Attachments {
                         setting: "CONFAB_ATTACHMENTS_DIR",
                         source,
-                    })?,
-            ),
+                    }
+                })?)
+            }
             AttachmentsBackend::S3(s3) => {
                 let objects = S3Attachments::new(&s3).map_err(|source| AppError::Attachments {
                     setting: "CONFAB_S3_BUCKET",

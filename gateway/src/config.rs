@@ -268,21 +268,41 @@ pub struct Config {
     #[arg(long, env = "CONFAB_S3_ENDPOINT", global = true)]
     pub s3_endpoint: Option<String>,
     /// Region of the bucket.
-    #[arg(long, env = "CONFAB_S3_REGION", default_value = "us-east-1", global = true)]
+    #[arg(
+        long,
+        env = "CONFAB_S3_REGION",
+        default_value = "us-east-1",
+        global = true
+    )]
     pub s3_region: String,
     /// Access key id; unset, the AWS environment is asked (AWS_ACCESS_KEY_ID, web identity, …).
-    #[arg(long, env = "CONFAB_S3_ACCESS_KEY_ID", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "CONFAB_S3_ACCESS_KEY_ID",
+        hide_env_values = true,
+        global = true
+    )]
     pub s3_access_key_id: Option<String>,
     /// Secret access key, with CONFAB_S3_ACCESS_KEY_ID.
-    #[arg(long, env = "CONFAB_S3_SECRET_ACCESS_KEY", hide_env_values = true, global = true)]
+    #[arg(
+        long,
+        env = "CONFAB_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        global = true
+    )]
     pub s3_secret_access_key: Option<String>,
     /// Largest attachment, in bytes (uploads past it: 413 too_large before the body is read).
     #[arg(long, env = "CONFAB_MAX_ATTACHMENT_BYTES", default_value_t = 10 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024), global = true)]
     pub max_attachment_bytes: u64,
     /// Attachment types accepted, comma-separated, as sniffed from the bytes.
-    #[arg(long, env = "CONFAB_ATTACHMENT_TYPES", value_delimiter = ',', global = true,
-          default_value = "image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain,application/zip,application/octet-stream")]
+    #[arg(
+        long,
+        env = "CONFAB_ATTACHMENT_TYPES",
+        value_delimiter = ',',
+        global = true,
+        default_value = "image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain,application/zip,application/octet-stream"
+    )]
     pub attachment_types: Vec<String>,
     /// Milliseconds a client has to send a whole request head, from the connection's start or
     /// from the moment a kept-alive connection goes idle (slowloris).
@@ -581,7 +601,9 @@ impl Config {
                     .s3_bucket
                     .clone()
                     .filter(|b| !b.trim().is_empty())
-                    .ok_or_else(|| bad("CONFAB_S3_BUCKET", "CONFAB_ATTACHMENTS=s3 needs a bucket"))?;
+                    .ok_or_else(|| {
+                        bad("CONFAB_S3_BUCKET", "CONFAB_ATTACHMENTS=s3 needs a bucket")
+                    })?;
                 if let Some(endpoint) = &self.s3_endpoint
                     && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
                 {
@@ -887,23 +909,45 @@ mod tests {
             AttachmentsBackend::Local(PathBuf::from("./confab-data/attachments"))
         );
         assert_eq!(c.max_attachment_bytes, 10 * 1024 * 1024);
-        assert!(c.attachment_types().expect("types").contains(&"image/png".to_owned()));
-        let e = parse(&["--attachments", "s3"]).validate().expect_err("no bucket");
+        assert!(
+            c.attachment_types()
+                .expect("types")
+                .contains(&"image/png".to_owned())
+        );
+        let e = parse(&["--attachments", "s3"])
+            .validate()
+            .expect_err("no bucket");
         assert_eq!(e.setting, "CONFAB_S3_BUCKET");
-        let e = parse(&["--attachments", "s3", "--s3-bucket", "b", "--s3-endpoint", "minio:9000"])
-            .validate()
-            .expect_err("no scheme");
+        let e = parse(&[
+            "--attachments",
+            "s3",
+            "--s3-bucket",
+            "b",
+            "--s3-endpoint",
+            "minio:9000",
+        ])
+        .validate()
+        .expect_err("no scheme");
         assert_eq!(e.setting, "CONFAB_S3_ENDPOINT");
-        let e = parse(&["--attachments", "s3", "--s3-bucket", "b", "--s3-access-key-id", "k"])
-            .validate()
-            .expect_err("half the credentials");
+        let e = parse(&[
+            "--attachments",
+            "s3",
+            "--s3-bucket",
+            "b",
+            "--s3-access-key-id",
+            "k",
+        ])
+        .validate()
+        .expect_err("half the credentials");
         assert_eq!(e.setting, "CONFAB_S3_SECRET_ACCESS_KEY");
         let e = parse(&["--attachment-types", "image/png,text/html"])
             .validate()
             .expect_err("html");
         assert_eq!(e.setting, "CONFAB_ATTACHMENT_TYPES");
         assert!(e.to_string().contains("text/html"), "{e}");
-        let e = parse(&["--attachment-types", "png"]).validate().expect_err("not a type");
+        let e = parse(&["--attachment-types", "png"])
+            .validate()
+            .expect_err("not a type");
         assert_eq!(e.setting, "CONFAB_ATTACHMENT_TYPES");
         assert!(!e.to_string().contains('\n'));
         assert!(Cli::try_parse_from(["confab-gateway", "--max-attachment-bytes", "0"]).is_err());

@@ -646,10 +646,19 @@ mod tests {
                 .body(())
                 .expect("request")
         };
-        assert!(is_upload(&req("POST", "/api/conversations/0193/attachments?name=a.png")));
-        assert!(!is_upload(&req("GET", "/api/conversations/0193/attachments")));
+        assert!(is_upload(&req(
+            "POST",
+            "/api/conversations/0193/attachments?name=a.png"
+        )));
+        assert!(!is_upload(&req(
+            "GET",
+            "/api/conversations/0193/attachments"
+        )));
         assert!(!is_upload(&req("POST", "/api/conversations/0193/members")));
-        assert!(!is_upload(&req("POST", "/api/conversations/a/b/attachments")));
+        assert!(!is_upload(&req(
+            "POST",
+            "/api/conversations/a/b/attachments"
+        )));
         assert!(!is_upload(&req("POST", "/api/attachments")));
     }
 

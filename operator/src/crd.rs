@@ -719,7 +719,9 @@ mod tests {
         spec.attachments = Some(claim.clone());
         assert_eq!(
             spec.problems(),
-            vec!["attachments on a PersistentVolumeClaim serve one replica: use spec.attachments.s3 for more"]
+            vec![
+                "attachments on a PersistentVolumeClaim serve one replica: use spec.attachments.s3 for more"
+            ]
         );
         spec.gateway.autoscaling = None;
         spec.gateway.replicas = 1;
@@ -727,7 +729,9 @@ mod tests {
         spec.attachments = Some(AttachmentsSpec::default());
         assert_eq!(
             spec.problems(),
-            vec!["set exactly one of spec.attachments.s3 and spec.attachments.persistentVolumeClaim"]
+            vec![
+                "set exactly one of spec.attachments.s3 and spec.attachments.persistentVolumeClaim"
+            ]
         );
         // The CRD carries the same rules for admission.
         let crd = serde_json::to_string(&ChatCluster::crd()).expect("crd json");

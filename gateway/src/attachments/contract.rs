@@ -15,7 +15,9 @@ fn failing(parts: Vec<Vec<u8>>) -> ByteStream {
     let items = parts
         .into_iter()
         .map(|p| Ok(Bytes::from(p)))
-        .chain(std::iter::once(Err(std::io::Error::other("client went away"))));
+        .chain(std::iter::once(Err(std::io::Error::other(
+            "client went away",
+        ))));
     futures::stream::iter(items).boxed()
 }
 
@@ -77,7 +79,10 @@ async fn a_body_that_fails_midway_stores_nothing(store: &dyn AttachmentStore) {
     let before = store.count().await.expect("count");
     let bytes = unique_bytes(5000);
     let e = store
-        .put(failing(vec![bytes[..2000].to_vec(), bytes[2000..].to_vec()]))
+        .put(failing(vec![
+            bytes[..2000].to_vec(),
+            bytes[2000..].to_vec(),
+        ]))
         .await
         .expect_err("a failed body is not stored");
     assert!(matches!(e, AttachmentError::Body(_)), "{e}");

@@ -54,7 +54,14 @@ pub fn sniff(head: &[u8], whole: bool) -> &'static str {
         return "text/xml";
     }
     // infer knows the common tags; these run scripts too.
-    for tag in [&b"<html"[..], b"<!doctype", b"<script", b"<body", b"<iframe", b"<object"] {
+    for tag in [
+        &b"<html"[..],
+        b"<!doctype",
+        b"<script",
+        b"<body",
+        b"<iframe",
+        b"<object",
+    ] {
         if contains(&lower, tag) {
             return "text/html";
         }
@@ -186,7 +193,10 @@ mod tests {
         );
         assert_eq!(sniff("hello, wörld\n".as_bytes(), true), "text/plain");
         assert_eq!(sniff(b"%PDF-1.7\n", true), "application/pdf");
-        assert_eq!(sniff(&[0, 1, 2, 3, 250, 251], true), "application/octet-stream");
+        assert_eq!(
+            sniff(&[0, 1, 2, 3, 250, 251], true),
+            "application/octet-stream"
+        );
         // A head cut inside a character is still text; a whole body is not.
         let cut = &"é".as_bytes()[..1];
         assert_eq!(sniff(&[b"abc", cut].concat(), false), "text/plain");

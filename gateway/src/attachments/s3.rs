@@ -74,10 +74,7 @@ impl S3Attachments {
     }
 
     /// Reads the body, holding up to one part and streaming the rest to a multipart upload.
-    async fn take_body(
-        &self,
-        mut body: ByteStream,
-    ) -> Result<(Hashing, Pending), AttachmentError> {
+    async fn take_body(&self, mut body: ByteStream) -> Result<(Hashing, Pending), AttachmentError> {
         let mut hashing = Hashing::default();
         let mut held = BytesMut::new();
         let mut upload: Option<(Path, WriteMultipart)> = None;
@@ -276,7 +273,10 @@ mod tests {
             if client.get(&moto.endpoint).send().await.is_ok() {
                 return moto;
             }
-            assert!(Instant::now() < deadline, "moto_server did not answer in 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer in 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

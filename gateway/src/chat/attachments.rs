@@ -146,9 +146,7 @@ impl Attachments {
                     }
                 }
                 Some(Err(e)) => {
-                    return Err(ChatError::invalid(format!(
-                        "the upload was cut short: {e}"
-                    )));
+                    return Err(ChatError::invalid(format!("the upload was cut short: {e}")));
                 }
                 None => {
                     ended = true;
@@ -160,7 +158,12 @@ impl Attachments {
             return Err(ChatError::invalid("the attachment is empty"));
         }
         let content_type = media::sniff(&head, ended);
-        if !self.settings.allowed_types.iter().any(|t| t == content_type) {
+        if !self
+            .settings
+            .allowed_types
+            .iter()
+            .any(|t| t == content_type)
+        {
             return Err(ChatError::UnsupportedType(format!(
                 "the content is {content_type}, which is not accepted (allowed: {})",
                 self.settings.allowed_types.join(", ")
@@ -192,9 +195,7 @@ impl Attachments {
                 return Err(self.too_large());
             }
             Err(AttachmentError::Body(e)) => {
-                return Err(ChatError::invalid(format!(
-                    "the upload was cut short: {e}"
-                )));
+                return Err(ChatError::invalid(format!("the upload was cut short: {e}")));
             }
             Err(e) => return Err(unavailable("attachment store", e)),
         };
@@ -271,12 +272,11 @@ impl Attachments {
             .map_err(|e| unavailable("attachment store", e))?;
         let side = self.settings.thumbnail_side;
         let content_type = attachment.content_type.clone();
-        let thumb = tokio::task::spawn_blocking(move || {
-            media::thumbnail(&bytes, &content_type, side)
-        })
-        .await
-        .map_err(|e| unavailable("thumbnail task", e))?
-        .map_err(ChatError::UnsupportedType)?;
+        let thumb =
+            tokio::task::spawn_blocking(move || media::thumbnail(&bytes, &content_type, side))
+                .await
+                .map_err(|e| unavailable("thumbnail task", e))?
+                .map_err(ChatError::UnsupportedType)?;
         let thumb = Bytes::from(thumb);
         self.remember(id, thumb.clone());
         Ok(thumb)

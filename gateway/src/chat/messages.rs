@@ -87,7 +87,10 @@ impl ChatService {
         };
         drop(state);
         let attachment = match req.attachment_id {
-            Some(id) => Some(self.attachment_for(req.conversation_id, req.kind, id).await?),
+            Some(id) => Some(
+                self.attachment_for(req.conversation_id, req.kind, id)
+                    .await?,
+            ),
             None => None,
         };
         let persist = tracing::info_span!(
@@ -196,7 +199,8 @@ impl ChatService {
                 "the attachment was uploaded to another conversation",
             ));
         }
-        if kind == MessageKind::Image && !crate::attachments::media::is_image(&attachment.content_type)
+        if kind == MessageKind::Image
+            && !crate::attachments::media::is_image(&attachment.content_type)
         {
             return Err(ChatError::invalid(format!(
                 "an image message needs an image; the attachment is {}",

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
-use crate::chat::model::{Attachment, ConversationKind, MemberRole, MessageAttachment, MessageKind};
+use crate::chat::model::{
+    Attachment, ConversationKind, MemberRole, MessageAttachment, MessageKind,
+};
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
@@ -105,7 +107,13 @@ async fn attachments_are_recorded_once_per_retry_key_and_messages_carry_them(sto
         height: None,
         ..photo.clone()
     };
-    assert_eq!(store.insert_attachment(notes.clone()).await.expect("record"), notes);
+    assert_eq!(
+        store
+            .insert_attachment(notes.clone())
+            .await
+            .expect("record"),
+        notes
+    );
     assert_eq!(store.attachment(notes.id).await.expect("load"), Some(notes));
     assert!(matches!(
         store
@@ -144,7 +152,10 @@ async fn attachments_are_recorded_once_per_retry_key_and_messages_carry_them(sto
         .insert_message(text(c.id, &alice, "plain-1", "no attachment"))
         .await
         .expect("insert");
-    let history = store.messages_before(c.id, None, 10).await.expect("history");
+    let history = store
+        .messages_before(c.id, None, 10)
+        .await
+        .expect("history");
     assert_eq!(history.len(), 2);
     assert_eq!(history[0].attachment.as_ref(), Some(&reference));
     assert_eq!(history[0].kind, MessageKind::Image);

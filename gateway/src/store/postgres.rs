@@ -489,7 +489,8 @@ fn retryable(e: &sqlx::Error) -> bool {
 
 /// Where one send of a batch stands while the batch is written.
 enum Slot {
-    Done(Result<Inserted, StoreError>),
+    /// Boxed: a message (with its attachment) is far larger than the other variants.
+    Done(Box<Result<Inserted, StoreError>>),
     /// The `n`th fresh message of the batch.
     Fresh(usize),
     /// A repeat, within the batch, of the `n`th fresh message's key.
@@ -573,11 +574,13 @@ async fn write_batch(
             new.client_msg_id.as_str(),
         );
         if !present.contains(&new.conversation_id) {
-            slots.push(Slot::Done(Err(StoreError::NoSuchConversation(
+            slots.push(Slot::Done(Box::new(Err(StoreError::NoSuchConversation(
                 new.conversation_id,
-            ))));
+            )))));
         } else if let Some(message) = existing.get(&key) {
-            slots.push(Slot::Done(Ok(Inserted::Existing(message.clone()))));
+            slots.push(Slot::Done(Box::new(Ok(Inserted::Existing(
+                message.clone(),
+            )))));
         } else if let Some(&n) = first.get(&key) {
             slots.push(Slot::Repeat(n));
         } else {
@@ -646,7 +649,7 @@ async fn write_batch(
     Ok(slots
         .into_iter()
         .map(|slot| match slot {
-            Slot::Done(result) => result,
+            Slot::Done(result) => *result,
             Slot::Fresh(n) => Ok(Inserted::New(messages[n].clone())),
             Slot::Repeat(n) => Ok(Inserted::Existing(messages[n].clone())),
         })

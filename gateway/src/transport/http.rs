@@ -2,15 +2,15 @@
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode, header};
-use futures::{StreamExt, TryStreamExt};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::Gateway;
 use super::protocol::{
-    AttachmentReply, AddMemberBody, ConversationBody, ConversationList, CreateConversationBody, ErrorBody,
-    ErrorReply, MessagesPage,
+    AddMemberBody, AttachmentReply, ConversationBody, ConversationList, CreateConversationBody,
+    ErrorBody, ErrorReply, MessagesPage,
 };
 use crate::chat::CreateConversation;
 use crate::chat::attachments::Upload;

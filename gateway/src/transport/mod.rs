@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
+use crate::chat::attachments::{Attachments, Upload};
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
 use crate::chat::hub::{ConnId, Outbound};
@@ -27,13 +28,11 @@ use crate::chat::{ChatService, Send};
 use crate::config::WsCompression;
 use crate::limits::LimitClass;
 use crate::telemetry::{Transport, audit};
-use crate::chat::attachments::{Attachments, Upload};
 use protocol::{
-    AttachmentReply, UploadAttachmentRequest,
-    ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest, MarkReadRequest,
-    MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded,
-    RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, TokenExpiring,
-    parse,
+    AttachmentReply, ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest,
+    MarkReadRequest, MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest,
+    RateLimitExceeded, RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply,
+    SyncRequest, TokenExpiring, UploadAttachmentRequest, parse,
 };
 
 /// Transport-level settings, from configuration.

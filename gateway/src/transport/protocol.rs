@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::chat::error::ChatError;
 use crate::chat::model::{
-    Attachment, Conversation, ConversationKind, ConversationSummary, Member, Message, MessageKind, UserId,
-    UserStatus,
+    Attachment, Conversation, ConversationKind, ConversationSummary, Member, Message, MessageKind,
+    UserId, UserStatus,
 };
 
 /// Decodes a request payload, refusing unknown fields and wrong types with a message that names

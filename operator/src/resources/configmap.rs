@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::{
-    BuildError, Component, DRAIN_ANNOTATION_FILE, GATEWAY_ATTACHMENTS_DIR, GATEWAY_DATA_DIR, GATEWAY_PORT, ManagedKind,
-    child_meta, gateway_name,
+    BuildError, Component, DRAIN_ANNOTATION_FILE, GATEWAY_ATTACHMENTS_DIR, GATEWAY_DATA_DIR,
+    GATEWAY_PORT, ManagedKind, child_meta, gateway_name,
 };
 use crate::crd::ChatCluster;
 
@@ -100,10 +100,7 @@ pub fn settings(cc: &ChatCluster) -> BTreeMap<String, String> {
             }
         } else if attachments.persistent_volume_claim.is_some() {
             set("CONFAB_ATTACHMENTS", "local".to_owned());
-            set(
-                "CONFAB_ATTACHMENTS_DIR",
-                GATEWAY_ATTACHMENTS_DIR.to_owned(),
-            );
+            set("CONFAB_ATTACHMENTS_DIR", GATEWAY_ATTACHMENTS_DIR.to_owned());
         }
     }
     // Managed backends are reached through their Service; external ones come from Secrets

@@ -8,17 +8,17 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, DownwardAPIVolumeFile,
     DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    BuildError, Component, GATEWAY_ATTACHMENTS_DIR, GATEWAY_BINARY, GATEWAY_DATA_DIR, GATEWAY_PORT, PODINFO_DIR, child_meta,
-    configmap, gateway_name, labels, placement, selector_labels, stable_hash,
+    BuildError, Component, GATEWAY_ATTACHMENTS_DIR, GATEWAY_BINARY, GATEWAY_DATA_DIR, GATEWAY_PORT,
+    PODINFO_DIR, child_meta, configmap, gateway_name, labels, placement, selector_labels,
+    stable_hash,
 };
 use crate::crd::{ChatCluster, SecretKeyRef};
 use crate::rollout;
