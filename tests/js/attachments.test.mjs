@@ -147,6 +147,16 @@ describe('attachments', () => {
     alice.close(); bob.close();
   });
 
+  it('closes a Socket.IO session whose upload is over the frame cap, storing nothing: larger files go over HTTP', async () => {
+    const { alice, bob, conversationId } = await team();
+    const before = objects();
+    alice.socket.emit('upload_attachment', { conversationId, name: 'big.bin', data: Buffer.alloc(600 * 1024, 5) });
+    const reason = await Promise.race([alice.disconnected, new Promise((r) => setTimeout(() => r('still connected'), 5000))]);
+    assert.notEqual(reason, 'still connected');
+    assert.equal(objects(), before);
+    bob.close();
+  });
+
   it('answers upload_attachment on /ws with the HTTP upload to use, and /ws clients send and receive files', async () => {
     const { alice, bob, ta, conversationId } = await team(ws);
     const refused = await alice.request('upload_attachment', { conversationId, name: 'a.txt', contentType: 'text/plain', data: { base64: 'aGk=' } });
