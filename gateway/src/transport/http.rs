@@ -424,7 +424,16 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
         };
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    match gw.service.ready().await {
+    let ready = match gw.service.ready().await {
+        Ok(()) => gw
+            .attachments
+            .objects()
+            .ping()
+            .await
+            .map_err(|e| format!("attachments: {e}")),
+        Err(why) => Err(why),
+    };
+    match ready {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(why) => {
             tracing::warn!(reason = %why, "not ready");
