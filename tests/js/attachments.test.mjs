@@ -7,6 +7,9 @@ import { createHash, randomUUID } from 'node:crypto';
 import { readdirSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { request as httpRequest } from 'node:http';
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { homedir } from 'node:os';
 import { startGateway, token, api } from './lib/gateway.mjs';
 import { socketio, ws } from './lib/clients.mjs';
 import { png, pngSize } from './lib/images.mjs';
@@ -312,3 +315,66 @@ describe('attachments', () => {
     alice.close(); bob.close();
   });
 });
+
+/** moto's S3 emulator on a free port (scripts/test.sh installs it; missing, this fails). */
+async function startMoto() {
+  const port = await new Promise((resolve) => {
+    const srv = createServer().listen(0, '127.0.0.1', () => { const { port: p } = srv.address(); srv.close(() => resolve(p)); });
+  });
+  const venv = join(homedir(), '.cache', 'confab-venv', 'bin', 'moto_server');
+  const bin = process.env.CONFAB_MOTO_SERVER ?? (existsSync(venv) ? venv : 'moto_server');
+  const proc = spawn(bin, ['-H', '127.0.0.1', '-p', String(port)], { stdio: 'ignore' });
+  const spawnFailed = new Promise((_, reject) => proc.on('error', (e) => reject(new Error(`cannot start ${bin} (${e.message}): run scripts/test.sh once`))));
+  const endpoint = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 30000;
+  for (;;) {
+    try { await Promise.race([fetch(endpoint), spawnFailed]); break; } catch (e) {
+      if (e.message.startsWith('cannot start') || Date.now() > deadline) { proc.kill(); throw e; }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  return { endpoint, stop: () => proc.kill() };
+}
+
+describe('attachments in an S3 bucket', () => {
+  let moto;
+  let gw;
+  const bucket = `confab-e2e-${randomUUID().slice(0, 8)}`;
+  before(async () => {
+    moto = await startMoto();
+    const made = await fetch(`${moto.endpoint}/${bucket}`, { method: 'PUT' });
+    assert.ok(made.ok, `bucket: ${made.status}`);
+    gw = await startGateway({
+      env: {
+        CONFAB_ATTACHMENTS: 's3', CONFAB_S3_BUCKET: bucket, CONFAB_S3_ENDPOINT: moto.endpoint,
+        CONFAB_S3_ACCESS_KEY_ID: 'test', CONFAB_S3_SECRET_ACCESS_KEY: 'test',
+      },
+    });
+  });
+  after(async () => { await gw?.stop(); moto?.stop(); });
+
+  it('stores an upload in the bucket, not on local disk, and serves it back to another member', async () => {
+    const [a, b] = [uid('alice'), uid('bob')];
+    const [ta, tb] = [token(a), token(b)];
+    const created = await api(gw.url, ta, 'POST', '/api/conversations', { kind: 'group', title: 'S3', members: [b] });
+    const conversationId = created.body.conversation.id;
+    const image = png(64, 32);
+    const res = await fetch(`${gw.url}/api/conversations/${conversationId}/attachments?name=s3.png`, {
+      method: 'POST', headers: { authorization: `Bearer ${ta}`, 'content-type': 'image/png' }, body: image,
+    });
+    assert.equal(res.status, 201);
+    const { attachment } = await res.json();
+    assert.equal(attachment.sha256, sha256(image));
+    // The local attachment directory stays empty: the bytes went to the bucket.
+    assert.ok(!existsSync(join(gw.dataDir, 'attachments')), 'nothing was written locally');
+    const back = await fetch(`${gw.url}/api/attachments/${attachment.id}`, { headers: { authorization: `Bearer ${tb}`, range: 'bytes=0-7' } });
+    assert.equal(back.status, 206);
+    assert.ok(Buffer.from(await back.arrayBuffer()).equals(image.subarray(0, 8)));
+    const thumb = await fetch(`${gw.url}/api/attachments/${attachment.id}/thumbnail`, { headers: { authorization: `Bearer ${tb}` } });
+    assert.equal(thumb.status, 200);
+    assert.deepEqual(pngSize(Buffer.from(await thumb.arrayBuffer())), [64, 32]);
+    const ready = await fetch(`${gw.url}/readyz`);
+    assert.equal(ready.status, 200);
+  });
+});
+
