@@ -11,6 +11,16 @@ bash scripts/services.sh
 echo "== installing test clients (npm ci in tests/js)"
 (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
 
+# The S3 attachment store's contract runs against moto's S3 emulator (PyPI `moto[server]`), in the
+# venv scripts/test-operator.sh also uses; the test fails (never skips) without it.
+VENV="$HOME/.cache/confab-venv"
+if [ ! -x "$VENV/bin/moto_server" ]; then
+  echo "== installing the S3 emulator (moto[server]) into $VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'moto[server]==5.*'
+fi
+export CONFAB_MOTO_SERVER="$VENV/bin/moto_server"
+
 echo "== building"
 cargo build --workspace --bins
 export CONFAB_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/confab-gateway"

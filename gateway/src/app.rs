@@ -12,10 +12,14 @@ use base64::Engine;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
+use crate::attachments::{AttachmentError, AttachmentStore, LocalAttachments, S3Attachments};
 use crate::auth::{Authenticator, KeyError};
 use crate::bus::{Bus, LocalBus, RabbitBus, RabbitSettings, RedisBus};
+use crate::chat::attachments::{AttachmentSettings, Attachments};
 use crate::chat::{ChatService, ChatSettings};
-use crate::config::{BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend};
+use crate::config::{
+    AttachmentsBackend, BusBackend, Config, ConfigError, JwtKey, SharedStateBackend, StoreBackend,
+};
 use crate::drain::{Drain, DrainState};
 use crate::limits::{Limits, MemoryLimits, RedisLimits};
 use crate::presence::{MemoryPresence, Presence, RedisPresence, RedisPresenceSettings};
@@ -34,6 +38,11 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot open the attachment store ({setting}): {source}")]
+    Attachments {
+        setting: &'static str,
+        source: AttachmentError,
+    },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -184,6 +193,7 @@ impl App {
         let server = ServerSettings {
             header_timeout: Duration::from_millis(config.http_header_timeout_ms),
             body_timeout: Duration::from_millis(config.http_body_timeout_ms),
+            upload_timeout: Duration::from_millis(config.http_upload_timeout_ms),
             idle_timeout: Duration::from_millis(config.http_idle_timeout_ms),
             max_connections: server::connection_cap(
                 config.max_connections,
@@ -290,6 +300,33 @@ impl App {
         let service =
             ChatService::with_metrics(store, bus, presence, limits, settings, metrics.clone());
         service.spawn_presence_upkeep();
+        let objects: Arc<dyn AttachmentStore> = match config.attachments_backend()? {
+            AttachmentsBackend::Local(dir) => {
+                Arc::new(LocalAttachments::open(&dir).await.map_err(|source| {
+                    AppError::Attachments {
+                        setting: "CONFAB_ATTACHMENTS_DIR",
+                        source,
+                    }
+                })?)
+            }
+            AttachmentsBackend::S3(s3) => {
+                let objects = S3Attachments::new(&s3).map_err(|source| AppError::Attachments {
+                    setting: "CONFAB_S3_BUCKET",
+                    source,
+                })?;
+                reach("the S3 bucket", "CONFAB_S3_BUCKET", wait, || objects.ping()).await?;
+                Arc::new(objects)
+            }
+        };
+        let attachments = Attachments::new(
+            service.clone(),
+            objects,
+            AttachmentSettings {
+                max_bytes: config.max_attachment_bytes,
+                allowed_types: config.attachment_types()?,
+                ..AttachmentSettings::default()
+            },
+        );
 
         let mut allowed_origins = config.origins()?;
         if allowed_origins.is_empty() {
@@ -320,6 +357,7 @@ impl App {
         }
         let gateway = Arc::new(Gateway {
             service,
+            attachments,
             auth: Arc::new(auth),
             drain,
             expiries: crate::transport::expiry::Expiries::new(Duration::from_secs(

@@ -92,6 +92,16 @@ pub enum WsCompression {
     Off,
 }
 
+/// Where attachment bytes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttachmentsKind {
+    /// Files under CONFAB_ATTACHMENTS_DIR (default DATA_DIR/attachments): one gateway, or a
+    /// shared volume.
+    Local,
+    /// An S3-compatible bucket (CONFAB_S3_BUCKET, CONFAB_S3_ENDPOINT, …): a fleet.
+    S3,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -245,6 +255,55 @@ pub struct Config {
     #[arg(long, env = "CONFAB_API_REQUEST_BURST", default_value_t = 50,
           value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub api_request_burst: u32,
+    /// Where attachment bytes are kept: local (a directory) or s3 (a bucket).
+    #[arg(long, env = "CONFAB_ATTACHMENTS", value_enum, default_value_t = AttachmentsKind::Local, global = true)]
+    pub attachments: AttachmentsKind,
+    /// Directory of the local attachment store (default: DATA_DIR/attachments).
+    #[arg(long, env = "CONFAB_ATTACHMENTS_DIR", global = true)]
+    pub attachments_dir: Option<PathBuf>,
+    /// Bucket of the s3 attachment store.
+    #[arg(long, env = "CONFAB_S3_BUCKET", global = true)]
+    pub s3_bucket: Option<String>,
+    /// Endpoint of an S3-compatible service (http(s)://host:port); AWS itself when unset.
+    #[arg(long, env = "CONFAB_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// Region of the bucket.
+    #[arg(
+        long,
+        env = "CONFAB_S3_REGION",
+        default_value = "us-east-1",
+        global = true
+    )]
+    pub s3_region: String,
+    /// Access key id; unset, the AWS environment is asked (AWS_ACCESS_KEY_ID, web identity, …).
+    #[arg(
+        long,
+        env = "CONFAB_S3_ACCESS_KEY_ID",
+        hide_env_values = true,
+        global = true
+    )]
+    pub s3_access_key_id: Option<String>,
+    /// Secret access key, with CONFAB_S3_ACCESS_KEY_ID.
+    #[arg(
+        long,
+        env = "CONFAB_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub s3_secret_access_key: Option<String>,
+    /// Largest attachment, in bytes (uploads past it: 413 too_large before the body is read).
+    #[arg(long, env = "CONFAB_MAX_ATTACHMENT_BYTES", default_value_t = 10 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024 * 1024), global = true)]
+    pub max_attachment_bytes: u64,
+    /// Attachment types accepted, comma-separated, as sniffed from the bytes.
+    #[arg(
+        long,
+        env = "CONFAB_ATTACHMENT_TYPES",
+        value_delimiter = ',',
+        global = true,
+        default_value = "image/png,image/jpeg,image/gif,image/webp,application/pdf,text/plain,application/zip,application/octet-stream"
+    )]
+    pub attachment_types: Vec<String>,
     /// Milliseconds a client has to send a whole request head, from the connection's start or
     /// from the moment a kept-alive connection goes idle (slowloris).
     #[arg(long, env = "CONFAB_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000,
@@ -254,6 +313,11 @@ pub struct Config {
     #[arg(long, env = "CONFAB_HTTP_BODY_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(100..), global = true)]
     pub http_body_timeout_ms: u64,
+    /// Milliseconds an attachment upload's body has to arrive, from its head (uploads only:
+    /// 10 MiB from a phone takes longer than CONFAB_HTTP_BODY_TIMEOUT_MS allows).
+    #[arg(long, env = "CONFAB_HTTP_UPLOAD_TIMEOUT_MS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(100..), global = true)]
+    pub http_upload_timeout_ms: u64,
     /// Milliseconds an HTTP connection may sit with no request in flight before it is closed.
     #[arg(long, env = "CONFAB_HTTP_IDLE_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(100..), global = true)]
@@ -418,6 +482,23 @@ pub enum BusBackend {
     Redis(String),
 }
 
+/// Where attachment bytes go, with what that needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachmentsBackend {
+    Local(PathBuf),
+    S3(crate::attachments::S3Settings),
+}
+
+/// Types a browser would run as a page or script: never accepted, whatever the list says.
+const ACTIVE_TYPES: &[&str] = &[
+    "text/html",
+    "image/svg+xml",
+    "text/xml",
+    "application/xhtml+xml",
+    "text/javascript",
+    "application/javascript",
+];
+
 /// How tokens are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwtKey {
@@ -469,6 +550,10 @@ impl Config {
         c.database_url = Some("sqlite::memory:".into());
         c.jwt_secret = Some("test-secret-test-secret-test-secret!".into());
         c.presence_grace_ms = 200;
+        // Never the working directory's ./confab-data: a private directory per test config.
+        c.attachments_dir = Some(
+            std::env::temp_dir().join(format!("confab-test-attachments-{}", uuid::Uuid::now_v7())),
+        );
         c
     }
 
@@ -502,6 +587,77 @@ impl Config {
                 "unsupported scheme {scheme:?}; use sqlite://PATH, sqlite::memory: or postgres://USER@HOST/DB"
             ),
         ))
+    }
+
+    pub fn attachments_backend(&self) -> Result<AttachmentsBackend, ConfigError> {
+        match self.attachments {
+            AttachmentsKind::Local => Ok(AttachmentsBackend::Local(
+                self.attachments_dir
+                    .clone()
+                    .unwrap_or_else(|| self.data_dir.join("attachments")),
+            )),
+            AttachmentsKind::S3 => {
+                let bucket = self
+                    .s3_bucket
+                    .clone()
+                    .filter(|b| !b.trim().is_empty())
+                    .ok_or_else(|| {
+                        bad("CONFAB_S3_BUCKET", "CONFAB_ATTACHMENTS=s3 needs a bucket")
+                    })?;
+                if let Some(endpoint) = &self.s3_endpoint
+                    && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+                {
+                    return Err(bad(
+                        "CONFAB_S3_ENDPOINT",
+                        format!("{endpoint:?} is not a URL like https://s3.example.com:9000"),
+                    ));
+                }
+                if self.s3_access_key_id.is_some() != self.s3_secret_access_key.is_some() {
+                    return Err(bad(
+                        "CONFAB_S3_SECRET_ACCESS_KEY",
+                        "set both CONFAB_S3_ACCESS_KEY_ID and CONFAB_S3_SECRET_ACCESS_KEY, or neither",
+                    ));
+                }
+                Ok(AttachmentsBackend::S3(crate::attachments::S3Settings {
+                    bucket,
+                    endpoint: self.s3_endpoint.clone(),
+                    region: self.s3_region.clone(),
+                    access_key_id: self.s3_access_key_id.clone(),
+                    secret_access_key: self.s3_secret_access_key.clone(),
+                }))
+            }
+        }
+    }
+
+    /// The accepted attachment types, each `type/subtype`, none a browser would run.
+    pub fn attachment_types(&self) -> Result<Vec<String>, ConfigError> {
+        let mut types = Vec::new();
+        for t in &self.attachment_types {
+            let t = t.trim().to_ascii_lowercase();
+            let well_formed = t.split_once('/').is_some_and(|(a, b)| {
+                !a.is_empty()
+                    && !b.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "/+-.".contains(c))
+            });
+            if !well_formed {
+                return Err(bad(
+                    "CONFAB_ATTACHMENT_TYPES",
+                    format!("{t:?} is not a content type like image/png"),
+                ));
+            }
+            if ACTIVE_TYPES.contains(&t.as_str()) {
+                return Err(bad(
+                    "CONFAB_ATTACHMENT_TYPES",
+                    format!("{t} would run in a browser and is never accepted"),
+                ));
+            }
+            types.push(t);
+        }
+        if types.is_empty() {
+            return Err(bad("CONFAB_ATTACHMENT_TYPES", "name at least one type"));
+        }
+        Ok(types)
     }
 
     pub fn shared_state(&self) -> Result<SharedStateBackend, ConfigError> {
@@ -623,6 +779,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.otlp()?;
         self.store()?;
+        self.attachments_backend()?;
+        self.attachment_types()?;
         self.shared_state()?;
         self.bus_backend()?;
         if self.backend_prefix.is_empty()
@@ -741,6 +899,72 @@ mod tests {
         assert_eq!(e.setting, "CONFAB_BACKEND_PREFIX");
         assert!(Cli::try_parse_from(["confab-gateway", "--listen", "nowhere"]).is_err());
         assert!(Cli::try_parse_from(["confab-gateway", "--max-frame-bytes", "10"]).is_err());
+    }
+
+    #[test]
+    fn attachments_default_to_the_data_dir_and_bad_settings_are_named() {
+        let c = parse(&[]);
+        assert_eq!(
+            c.attachments_backend().expect("default"),
+            AttachmentsBackend::Local(PathBuf::from("./confab-data/attachments"))
+        );
+        assert_eq!(c.max_attachment_bytes, 10 * 1024 * 1024);
+        assert!(
+            c.attachment_types()
+                .expect("types")
+                .contains(&"image/png".to_owned())
+        );
+        let e = parse(&["--attachments", "s3"])
+            .validate()
+            .expect_err("no bucket");
+        assert_eq!(e.setting, "CONFAB_S3_BUCKET");
+        let e = parse(&[
+            "--attachments",
+            "s3",
+            "--s3-bucket",
+            "b",
+            "--s3-endpoint",
+            "minio:9000",
+        ])
+        .validate()
+        .expect_err("no scheme");
+        assert_eq!(e.setting, "CONFAB_S3_ENDPOINT");
+        let e = parse(&[
+            "--attachments",
+            "s3",
+            "--s3-bucket",
+            "b",
+            "--s3-access-key-id",
+            "k",
+        ])
+        .validate()
+        .expect_err("half the credentials");
+        assert_eq!(e.setting, "CONFAB_S3_SECRET_ACCESS_KEY");
+        let e = parse(&["--attachment-types", "image/png,text/html"])
+            .validate()
+            .expect_err("html");
+        assert_eq!(e.setting, "CONFAB_ATTACHMENT_TYPES");
+        assert!(e.to_string().contains("text/html"), "{e}");
+        let e = parse(&["--attachment-types", "png"])
+            .validate()
+            .expect_err("not a type");
+        assert_eq!(e.setting, "CONFAB_ATTACHMENT_TYPES");
+        assert!(!e.to_string().contains('\n'));
+        assert!(Cli::try_parse_from(["confab-gateway", "--max-attachment-bytes", "0"]).is_err());
+        assert!(Cli::try_parse_from(["confab-gateway", "--attachments", "ftp"]).is_err());
+        let s3 = parse(&[
+            "--attachments",
+            "s3",
+            "--s3-bucket",
+            "confab",
+            "--s3-endpoint",
+            "http://minio:9000",
+        ]);
+        s3.validate().expect("valid");
+        assert!(matches!(
+            s3.attachments_backend().expect("s3"),
+            AttachmentsBackend::S3(settings) if settings.bucket == "confab" && settings.region == "us-east-1"
+        ));
     }
 
     #[test]

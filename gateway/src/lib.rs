@@ -3,6 +3,8 @@
 //! - [`config`]: the one configuration tree (flags with `CONFAB_*` env twins).
 //! - [`app`]: wires config → backends → [`chat::ChatService`] → router; `serve(listener, shutdown)`.
 //! - [`chat`]: the domain — conversations, membership rules, messages, delivery, typing, presence.
+//! - [`attachments`]: attachment bytes behind `AttachmentStore` (a local directory, or S3), with
+//!   content sniffing and thumbnails.
 //! - [`store`]: persistence behind `Store` (SQLite embedded, or Postgres), with its contract tests.
 //! - [`bus`]: events between gateways behind `Bus` (in-process, RabbitMQ or Redis pub/sub).
 //! - [`presence`]: who is online and typing behind `Presence` (in memory, or Redis with the node registry).
@@ -14,6 +16,7 @@
 //! - [`telemetry`]: metrics (`/metrics`, OTLP), logs, audit events and spans.
 
 pub mod app;
+pub mod attachments;
 pub mod auth;
 pub mod bus;
 pub mod chat;

@@ -59,6 +59,10 @@ pub const RESERVED_DESCRIPTORS: u64 = 128;
 pub struct ServerSettings {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// The body deadline of attachment uploads (`POST …/attachments`), which are megabytes
+    /// where other bodies are kilobytes; the handler authenticates before it reads a byte, so
+    /// only a member can hold one open this long.
+    pub upload_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_address: usize,
@@ -369,6 +373,16 @@ impl AsyncWrite for Tracked {
 
 // ---- the body deadline ---------------------------------------------------------------------
 
+/// `POST /api/conversations/{id}/attachments`: the one route whose body is a file.
+fn is_upload<B>(req: &Request<B>) -> bool {
+    req.method() == axum::http::Method::POST
+        && req
+            .uri()
+            .path()
+            .strip_prefix("/api/conversations/")
+            .is_some_and(|rest| rest.ends_with("/attachments") && rest.matches('/').count() == 1)
+}
+
 /// A request body that did not arrive in time.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body did not arrive within {0} ms")]
@@ -534,6 +548,7 @@ async fn connection(
                 _counted: counted,
             });
             let body_timeout = settings.body_timeout;
+            let upload_timeout = settings.upload_timeout;
             let service_activity = activity.clone();
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let router = router.clone();
@@ -552,6 +567,11 @@ async fn connection(
                         }
                     }
                     let expired = Arc::new(AtomicBool::new(false));
+                    let body_timeout = if is_upload(&req) {
+                        upload_timeout
+                    } else {
+                        body_timeout
+                    };
                     let req = req.map(|inner| {
                         Body::new(DeadlineBody {
                             inner,
@@ -617,10 +637,36 @@ async fn connection(
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_attachment_uploads_get_the_upload_deadline() {
+        let req = |method: &str, path: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .expect("request")
+        };
+        assert!(is_upload(&req(
+            "POST",
+            "/api/conversations/0193/attachments?name=a.png"
+        )));
+        assert!(!is_upload(&req(
+            "GET",
+            "/api/conversations/0193/attachments"
+        )));
+        assert!(!is_upload(&req("POST", "/api/conversations/0193/members")));
+        assert!(!is_upload(&req(
+            "POST",
+            "/api/conversations/a/b/attachments"
+        )));
+        assert!(!is_upload(&req("POST", "/api/attachments")));
+    }
+
     fn caps(total: usize, per_address: usize, exempt: Vec<IpAddr>) -> Arc<Caps> {
         let settings = ServerSettings {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
+            upload_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(5),
             max_connections: total,
             max_connections_per_address: per_address,

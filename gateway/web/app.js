@@ -492,10 +492,102 @@ async function loadHistory(conv) {
   }
 }
 
+// ---- attachments ---------------------------------------------------------------------------
+
+/** Image types the gateway makes thumbnails of (anything else is a file chip). */
+const THUMBNAIL_TYPES = ['image/png', 'image/jpeg', 'image/gif', 'image/webp'];
+const thumbnails = new Map(); // attachment id → object URL (a Promise while loading)
+
+function formatSize(bytes) {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+  return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+}
+
+/** An attachment's bytes (or thumbnail) as a Blob: downloads need the Authorization header,
+ * which an <img src> or <a href> cannot send. */
+async function attachmentBlob(path) {
+  const res = await fetch(path, { headers: { authorization: `Bearer ${state.token}` } });
+  if (!res.ok) throw new Error(`HTTP ${res.status}`);
+  return res.blob();
+}
+
+function thumbnailUrl(id) {
+  if (!thumbnails.has(id)) {
+    thumbnails.set(id, attachmentBlob(`/api/attachments/${id}/thumbnail`).then(
+      (blob) => { const url = URL.createObjectURL(blob); thumbnails.set(id, url); return url; },
+      (err) => { thumbnails.delete(id); throw err; }));
+  }
+  return thumbnails.get(id);
+}
+
+async function downloadAttachment(a) {
+  try {
+    const url = URL.createObjectURL(await attachmentBlob(`/api/attachments/${a.id}`));
+    const link = el('a', { href: url, download: a.name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  } catch (err) {
+    showError(`Could not download ${a.name}: ${err.message}`);
+  }
+}
+
+function attachmentView(a) {
+  const chip = el('button', { type: 'button', className: 'file-chip', title: `Download ${a.name}` },
+    el('span', { className: 'file-name', textContent: a.name }),
+    el('span', { className: 'file-size', textContent: formatSize(a.size) }));
+  chip.addEventListener('click', () => downloadAttachment(a));
+  if (!THUMBNAIL_TYPES.includes(a.contentType)) return chip;
+  const img = el('img', { className: 'thumbnail', alt: a.name, dataset: { attachmentId: a.id } });
+  if (a.width && a.height) {
+    // Reserve the thumbnail's box before it loads, so the list does not jump.
+    const scale = Math.min(1, 320 / Math.max(a.width, a.height));
+    img.width = Math.round(a.width * scale);
+    img.height = Math.round(a.height * scale);
+  }
+  const cached = thumbnails.get(a.id);
+  if (typeof cached === 'string') img.src = cached;
+  else thumbnailUrl(a.id).then((url) => { img.src = url; }, () => { img.alt = `${a.name} (no preview)`; });
+  img.addEventListener('click', () => downloadAttachment(a));
+  return el('figure', { className: 'attachment' }, img, chip);
+}
+
+/** Uploads each file over HTTP (streamed by the gateway, typed by its bytes), then sends it as
+ * an image or file message; the message text box's content becomes the first one's caption. */
+async function attachFiles(files) {
+  const conversationId = state.openId;
+  if (!conversationId) return;
+  for (const file of files) {
+    $('room-error').textContent = '';
+    $('upload-state').textContent = `Uploading ${file.name}…`;
+    try {
+      const res = await fetch(`/api/conversations/${conversationId}/attachments?name=${encodeURIComponent(file.name)}`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${state.token}`, 'content-type': file.type || 'application/octet-stream' },
+        body: file,
+      });
+      const data = await res.json().catch(() => null);
+      if (!res.ok) throw new Error(data?.error?.message ?? `HTTP ${res.status}`);
+      const { attachment } = data;
+      const type = THUMBNAIL_TYPES.includes(attachment.contentType) ? 'image' : 'file';
+      const input = $('composer-input');
+      const caption = input.value.trim();
+      input.value = '';
+      send(conversationId, caption, { type, attachment });
+    } catch (err) {
+      showError(`Could not upload ${file.name}: ${err.message}`);
+    } finally {
+      $('upload-state').textContent = '';
+    }
+  }
+}
+
 // ---- sending -------------------------------------------------------------------------------
 
-function send(conversationId, content) {
-  const item = { clientMsgId: crypto.randomUUID(), conversationId, content, status: 'pending', error: '' };
+function send(conversationId, content, { type = 'text', attachment } = {}) {
+  const item = { clientMsgId: crypto.randomUUID(), conversationId, content, type, attachment, status: 'pending', error: '' };
   state.outbox.set(item.clientMsgId, item);
   renderMessages({ stick: true });
   deliver(item);
@@ -510,7 +602,8 @@ async function deliver(item) {
     const { message } = await request('send_message', {
       conversationId: item.conversationId,
       content: item.content,
-      type: 'text',
+      type: item.type ?? 'text',
+      ...(item.attachment ? { attachmentId: item.attachment.id } : {}),
       clientMsgId: item.clientMsgId,
     });
     state.acked.add(message.id);
@@ -631,7 +724,8 @@ function messageItem(conv, m) {
     el('div', { className: 'meta' },
       el('span', { className: 'sender', textContent: mine ? 'You' : m.senderName }),
       el('time', { dateTime: m.createdAt, textContent: time.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) })),
-    el('p', { className: 'content', textContent: m.content }));
+    m.attachment ? attachmentView(m.attachment) : null,
+    m.content ? el('p', { className: 'content', textContent: m.content }) : null);
   if (mine) {
     const [status, label] = statusOf(conv, m);
     li.append(el('span', { className: 'status', dataset: { status }, textContent: label }));
@@ -649,7 +743,8 @@ function pendingItem(item) {
   }
   return el('li', { className: 'message mine pending', dataset: { clientMsgId: item.clientMsgId } },
     el('div', { className: 'meta' }, el('span', { className: 'sender', textContent: 'You' })),
-    el('p', { className: 'content', textContent: item.content }),
+    item.attachment ? attachmentView(item.attachment) : null,
+    item.content ? el('p', { className: 'content', textContent: item.content }) : null,
     status);
 }
 
@@ -679,6 +774,7 @@ async function openRoom(id, { focus = true } = {}) {
   $('chat').classList.add('room-open');
   $('composer-input').disabled = false;
   $('send').disabled = false;
+  $('attach').disabled = false;
   $('room-error').textContent = '';
   renderList();
   renderRoomHead();
@@ -699,6 +795,7 @@ function closeRoom() {
   $('chat').classList.remove('room-open');
   $('composer-input').disabled = true;
   $('send').disabled = true;
+  $('attach').disabled = true;
   renderRoomHead();
   renderMessages();
   renderTyping();
@@ -747,6 +844,27 @@ $('composer-input').addEventListener('keydown', (e) => {
   }
 });
 $('composer-input').addEventListener('input', typingActivity);
+$('attach').addEventListener('click', () => $('attach-input').click());
+$('attach-input').addEventListener('change', (e) => {
+  const files = [...e.target.files];
+  e.target.value = '';
+  attachFiles(files);
+});
+// Drag and drop onto the open conversation.
+$('room').addEventListener('dragover', (e) => {
+  if (!state.openId || !e.dataTransfer?.types.includes('Files')) return;
+  e.preventDefault();
+  $('room').classList.add('dropping');
+});
+$('room').addEventListener('dragleave', (e) => {
+  if (!$('room').contains(e.relatedTarget)) $('room').classList.remove('dropping');
+});
+$('room').addEventListener('drop', (e) => {
+  $('room').classList.remove('dropping');
+  if (!state.openId || !e.dataTransfer?.files.length) return;
+  e.preventDefault();
+  attachFiles([...e.dataTransfer.files]);
+});
 $('composer-input').addEventListener('blur', stopTyping);
 
 // A reader at the bottom stays there when the list changes size (rotation, resize, keyboard).

@@ -380,21 +380,40 @@ async fn check_secrets(
 }
 
 /// Every Secret reference in the spec, with the field it came from.
-pub fn secret_refs(cc: &ChatCluster) -> Vec<(&'static str, &SecretKeyRef)> {
+pub fn secret_refs(cc: &ChatCluster) -> Vec<(&'static str, SecretKeyRef)> {
     let spec = &cc.spec;
     let mut refs = Vec::new();
     if let Some(r) = &spec.auth.jwt_secret_ref {
-        refs.push(("spec.auth.jwtSecretRef", r));
+        refs.push(("spec.auth.jwtSecretRef", r.clone()));
     }
     if let Some(r) = &spec.auth.jwt_public_key_ref {
-        refs.push(("spec.auth.jwtPublicKeyRef", r));
+        refs.push(("spec.auth.jwtPublicKeyRef", r.clone()));
     }
-    refs.push(("spec.postgres.urlSecretRef", &spec.postgres.url_secret_ref));
+    refs.push((
+        "spec.postgres.urlSecretRef",
+        spec.postgres.url_secret_ref.clone(),
+    ));
     if let Some(e) = spec.redis.as_ref().and_then(|b| b.external.as_ref()) {
-        refs.push(("spec.redis.external.urlSecretRef", &e.url_secret_ref));
+        refs.push(("spec.redis.external.urlSecretRef", e.url_secret_ref.clone()));
     }
     if let Some(e) = spec.rabbitmq.as_ref().and_then(|b| b.external.as_ref()) {
-        refs.push(("spec.rabbitmq.external.urlSecretRef", &e.url_secret_ref));
+        refs.push((
+            "spec.rabbitmq.external.urlSecretRef",
+            e.url_secret_ref.clone(),
+        ));
+    }
+    // Both keys of the S3 credentials: a rotated key rolls the pods like any other Secret.
+    if let Some(s3) = spec.attachments.as_ref().and_then(|a| a.s3.as_ref()) {
+        let creds = &s3.credentials_secret_ref;
+        for key in [&creds.access_key_id_key, &creds.secret_access_key_key] {
+            refs.push((
+                "spec.attachments.s3.credentialsSecretRef",
+                SecretKeyRef {
+                    name: creds.name.clone(),
+                    key: key.clone(),
+                },
+            ));
+        }
     }
     refs
 }

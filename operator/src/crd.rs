@@ -60,7 +60,9 @@ pub const PAUSED_ANNOTATION: &str = "confab.dev/paused";
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "(self.gateway.replicas <= 1 && !has(self.gateway.autoscaling)) || has(self.rabbitmq) || has(self.redis)",
-     "message": "more than one gateway needs a bus between them: add spec.rabbitmq or spec.redis, or run one replica"}
+     "message": "more than one gateway needs a bus between them: add spec.rabbitmq or spec.redis, or run one replica"},
+    {"rule": "!has(self.attachments) || !has(self.attachments.persistentVolumeClaim) || (self.gateway.replicas <= 1 && !has(self.gateway.autoscaling))",
+     "message": "attachments on a PersistentVolumeClaim serve one replica: use attachments.s3 for more"}
 ]))]
 pub struct ChatClusterSpec {
     /// The gateway pods: image, count, placement, ingress and per-pod limits.
@@ -84,6 +86,11 @@ pub struct ChatClusterSpec {
     /// Where gateways push traces and metrics over OTLP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<TelemetrySpec>,
+    /// Where attachment bytes are kept: an S3-compatible bucket, or a PersistentVolumeClaim for
+    /// a single-replica development cluster. Without it each pod keeps them in its own
+    /// emptyDir (lost with the pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachments: Option<AttachmentsSpec>,
 }
 
 impl ChatClusterSpec {
@@ -161,6 +168,25 @@ impl ChatClusterSpec {
             }
         }
         let many = self.gateway.replicas > 1 || self.gateway.autoscaling.is_some();
+        if let Some(a) = &self.attachments {
+            if a.s3.is_some() == a.persistent_volume_claim.is_some() {
+                problems.push(
+                    "set exactly one of spec.attachments.s3 and spec.attachments.persistentVolumeClaim"
+                        .to_owned(),
+                );
+            }
+            if many && a.persistent_volume_claim.is_some() {
+                problems.push(
+                    "attachments on a PersistentVolumeClaim serve one replica: use spec.attachments.s3 for more"
+                        .to_owned(),
+                );
+            }
+            if let Some(s3) = &a.s3
+                && s3.bucket.trim().is_empty()
+            {
+                problems.push("spec.attachments.s3.bucket is empty: name the bucket".to_owned());
+            }
+        }
         if many && self.redis.is_none() && self.rabbitmq.is_none() {
             problems.push(
                 "more than one gateway needs a bus between them: add spec.rabbitmq or spec.redis, or run one replica"
@@ -446,6 +472,74 @@ impl Default for LimitsSpec {
     }
 }
 
+/// Where attachment bytes are kept.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.s3) != has(self.persistentVolumeClaim)",
+     "message": "set exactly one of attachments.s3 and attachments.persistentVolumeClaim"}
+]))]
+pub struct AttachmentsSpec {
+    /// An S3-compatible bucket shared by every gateway (CONFAB_ATTACHMENTS=s3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3AttachmentsSpec>,
+    /// An existing PersistentVolumeClaim mounted at the gateway's attachment directory: one
+    /// replica only (development).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<AttachmentsClaim>,
+}
+
+/// The bucket and how to reach it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3AttachmentsSpec {
+    /// Bucket name (CONFAB_S3_BUCKET).
+    #[schemars(length(min = 1, max = 63))]
+    pub bucket: String,
+    /// Endpoint of an S3-compatible service, e.g. `http://minio.storage:9000`
+    /// (CONFAB_S3_ENDPOINT); AWS itself when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub endpoint: Option<String>,
+    /// Region of the bucket (CONFAB_S3_REGION); `us-east-1` when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Secret holding the access key id and secret access key.
+    pub credentials_secret_ref: S3CredentialsRef,
+}
+
+/// A Secret with S3 credentials under two keys.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3CredentialsRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key of the access key id (CONFAB_S3_ACCESS_KEY_ID).
+    #[serde(default = "default_access_key_id_key")]
+    pub access_key_id_key: String,
+    /// Key of the secret access key (CONFAB_S3_SECRET_ACCESS_KEY).
+    #[serde(default = "default_secret_access_key_key")]
+    pub secret_access_key_key: String,
+}
+
+fn default_access_key_id_key() -> String {
+    "accessKeyId".to_owned()
+}
+
+fn default_secret_access_key_key() -> String {
+    "secretAccessKey".to_owned()
+}
+
+/// A PersistentVolumeClaim in the ChatCluster's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentsClaim {
+    /// Name of the claim (created beforehand, ReadWriteOnce is enough for one replica).
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+}
+
 /// Where traces and metrics are pushed over OTLP.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -612,6 +706,38 @@ pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
 mod tests {
     use super::*;
     use crate::sample::sample_cluster;
+
+    #[test]
+    fn attachments_on_a_claim_serve_one_replica_and_need_exactly_one_place() {
+        let claim = AttachmentsSpec {
+            s3: None,
+            persistent_volume_claim: Some(AttachmentsClaim {
+                claim_name: "files".into(),
+            }),
+        };
+        let mut spec = sample_cluster().spec;
+        spec.attachments = Some(claim.clone());
+        assert_eq!(
+            spec.problems(),
+            vec![
+                "attachments on a PersistentVolumeClaim serve one replica: use spec.attachments.s3 for more"
+            ]
+        );
+        spec.gateway.autoscaling = None;
+        spec.gateway.replicas = 1;
+        assert_eq!(spec.problems(), Vec::<String>::new());
+        spec.attachments = Some(AttachmentsSpec::default());
+        assert_eq!(
+            spec.problems(),
+            vec![
+                "set exactly one of spec.attachments.s3 and spec.attachments.persistentVolumeClaim"
+            ]
+        );
+        // The CRD carries the same rules for admission.
+        let crd = serde_json::to_string(&ChatCluster::crd()).expect("crd json");
+        assert!(crd.contains("has(self.s3) != has(self.persistentVolumeClaim)"));
+        assert!(crd.contains("attachments on a PersistentVolumeClaim serve one replica"));
+    }
 
     #[test]
     fn the_sample_spec_has_no_problems() {

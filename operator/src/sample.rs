@@ -143,6 +143,7 @@ pub fn sample_cluster() -> ChatCluster {
             telemetry: Some(TelemetrySpec {
                 otlp_endpoint: Some("http://otel-collector.observability:4317".to_owned()),
             }),
+            attachments: None,
         },
         status: None,
     }

@@ -11,6 +11,7 @@ import { randomUUID } from 'node:crypto';
 import { chromium } from 'playwright-core';
 import { startGateway, api } from './lib/gateway.mjs';
 import { socketio } from './lib/clients.mjs';
+import { png } from './lib/images.mjs';
 
 const CHROMIUM = process.env.CONFAB_CHROMIUM ?? '/usr/bin/chromium';
 const ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -62,7 +63,7 @@ function watch(page, label) {
 const messageTexts = (page) => page.locator('#messages li.message').evaluateAll((items) => items.map((li) => ({
   seq: li.dataset.seq ? Number(li.dataset.seq) : null,
   clientMsgId: li.dataset.clientMsgId,
-  content: li.querySelector('.content').textContent,
+  content: li.querySelector('.content')?.textContent ?? '',
   status: li.querySelector('.status')?.dataset.status ?? null,
 })));
 
@@ -284,6 +285,60 @@ describe('web page in a real browser', () => {
       assert.deepEqual(all.map((m) => m.seq), Array.from({ length: 120 }, (_, i) => i + 1));
       assert.deepEqual(problems, []);
       await page.context().close();
+    } finally {
+      await gw.stop();
+    }
+  });
+  it('sends an image from the attach button and both users see its thumbnail and a file chip', { timeout: 90000 }, async () => {
+    const gw = await startDevGateway();
+    try {
+      const aliceToken = await devToken(gw.url, 'alice', 'Alice');
+      const created = await api(gw.url, aliceToken, 'POST', '/api/conversations', { kind: 'group', title: 'Photos', members: ['bob'] });
+      assert.equal(created.status, 201);
+      const pages = [];
+      for (const [user, name, tok] of [['alice', 'Alice', aliceToken], ['bob', 'Bob', await devToken(gw.url, 'bob', 'Bob')]]) {
+        const page = await (await browser.newContext({ viewport: { width: 1280, height: 800 } })).newPage();
+        const problems = watch(page, user);
+        await page.goto(gw.url);
+        await page.locator('#token-input').fill(tok);
+        await page.locator('#token-form button').click();
+        await page.locator('#me').filter({ hasText: `Signed in as ${name} (${user})` }).waitFor(WAIT);
+        await page.locator('#conversations button', { hasText: 'Photos' }).click();
+        await page.locator('#room-title').filter({ hasText: 'Photos' }).waitFor(WAIT);
+        pages.push({ page, problems });
+      }
+      const [alice, bob] = pages;
+      // A caption typed first goes with the image.
+      await alice.page.locator('#composer-input').fill('the view');
+      await alice.page.locator('#attach-input').setInputFiles({ name: 'view.png', mimeType: 'image/png', buffer: png(640, 320) });
+      for (const { page } of pages) {
+        const item = page.locator('#messages li.message[data-seq="1"]');
+        const thumb = item.locator('img.thumbnail');
+        await thumb.waitFor(WAIT);
+        // Loaded from the server's thumbnail (320 px wide), not the 640 px original.
+        await page.waitForFunction((img) => img.complete && img.naturalWidth > 0, await thumb.elementHandle(), WAIT);
+        assert.deepEqual(await thumb.evaluate((img) => [img.naturalWidth, img.naturalHeight]), [320, 160]);
+        assert.match(await thumb.getAttribute('src'), /^blob:/);
+        assert.equal(await item.locator('.file-chip .file-name').textContent(), 'view.png');
+        assert.match(await item.locator('.file-chip .file-size').textContent(), /KB|B$/);
+        assert.equal(await item.locator('.content').textContent(), 'the view');
+      }
+      await bob.page.screenshot({ path: join(ARTIFACTS, 'bob-image.png') });
+      // A file that is not an image is a chip with its size, and no preview.
+      await bob.page.locator('#attach-input').setInputFiles({ name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('x'.repeat(2048)) });
+      const chip = alice.page.locator('#messages li.message[data-seq="2"] .file-chip');
+      await chip.waitFor(WAIT);
+      assert.equal(await chip.locator('.file-name').textContent(), 'notes.txt');
+      assert.equal(await chip.locator('.file-size').textContent(), '2.0 KB');
+      assert.equal(await alice.page.locator('#messages li.message[data-seq="2"] img').count(), 0);
+      // A disguised file is refused with the server's reason, and nothing is sent.
+      await alice.page.locator('#attach-input').setInputFiles({ name: 'cat.png', mimeType: 'image/png', buffer: Buffer.from('<html><script>alert(1)</script></html>') });
+      await alice.page.locator('#room-error').filter({ hasText: /Could not upload cat.png: .*text\/html/ }).waitFor(WAIT);
+      assert.equal(await alice.page.locator('#messages li.message').count(), 2);
+      for (const { page, problems } of pages) {
+        assert.deepEqual(problems, []);
+        await page.context().close();
+      }
     } finally {
       await gw.stop();
     }

@@ -14,6 +14,10 @@ pub enum ChatError {
     Invalid(String),
     #[error("{0}")]
     TooLarge(String),
+    /// Content of a type the gateway does not take (as sniffed from its bytes): `invalid`, with
+    /// HTTP's own status for it.
+    #[error("{0}")]
+    UnsupportedType(String),
     #[error("{0}")]
     Conflict(String),
     #[error("too many requests, retry in {retry_after_ms} ms")]
@@ -30,7 +34,7 @@ impl ChatError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not_found",
-            Self::Invalid(_) => "invalid",
+            Self::Invalid(_) | Self::UnsupportedType(_) => "invalid",
             Self::TooLarge(_) => "too_large",
             Self::Conflict(_) => "conflict",
             Self::RateLimited { .. } => "rate_limited",
@@ -46,6 +50,7 @@ impl ChatError {
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
             Self::TooLarge(_) => 413,
+            Self::UnsupportedType(_) => 415,
             Self::Invalid(_) => 422,
             Self::RateLimited { .. } => 429,
             Self::Unavailable => 503,

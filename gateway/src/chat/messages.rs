@@ -7,7 +7,7 @@ use tracing::Instrument;
 
 use super::error::ChatError;
 use super::event::{ConversationUser, Event, Read, Route};
-use super::model::{ConversationId, ConversationKind, Identity};
+use super::model::{ConversationId, ConversationKind, Identity, MessageAttachment, MessageKind};
 use super::service::ChatService;
 use super::{Page, Send, Sent, Synced, check_text, store_err, unavailable};
 use crate::limits::LimitClass;
@@ -56,7 +56,23 @@ impl ChatService {
                 self.settings.max_content_bytes
             )));
         }
-        if req.content.trim().is_empty() {
+        let wants_attachment = matches!(req.kind, MessageKind::File | MessageKind::Image);
+        match (wants_attachment, req.attachment_id) {
+            (false, Some(_)) => {
+                return Err(ChatError::invalid(
+                    "attachmentId goes with type file or image, not text",
+                ));
+            }
+            (true, None) => {
+                return Err(ChatError::invalid(format!(
+                    "a {} message needs the attachmentId of an upload to its conversation",
+                    req.kind.as_str()
+                )));
+            }
+            _ => {}
+        }
+        // A caption is optional beside an attachment; a text message needs its text.
+        if req.attachment_id.is_none() && req.content.trim().is_empty() {
             return Err(ChatError::invalid("content must not be empty"));
         }
         check_text("clientMsgId", &req.client_msg_id, 100, false)?;
@@ -70,6 +86,13 @@ impl ChatService {
             _ => None,
         };
         drop(state);
+        let attachment = match req.attachment_id {
+            Some(id) => Some(
+                self.attachment_for(req.conversation_id, req.kind, id)
+                    .await?,
+            ),
+            None => None,
+        };
         let persist = tracing::info_span!(
             "store.insert_message",
             conversation_id = %req.conversation_id,
@@ -84,6 +107,7 @@ impl ChatService {
                 client_msg_id: req.client_msg_id,
                 kind: req.kind,
                 content: req.content,
+                attachment,
             })
             .instrument(persist.clone())
             .await
@@ -154,6 +178,36 @@ impl ChatService {
             message,
             fresh: true,
         })
+    }
+
+    /// What a message of `kind` in `conversation` carries of attachment `id`: it must have been
+    /// uploaded to that conversation, and an `image` message's must be an image.
+    async fn attachment_for(
+        &self,
+        conversation: ConversationId,
+        kind: MessageKind,
+        id: uuid::Uuid,
+    ) -> Result<MessageAttachment, ChatError> {
+        let attachment = self
+            .store
+            .attachment(id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| ChatError::not_found("no such attachment"))?;
+        if attachment.conversation_id != conversation {
+            return Err(ChatError::forbidden(
+                "the attachment was uploaded to another conversation",
+            ));
+        }
+        if kind == MessageKind::Image
+            && !crate::attachments::media::is_image(&attachment.content_type)
+        {
+            return Err(ChatError::invalid(format!(
+                "an image message needs an image; the attachment is {}",
+                attachment.content_type
+            )));
+        }
+        Ok(MessageAttachment::from(&attachment))
     }
 
     pub async fn mark_read(

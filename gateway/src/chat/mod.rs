@@ -4,12 +4,14 @@
 //! - `service`: the service itself, its backends, connections and common lookups;
 //! - `membership`: conversations, members, join and leave;
 //! - `messages`: send, read watermarks, history and sync;
+//! - `attachments`: uploads, downloads and thumbnails of the files messages refer to;
 //! - `presence` and `typing`: who is online, who is typing;
 //! - `resume`: server-side subscriptions at connect, and the replay of what a client missed;
 //! - `state`: the per-node conversation cache (kind, department, members, last seq);
 //! - `fanout`: bus bindings, publishing and delivery of what arrives to local connections
 //!   (`hub`).
 
+pub mod attachments;
 pub mod error;
 pub mod event;
 mod fanout;
@@ -75,6 +77,8 @@ pub struct Send {
     pub kind: MessageKind,
     pub content: String,
     pub client_msg_id: String,
+    /// A `file` or `image` message's upload (to the same conversation).
+    pub attachment_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone)]

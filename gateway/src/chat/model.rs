@@ -142,6 +142,56 @@ pub struct Message {
     pub content: String,
     pub client_msg_id: String,
     pub created_at: DateTime<Utc>,
+    // ---- attachments: what a `file` or `image` message carries (absent on text) ----
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<MessageAttachment>,
+}
+
+/// An uploaded file as recorded in the store: its bytes are the object `sha256` of the
+/// attachment store. Immutable once recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub uploader_id: UserId,
+    pub name: String,
+    /// As sniffed from the bytes, never as the client declared it.
+    pub content_type: String,
+    pub size: i64,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a message carries of its attachment: enough to show a chip or fetch a thumbnail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageAttachment {
+    pub id: Uuid,
+    pub name: String,
+    pub content_type: String,
+    pub size: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+}
+
+impl From<&Attachment> for MessageAttachment {
+    fn from(a: &Attachment) -> Self {
+        Self {
+            id: a.id,
+            name: a.name.clone(),
+            content_type: a.content_type.clone(),
+            size: a.size,
+            width: a.width,
+            height: a.height,
+        }
+    }
 }
 
 /// Who is on the other end of a connection or request, as proven by their token.

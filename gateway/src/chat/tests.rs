@@ -1,5 +1,6 @@
 //! Domain rules, driven through `ChatService` with recording connections and a paused clock.
 
+mod attachments;
 mod memory_store;
 mod resume;
 
@@ -149,6 +150,7 @@ fn text(c: &Conversation, client_msg_id: &str, content: &str) -> Send {
         kind: MessageKind::Text,
         content: content.into(),
         client_msg_id: client_msg_id.into(),
+        attachment_id: None,
     }
 }
 

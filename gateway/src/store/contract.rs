@@ -4,8 +4,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{Inserted, NewConversation, NewMessage, Store};
-use crate::chat::model::{ConversationKind, MemberRole, MessageKind};
+use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
+use crate::chat::model::{
+    Attachment, ConversationKind, MemberRole, MessageAttachment, MessageKind,
+};
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
@@ -19,6 +21,7 @@ fn text(conversation: uuid::Uuid, sender: &str, client_msg_id: &str, content: &s
         client_msg_id: client_msg_id.to_owned(),
         kind: MessageKind::Text,
         content: content.to_owned(),
+        attachment: None,
     }
 }
 
@@ -34,6 +37,7 @@ pub async fn run(store: &dyn Store) {
     missing_conversation_is_reported(store).await;
     sends_queued_together_are_answered_each_on_its_own(store).await;
     messages_after_each_reads_every_cursor_with_its_own_cap(store).await;
+    attachments_are_recorded_once_per_retry_key_and_messages_carry_them(store).await;
     // The well-known ids used by the reopen test of the file store.
     let alice = "contract-alice";
     let c = store
@@ -49,6 +53,120 @@ pub async fn run(store: &dyn Store) {
         .insert_message(text(c.id, alice, &unique("cm"), "persisted"))
         .await
         .expect("insert");
+}
+
+async fn attachments_are_recorded_once_per_retry_key_and_messages_carry_them(store: &dyn Store) {
+    let alice = unique("alice");
+    let c = store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Group,
+            title: None,
+            department_id: None,
+            members: vec![(alice.clone(), MemberRole::Owner)],
+        })
+        .await
+        .expect("create");
+    let photo = Attachment {
+        id: uuid::Uuid::now_v7(),
+        conversation_id: c.id,
+        uploader_id: alice.clone(),
+        name: "beach.png".into(),
+        content_type: "image/png".into(),
+        size: 12_345,
+        sha256: "ab".repeat(32),
+        width: Some(640),
+        height: Some(480),
+        created_at: crate::chat::model::now(),
+    };
+    let recorded = store
+        .insert_attachment(photo.clone())
+        .await
+        .expect("record");
+    assert_eq!(recorded, photo);
+    assert_eq!(
+        store.attachment(photo.id).await.expect("load"),
+        Some(photo.clone())
+    );
+    // A retry (same conversation, uploader, bytes and name) under a new id finds the first.
+    let retry = Attachment {
+        id: uuid::Uuid::now_v7(),
+        created_at: crate::chat::model::now(),
+        ..photo.clone()
+    };
+    assert_eq!(
+        store.insert_attachment(retry.clone()).await.expect("retry"),
+        photo
+    );
+    assert_eq!(store.attachment(retry.id).await.expect("load"), None);
+    // The same bytes under another name are another record; a file has no dimensions.
+    let notes = Attachment {
+        id: uuid::Uuid::now_v7(),
+        name: "notes.txt".into(),
+        content_type: "text/plain".into(),
+        width: None,
+        height: None,
+        ..photo.clone()
+    };
+    assert_eq!(
+        store
+            .insert_attachment(notes.clone())
+            .await
+            .expect("record"),
+        notes
+    );
+    assert_eq!(store.attachment(notes.id).await.expect("load"), Some(notes));
+    assert!(matches!(
+        store
+            .insert_attachment(Attachment {
+                id: uuid::Uuid::now_v7(),
+                conversation_id: uuid::Uuid::now_v7(),
+                ..photo.clone()
+            })
+            .await,
+        Err(StoreError::NoSuchConversation(_))
+    ));
+    // A message carries its attachment through insert, retry, history and sync.
+    let reference = MessageAttachment::from(&photo);
+    let sent = store
+        .insert_message(NewMessage {
+            kind: MessageKind::Image,
+            content: String::new(),
+            attachment: Some(reference.clone()),
+            ..text(c.id, &alice, "photo-1", "")
+        })
+        .await
+        .expect("insert");
+    assert_eq!(sent.message().attachment.as_ref(), Some(&reference));
+    let again = store
+        .insert_message(NewMessage {
+            kind: MessageKind::Image,
+            content: String::new(),
+            attachment: Some(reference.clone()),
+            ..text(c.id, &alice, "photo-1", "")
+        })
+        .await
+        .expect("retry");
+    assert!(matches!(again, Inserted::Existing(_)));
+    assert_eq!(again.message().attachment.as_ref(), Some(&reference));
+    store
+        .insert_message(text(c.id, &alice, "plain-1", "no attachment"))
+        .await
+        .expect("insert");
+    let history = store
+        .messages_before(c.id, None, 10)
+        .await
+        .expect("history");
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].attachment.as_ref(), Some(&reference));
+    assert_eq!(history[0].kind, MessageKind::Image);
+    assert_eq!(history[1].attachment, None);
+    let synced = store.messages_after(c.id, 0, 10).await.expect("sync");
+    assert_eq!(synced[0].attachment.as_ref(), Some(&reference));
+    let each = store
+        .messages_after_each(&[(c.id, 0)], 10)
+        .await
+        .expect("each");
+    assert_eq!(each[0].attachment.as_ref(), Some(&reference));
 }
 
 pub async fn run_concurrency(store: Arc<dyn Store>) {

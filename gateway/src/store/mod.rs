@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::chat::model::{
-    Conversation, ConversationId, ConversationKind, ConversationSummary, Member, MemberRole,
-    Message, MessageKind, UserId,
+    Attachment, Conversation, ConversationId, ConversationKind, ConversationSummary, Member,
+    MemberRole, Message, MessageAttachment, MessageKind, UserId,
 };
 
 pub use postgres::PostgresStore;
@@ -45,6 +45,9 @@ pub struct NewMessage {
     pub client_msg_id: String,
     pub kind: MessageKind,
     pub content: String,
+    /// The attachment a `file` or `image` message refers to, copied into the message (it never
+    /// changes), so history and sync read it without a join.
+    pub attachment: Option<MessageAttachment>,
 }
 
 /// The result of an idempotent insert.
@@ -133,6 +136,26 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<i64>, StoreError>;
     /// Every other user who shares at least one conversation with `user`.
     async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError>;
+    /// Records an uploaded attachment. The same `(conversation, uploader, sha256, name)`
+    /// recorded before (a retried upload) returns that record instead of a second one.
+    async fn insert_attachment(&self, new: Attachment) -> Result<Attachment, StoreError>;
+    async fn attachment(&self, id: uuid::Uuid) -> Result<Option<Attachment>, StoreError>;
+}
+
+/// A message's attachment as its row keeps it (JSON text; `None` on text messages).
+fn attachment_json(a: Option<&MessageAttachment>) -> Result<Option<String>, StoreError> {
+    a.map(|a| {
+        serde_json::to_string(a)
+            .map_err(|e| StoreError::Corrupt(format!("attachment does not encode: {e}")))
+    })
+    .transpose()
+}
+
+fn attachment_from_json(text: Option<String>) -> Result<Option<MessageAttachment>, StoreError> {
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("attachment: {e}")))
+    })
+    .transpose()
 }
 
 #[cfg(test)]

@@ -14,12 +14,14 @@ use uuid::Uuid;
 
 use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
 use crate::chat::model::{
-    Conversation, ConversationId, ConversationKind, ConversationSummary, Member, MemberRole,
-    Message, MessageKind, UserId,
+    Attachment, Conversation, ConversationId, ConversationKind, ConversationSummary, Member,
+    MemberRole, Message, MessageKind, UserId,
 };
 
-const MESSAGE_COLUMNS: &str =
-    "id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment";
+
+const ATTACHMENT_COLUMNS: &str =
+    "id, conversation_id, uploader_id, name, content_type, size, sha256, width, height, created_at";
 
 /// Messages are written by group commit, as in [`super::SqliteStore`]: sends queue up for one
 /// committer task, which writes whatever is waiting (up to [`MAX_BATCH`]) in one transaction of
@@ -87,7 +89,34 @@ fn message_from(row: &PgRow) -> Result<Message, StoreError> {
         content: row.try_get("content")?,
         client_msg_id: row.try_get("client_msg_id")?,
         created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
+        attachment: super::attachment_from_json(row.try_get("attachment")?)?,
     })
+}
+
+fn attachment_from(row: &PgRow) -> Result<Attachment, StoreError> {
+    let dimension = |column: &str| -> Result<Option<u32>, StoreError> {
+        let v: Option<i32> = row.try_get(column)?;
+        v.map(|v| u32::try_from(v).map_err(|_| corrupt(column, &v.to_string())))
+            .transpose()
+    };
+    Ok(Attachment {
+        id: row.try_get("id")?,
+        conversation_id: row.try_get("conversation_id")?,
+        uploader_id: row.try_get("uploader_id")?,
+        name: row.try_get("name")?,
+        content_type: row.try_get("content_type")?,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+        width: dimension("width")?,
+        height: dimension("height")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// A dimension as Postgres keeps it (INTEGER); every accepted image fits.
+fn dimension_column(v: Option<u32>) -> Result<Option<i32>, StoreError> {
+    v.map(|v| i32::try_from(v).map_err(|_| corrupt("dimension", &v.to_string())))
+        .transpose()
 }
 
 impl PostgresStore {
@@ -360,6 +389,55 @@ impl Store for PostgresStore {
         .await?;
         Ok(ids)
     }
+
+    async fn insert_attachment(&self, new: Attachment) -> Result<Attachment, StoreError> {
+        // A conflict on the retry key inserts nothing; the select then finds the first record
+        // (committed: the conflicting insert waited for it).
+        let inserted = sqlx::query(
+            "INSERT INTO attachments (id, conversation_id, uploader_id, name, content_type, size, sha256, width, height, created_at) \
+             SELECT $1, id, $2, $3, $4, $5, $6, $7, $8, $9 FROM conversations WHERE id = $10 \
+             ON CONFLICT ON CONSTRAINT attachments_retry DO NOTHING",
+        )
+        .bind(new.id)
+        .bind(&new.uploader_id)
+        .bind(&new.name)
+        .bind(&new.content_type)
+        .bind(new.size)
+        .bind(&new.sha256)
+        .bind(dimension_column(new.width)?)
+        .bind(dimension_column(new.height)?)
+        .bind(new.created_at)
+        .bind(new.conversation_id)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            return Ok(new);
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments \
+             WHERE conversation_id = $1 AND uploader_id = $2 AND sha256 = $3 AND name = $4"
+        )))
+        .bind(new.conversation_id)
+        .bind(&new.uploader_id)
+        .bind(&new.sha256)
+        .bind(&new.name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => attachment_from(&row),
+            None => Err(StoreError::NoSuchConversation(new.conversation_id)),
+        }
+    }
+
+    async fn attachment(&self, id: Uuid) -> Result<Option<Attachment>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(attachment_from).transpose()
+    }
 }
 
 /// The committer: one transaction per batch of queued sends, each answered after the commit.
@@ -411,7 +489,8 @@ fn retryable(e: &sqlx::Error) -> bool {
 
 /// Where one send of a batch stands while the batch is written.
 enum Slot {
-    Done(Result<Inserted, StoreError>),
+    /// Boxed: a message (with its attachment) is far larger than the other variants.
+    Done(Box<Result<Inserted, StoreError>>),
     /// The `n`th fresh message of the batch.
     Fresh(usize),
     /// A repeat, within the batch, of the `n`th fresh message's key.
@@ -495,11 +574,13 @@ async fn write_batch(
             new.client_msg_id.as_str(),
         );
         if !present.contains(&new.conversation_id) {
-            slots.push(Slot::Done(Err(StoreError::NoSuchConversation(
+            slots.push(Slot::Done(Box::new(Err(StoreError::NoSuchConversation(
                 new.conversation_id,
-            ))));
+            )))));
         } else if let Some(message) = existing.get(&key) {
-            slots.push(Slot::Done(Ok(Inserted::Existing(message.clone()))));
+            slots.push(Slot::Done(Box::new(Ok(Inserted::Existing(
+                message.clone(),
+            )))));
         } else if let Some(&n) = first.get(&key) {
             slots.push(Slot::Repeat(n));
         } else {
@@ -539,11 +620,12 @@ async fn write_batch(
                 content: new.content.clone(),
                 client_msg_id: new.client_msg_id.clone(),
                 created_at,
+                attachment: new.attachment.clone(),
             });
         }
         sqlx::query(
-            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at) \
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::timestamptz[])",
+            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::text[])",
         )
         .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
         .bind(messages.iter().map(|m| m.conversation_id).collect::<Vec<_>>())
@@ -554,6 +636,12 @@ async fn write_batch(
         .bind(messages.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
         .bind(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>())
         .bind(messages.iter().map(|m| m.created_at).collect::<Vec<_>>())
+        .bind(
+            messages
+                .iter()
+                .map(|m| super::attachment_json(m.attachment.as_ref()))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
         .execute(&mut *tx)
         .await?;
     }
@@ -561,7 +649,7 @@ async fn write_batch(
     Ok(slots
         .into_iter()
         .map(|slot| match slot {
-            Slot::Done(result) => result,
+            Slot::Done(result) => *result,
             Slot::Fresh(n) => Ok(Inserted::New(messages[n].clone())),
             Slot::Repeat(n) => Ok(Inserted::Existing(messages[n].clone())),
         })
@@ -651,6 +739,7 @@ mod tests {
                 client_msg_id: "t-1".into(),
                 kind: MessageKind::Text,
                 content: "time".into(),
+                attachment: None,
             })
             .await
             .expect("insert");
@@ -700,6 +789,7 @@ mod tests {
                                 client_msg_id: format!("same-{round}"),
                                 kind: MessageKind::Text,
                                 content: format!("round {round}"),
+                                attachment: None,
                             })
                             .await
                             .expect("insert")
@@ -768,6 +858,7 @@ mod tests {
                             client_msg_id: format!("k-{}", i / 5),
                             kind: MessageKind::Text,
                             content: format!("from {node}"),
+                            attachment: None,
                         })
                         .await
                         .expect("insert")

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
 use crate::chat::model::{
-    Conversation, ConversationId, ConversationKind, ConversationSummary, Member, MemberRole,
-    Message, MessageKind, UserId,
+    Attachment, Conversation, ConversationId, ConversationKind, ConversationSummary, Member,
+    MemberRole, Message, MessageKind, UserId,
 };
 
 /// Writes go through a single connection so SQLite never answers `SQLITE_BUSY` between our
@@ -103,8 +103,32 @@ fn message_from(row: &SqliteRow) -> Result<Message, StoreError> {
         content: row.try_get("content")?,
         client_msg_id: row.try_get("client_msg_id")?,
         created_at: parse_time(row.try_get("created_at")?)?,
+        attachment: super::attachment_from_json(row.try_get("attachment")?)?,
     })
 }
+
+fn attachment_from(row: &SqliteRow) -> Result<Attachment, StoreError> {
+    let dimension = |column: &str| -> Result<Option<u32>, StoreError> {
+        let v: Option<i64> = row.try_get(column)?;
+        v.map(|v| u32::try_from(v).map_err(|_| corrupt(column, &v.to_string())))
+            .transpose()
+    };
+    Ok(Attachment {
+        id: parse_id(row.try_get("id")?)?,
+        conversation_id: parse_id(row.try_get("conversation_id")?)?,
+        uploader_id: row.try_get("uploader_id")?,
+        name: row.try_get("name")?,
+        content_type: row.try_get("content_type")?,
+        size: row.try_get("size")?,
+        sha256: row.try_get("sha256")?,
+        width: dimension("width")?,
+        height: dimension("height")?,
+        created_at: parse_time(row.try_get("created_at")?)?,
+    })
+}
+
+const ATTACHMENT_COLUMNS: &str =
+    "id, conversation_id, uploader_id, name, content_type, size, sha256, width, height, created_at";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs the embedded migrations.
@@ -199,7 +223,7 @@ impl SqliteStore {
         client_msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at \
+            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment \
              FROM messages WHERE conversation_id = ? AND sender_id = ? AND client_msg_id = ?",
         )
         .bind(conversation.to_string())
@@ -315,6 +339,16 @@ impl Store for SqliteStore {
     }
     async fn co_members(&self, user: &str) -> Result<Vec<UserId>, StoreError> {
         self.co_members_detached(user)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn insert_attachment(&self, new: Attachment) -> Result<Attachment, StoreError> {
+        self.insert_attachment_detached(new)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn attachment(&self, id: Uuid) -> Result<Option<Attachment>, StoreError> {
+        self.attachment_detached(id)
             .with_subscriber(Dispatch::none())
             .await
     }
@@ -514,10 +548,11 @@ impl SqliteStore {
             content: new.content,
             client_msg_id: new.client_msg_id,
             created_at: crate::chat::model::now(),
+            attachment: new.attachment,
         };
         sqlx::query(
-            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(message.id.to_string())
         .bind(message.conversation_id.to_string())
@@ -528,6 +563,7 @@ impl SqliteStore {
         .bind(message.kind.as_str())
         .bind(&message.content)
         .bind(timestamp(message.created_at))
+        .bind(super::attachment_json(message.attachment.as_ref())?)
         .execute(&mut **tx)
         .await?;
         Ok(Inserted::New(message))
@@ -540,7 +576,7 @@ impl SqliteStore {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at \
+            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment \
              FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
         )
         .bind(conversation.to_string())
@@ -563,7 +599,7 @@ impl SqliteStore {
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at \
+            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment \
              FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?",
         )
         .bind(conversation.to_string())
@@ -589,7 +625,7 @@ impl SqliteStore {
         // behind reads no more than `limit` rows.
         let rows = sqlx::query(
             "WITH k(c, a, o) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), key FROM json_each(?1)) \
-             SELECT m.id, m.conversation_id, m.seq, m.sender_id, m.sender_name, m.client_msg_id, m.kind, m.content, m.created_at \
+             SELECT m.id, m.conversation_id, m.seq, m.sender_id, m.sender_name, m.client_msg_id, m.kind, m.content, m.created_at, m.attachment \
              FROM k JOIN messages m ON m.conversation_id = k.c AND m.seq > k.a \
              AND m.seq <= COALESCE((SELECT seq FROM messages WHERE conversation_id = k.c AND seq > k.a \
              ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 9223372036854775807) \
@@ -631,6 +667,57 @@ impl SqliteStore {
         .fetch_all(&self.readers)
         .await?;
         Ok(ids)
+    }
+}
+
+impl SqliteStore {
+    async fn insert_attachment_detached(&self, new: Attachment) -> Result<Attachment, StoreError> {
+        // On the writer: the insert and the read of a record made before by a retry see one
+        // order. A conflict on the retry key inserts nothing and the select finds the first.
+        let inserted = sqlx::query(
+            "INSERT INTO attachments (id, conversation_id, uploader_id, name, content_type, size, sha256, width, height, created_at) \
+             SELECT ?, id, ?, ?, ?, ?, ?, ?, ?, ? FROM conversations WHERE id = ? \
+             ON CONFLICT (conversation_id, uploader_id, sha256, name) DO NOTHING",
+        )
+        .bind(new.id.to_string())
+        .bind(&new.uploader_id)
+        .bind(&new.name)
+        .bind(&new.content_type)
+        .bind(new.size)
+        .bind(&new.sha256)
+        .bind(new.width.map(i64::from))
+        .bind(new.height.map(i64::from))
+        .bind(timestamp(new.created_at))
+        .bind(new.conversation_id.to_string())
+        .execute(&self.writer)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            return Ok(new);
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments \
+             WHERE conversation_id = ? AND uploader_id = ? AND sha256 = ? AND name = ?"
+        )))
+        .bind(new.conversation_id.to_string())
+        .bind(&new.uploader_id)
+        .bind(&new.sha256)
+        .bind(&new.name)
+        .fetch_optional(&self.writer)
+        .await?;
+        match row {
+            Some(row) => attachment_from(&row),
+            None => Err(StoreError::NoSuchConversation(new.conversation_id)),
+        }
+    }
+
+    async fn attachment_detached(&self, id: Uuid) -> Result<Option<Attachment>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ATTACHMENT_COLUMNS} FROM attachments WHERE id = ?"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&self.readers)
+        .await?;
+        row.as_ref().map(attachment_from).transpose()
     }
 }
 

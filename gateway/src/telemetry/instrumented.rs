@@ -151,6 +151,20 @@ impl Store for InstrumentedStore {
         let call = self.inner.co_members(user);
         timed(&self.calls, "co_members", call).await
     }
+    async fn insert_attachment(
+        &self,
+        new: crate::chat::model::Attachment,
+    ) -> Result<crate::chat::model::Attachment, StoreError> {
+        let call = self.inner.insert_attachment(new);
+        timed(&self.calls, "insert_attachment", call).await
+    }
+    async fn attachment(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<crate::chat::model::Attachment>, StoreError> {
+        let call = self.inner.attachment(id);
+        timed(&self.calls, "attachment", call).await
+    }
 }
 
 /// A [`Bus`] whose calls are timed.

@@ -2,13 +2,15 @@
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
@@ -16,14 +18,15 @@ use uuid::Uuid;
 
 use super::Gateway;
 use super::protocol::{
-    AddMemberBody, ConversationBody, ConversationList, CreateConversationBody, ErrorBody,
-    ErrorReply, MessagesPage,
+    AddMemberBody, AttachmentReply, ConversationBody, ConversationList, CreateConversationBody,
+    ErrorBody, ErrorReply, MessagesPage,
 };
 use crate::chat::CreateConversation;
+use crate::chat::attachments::Upload;
 use crate::chat::error::ChatError;
 use crate::chat::model::{
-    Conversation, ConversationKind, ConversationSummary, Identity, Member, MemberRole, Message,
-    MessageKind,
+    Attachment, Conversation, ConversationKind, ConversationSummary, Identity, Member, MemberRole,
+    Message, MessageAttachment, MessageKind,
 };
 use crate::limits::LimitClass;
 
@@ -196,6 +199,213 @@ async fn messages(
     }))
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UploadQuery {
+    /// The file's name, as members will see it.
+    pub name: String,
+}
+
+#[utoipa::path(post, path = "/api/conversations/{id}/attachments", params(("id" = Uuid, Path), UploadQuery),
+    request_body(content = Vec<u8>, description = "the file itself, with its Content-Type and Content-Length", content_type = "application/octet-stream"),
+    responses((status = 201, body = AttachmentReply), (status = 403, body = ErrorReply), (status = 413, body = ErrorReply),
+        (status = 415, body = ErrorReply, description = "a type not accepted, or not the declared one (sniffed from the bytes)"),
+        (status = 429, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn upload_attachment(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+    query: Result<Query<UploadQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<AttachmentReply>), ApiError> {
+    let Path(id) = id.map_err(path_error)?;
+    let Query(q) = query.map_err(query_error)?;
+    let declared_len = match headers.get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| ApiError(ChatError::invalid("Content-Length is not a number")))?,
+        ),
+    };
+    let declared_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // Chunk by chunk as hyper reads them: the file is never whole in memory.
+    let stream = body
+        .into_data_stream()
+        .map_err(std::io::Error::other)
+        .boxed();
+    let attachment = gw
+        .attachments
+        .upload(
+            &who,
+            Upload {
+                conversation_id: id,
+                name: q.name,
+                declared_type,
+                declared_len,
+            },
+            stream,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(AttachmentReply { attachment })))
+}
+
+/// `Range: bytes=a-b | a- | -n` (one range; several, or one we cannot read, serve the whole),
+/// as `start..end`. `Err` when it starts past the end (416).
+fn byte_range(headers: &HeaderMap, size: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
+    let Some(spec) = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let range = match (first.parse::<u64>(), last.parse::<u64>()) {
+        (Ok(a), Ok(b)) if a <= b => a..b.saturating_add(1).min(size),
+        (Ok(a), Err(_)) if last.is_empty() => a..size,
+        (Err(_), Ok(n)) if first.is_empty() && n > 0 => size.saturating_sub(n)..size,
+        _ => return Ok(None),
+    };
+    if range.start >= size {
+        return Err(());
+    }
+    Ok(Some(range))
+}
+
+/// `attachment` (a download) for anything but the image types shown inline, with the name as
+/// ASCII and as RFC 8187 UTF-8.
+fn disposition(a: &Attachment) -> String {
+    let kind = if crate::attachments::media::is_image(&a.content_type) {
+        "inline"
+    } else {
+        "attachment"
+    };
+    let ascii: String = a
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " .-_()".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut encoded = String::new();
+    for b in a.name.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(b) {
+            encoded.push(*b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("{kind}; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
+}
+
+/// Headers that keep served content inert: no sniffing into another type, no scripts, no
+/// plugins, no same-origin access even when opened as a page.
+fn safe_headers(builder: axum::http::response::Builder) -> axum::http::response::Builder {
+    builder
+        .header("x-content-type-options", "nosniff")
+        .header(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; sandbox",
+        )
+        .header(header::CACHE_CONTROL, "private, max-age=86400")
+}
+
+fn built(response: Result<Response, axum::http::Error>) -> Response {
+    response.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "could not build an attachment response");
+        ApiError(ChatError::Unavailable).into_response()
+    })
+}
+
+#[utoipa::path(get, path = "/api/attachments/{id}", params(("id" = Uuid, Path)),
+    responses((status = 200, description = "the file"), (status = 206, description = "the range asked for"),
+        (status = 403, body = ErrorReply), (status = 404, body = ErrorReply), (status = 416, description = "a range past the end")),
+    security(("bearer" = [])))]
+async fn download_attachment(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(path_error)?;
+    let attachment = gw.attachments.find(&who, id).await?;
+    let size = u64::try_from(attachment.size).unwrap_or(0);
+    let range = match byte_range(&headers, size) {
+        Ok(r) => r,
+        Err(()) => {
+            return Ok(built(
+                safe_headers(Response::builder())
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+                    .body(Body::empty()),
+            ));
+        }
+    };
+    let stream = gw.attachments.read(&attachment, range.clone()).await?;
+    let content_type = if attachment.content_type == "text/plain" {
+        "text/plain; charset=utf-8".to_owned()
+    } else {
+        attachment.content_type.clone()
+    };
+    let mut builder = safe_headers(Response::builder())
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_DISPOSITION, disposition(&attachment))
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{}\"", attachment.sha256));
+    builder = match &range {
+        Some(r) => builder
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(
+                header::CONTENT_RANGE,
+                format!("bytes {}-{}/{size}", r.start, r.end.saturating_sub(1)),
+            )
+            .header(header::CONTENT_LENGTH, r.end - r.start),
+        None => builder
+            .status(StatusCode::OK)
+            .header(header::CONTENT_LENGTH, size),
+    };
+    Ok(built(builder.body(Body::from_stream(stream))))
+}
+
+#[utoipa::path(get, path = "/api/attachments/{id}/thumbnail", params(("id" = Uuid, Path)),
+    responses((status = 200, description = "a PNG at most 320 pixels a side, without the original's metadata", content_type = "image/png"),
+        (status = 403, body = ErrorReply), (status = 404, body = ErrorReply)),
+    security(("bearer" = [])))]
+async fn attachment_thumbnail(
+    State(gw): State<Arc<Gateway>>,
+    Caller(who): Caller,
+    id: Result<Path<Uuid>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(path_error)?;
+    let thumb = gw.attachments.thumbnail(&who, id).await?;
+    Ok(built(
+        safe_headers(Response::builder())
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "image/png")
+            .header(header::CONTENT_DISPOSITION, "inline")
+            .header(header::CONTENT_LENGTH, thumb.len())
+            .body(Body::from(thumb)),
+    ))
+}
+
 #[utoipa::path(get, path = "/healthz", responses((status = 200, description = "the process is alive")))]
 async fn healthz() -> &'static str {
     "ok"
@@ -214,7 +424,16 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
         };
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    match gw.service.ready().await {
+    let ready = match gw.service.ready().await {
+        Ok(()) => gw
+            .attachments
+            .objects()
+            .ping()
+            .await
+            .map_err(|e| format!("attachments: {e}")),
+        Err(why) => Err(why),
+    };
+    match ready {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(why) => {
             tracing::warn!(reason = %why, "not ready");
@@ -334,8 +553,8 @@ impl Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Confab gateway HTTP API", description = "Conversations, members and history. Realtime events are on /socket.io/."),
-    paths(create_conversation, list_conversations, get_conversation, add_member, remove_member, messages, healthz, readyz, start_drain, get_drain),
-    components(schemas(Conversation, ConversationSummary, ConversationKind, Member, MemberRole, Message, MessageKind)),
+    paths(create_conversation, list_conversations, get_conversation, add_member, remove_member, messages, upload_attachment, download_attachment, attachment_thumbnail, healthz, readyz, start_drain, get_drain),
+    components(schemas(Conversation, ConversationSummary, ConversationKind, Member, MemberRole, Message, MessageKind, Attachment, MessageAttachment, AttachmentReply)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -361,6 +580,12 @@ pub fn routes() -> Router<Arc<Gateway>> {
             delete(remove_member),
         )
         .route("/api/conversations/{id}/messages", get(messages))
+        .route(
+            "/api/conversations/{id}/attachments",
+            post(upload_attachment),
+        )
+        .route("/api/attachments/{id}", get(download_attachment))
+        .route("/api/attachments/{id}/thumbnail", get(attachment_thumbnail))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/admin/drain", post(start_drain).get(get_drain))

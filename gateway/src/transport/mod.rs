@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
+use crate::chat::attachments::{Attachments, Upload};
 use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
 use crate::chat::hub::{ConnId, Outbound};
@@ -28,9 +29,10 @@ use crate::config::WsCompression;
 use crate::limits::LimitClass;
 use crate::telemetry::{Transport, audit};
 use protocol::{
-    ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest, MarkReadRequest,
-    MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded,
-    RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest, parse,
+    AttachmentReply, ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest,
+    MarkReadRequest, MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest,
+    RateLimitExceeded, RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply,
+    SyncRequest, UploadAttachmentRequest, parse,
 };
 
 /// Transport-level settings, from configuration.
@@ -81,6 +83,7 @@ pub struct Gateway {
     pub drain: Arc<crate::drain::Drain>,
     /// Every live session's token expiry, on one timer.
     pub expiries: Arc<expiry::Expiries>,
+    pub attachments: Arc<Attachments>,
 }
 
 /// The client's address. From a trusted proxy, the rightmost `X-Forwarded-For` hop that is not
@@ -172,6 +175,7 @@ pub const EVENTS: &[&str] = &[
     "sync",
     "presence",
     "refresh_token",
+    "upload_attachment",
 ];
 
 /// The static name of a client event, for metric labels and spans: `other` for unknown names,
@@ -317,12 +321,51 @@ async fn run(
             session.renew(renewed, &gw.expiries);
             Ok(to_value(RefreshReply { exp }))
         }
+        "upload_attachment" => upload_attachment(gw, session, &who, payload).await,
         other => Err(ChatError::invalid(format!(
             "unknown event {:?}; expected one of {}",
             other.chars().take(64).collect::<String>(),
             EVENTS.join(", ")
         ))),
     }
+}
+
+/// `upload_attachment` over Socket.IO, whose binary attachments carry the bytes. `/ws` has no
+/// binary events (its binary frames are refused): there the answer names the HTTP upload.
+async fn upload_attachment(
+    gw: &Gateway,
+    session: &Session,
+    who: &Identity,
+    payload: Value,
+) -> Result<Value, ChatError> {
+    if session.transport != Transport::SocketIo {
+        return Err(ChatError::invalid(
+            "upload_attachment needs Socket.IO binary attachments; over /ws upload with HTTP: POST /api/conversations/{id}/attachments?name=… with the file as the body",
+        ));
+    }
+    let req: UploadAttachmentRequest = parse("upload_attachment", payload)?;
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(req.data.base64.as_bytes())
+        .map_err(|_| ChatError::invalid("upload_attachment: data is not a binary attachment"))?;
+    let len = bytes.len() as u64;
+    let body: crate::attachments::ByteStream = Box::pin(futures::stream::once(async move {
+        Ok(bytes::Bytes::from(bytes))
+    }));
+    let attachment = gw
+        .attachments
+        .upload(
+            who,
+            Upload {
+                conversation_id: req.conversation_id,
+                name: req.name,
+                declared_type: req.content_type,
+                declared_len: Some(len),
+            },
+            body,
+        )
+        .await?;
+    Ok(to_value(AttachmentReply { attachment }))
 }
 
 async fn send_message(
@@ -345,6 +388,7 @@ async fn send_message(
                     kind: req.kind,
                     content: req.content,
                     client_msg_id: req.client_msg_id,
+                    attachment_id: req.attachment_id,
                 },
             )
             .await

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::chat::error::ChatError;
 use crate::chat::model::{
-    Conversation, ConversationKind, ConversationSummary, Member, Message, MessageKind, UserId,
-    UserStatus,
+    Attachment, Conversation, ConversationKind, ConversationSummary, Member, Message, MessageKind,
+    UserId, UserStatus,
 };
 
 /// Decodes a request payload, refusing unknown fields and wrong types with a message that names
@@ -32,6 +32,7 @@ pub enum Request {
     Sync(SyncRequest),
     Presence(PresenceRequest),
     RefreshToken(RefreshTokenRequest),
+    UploadAttachment(UploadAttachmentRequest),
 }
 
 pub fn parse_request(event: &str, payload: Value) -> Result<Request, ChatError> {
@@ -45,6 +46,7 @@ pub fn parse_request(event: &str, payload: Value) -> Result<Request, ChatError> 
         "sync" => Request::Sync(parse(event, payload)?),
         "presence" => Request::Presence(parse(event, payload)?),
         "refresh_token" => Request::RefreshToken(parse(event, payload)?),
+        "upload_attachment" => Request::UploadAttachment(parse(event, payload)?),
         _ => return Err(ChatError::invalid("unknown event")),
     })
 }
@@ -158,10 +160,35 @@ pub fn parse_cursors(value: &serde_json::Value) -> Result<crate::chat::Cursors, 
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SendMessageRequest {
     pub conversation_id: Uuid,
+    /// Optional beside an attachment (a caption).
+    #[serde(default)]
     pub content: String,
     #[serde(rename = "type", default = "text_kind")]
     pub kind: MessageKind,
     pub client_msg_id: String,
+    /// A `file` or `image` message's upload.
+    #[serde(default)]
+    pub attachment_id: Option<Uuid>,
+}
+
+/// `upload_attachment {conversationId, name, contentType, data}`: `data` is the file as a
+/// Socket.IO binary attachment (`socket.emit('upload_attachment', {…, data: buffer})`), which
+/// reaches the domain as `{"base64": …}`; the whole packet is capped by the frame limit.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadAttachmentRequest {
+    pub conversation_id: Uuid,
+    pub name: String,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    pub data: BinaryData,
+}
+
+/// A binary attachment as the Socket.IO codec hands it over.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BinaryData {
+    pub base64: String,
 }
 
 fn text_kind() -> MessageKind {
@@ -220,6 +247,13 @@ pub struct JoinReply {
     /// Present when the request asked for it (`members: true`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub members: Option<Vec<Member>>,
+}
+
+/// `{attachment}`: an upload's answer, over HTTP and in the socket's ack.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentReply {
+    pub attachment: Attachment,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -16,9 +16,11 @@ use crate::chat::check_user_id;
 use crate::chat::error::ChatError;
 
 /// Only files from this origin; no inline script or style, no framing. `'self'` in
-/// `connect-src` also covers the same-origin `ws://` upgrade (CSP level 3).
+/// `connect-src` also covers the same-origin `ws://` upgrade (CSP level 3). `blob:` images are
+/// the attachment thumbnails the page fetched itself (with its token, which `<img src>` cannot
+/// send) and shows through object URLs.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
-    style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; \
+    style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; \
     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The page's files: URL path, content type, bytes.

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::{
-    BuildError, Component, DRAIN_ANNOTATION_FILE, GATEWAY_DATA_DIR, GATEWAY_PORT, ManagedKind,
-    child_meta, gateway_name,
+    BuildError, Component, DRAIN_ANNOTATION_FILE, GATEWAY_ATTACHMENTS_DIR, GATEWAY_DATA_DIR,
+    GATEWAY_PORT, ManagedKind, child_meta, gateway_name,
 };
 use crate::crd::ChatCluster;
 
@@ -88,6 +88,21 @@ pub fn settings(cc: &ChatCluster) -> BTreeMap<String, String> {
     {
         set("CONFAB_OTLP_ENDPOINT", endpoint);
     }
+    if let Some(attachments) = &spec.attachments {
+        if let Some(s3) = &attachments.s3 {
+            set("CONFAB_ATTACHMENTS", "s3".to_owned());
+            set("CONFAB_S3_BUCKET", s3.bucket.clone());
+            if let Some(endpoint) = &s3.endpoint {
+                set("CONFAB_S3_ENDPOINT", endpoint.clone());
+            }
+            if let Some(region) = &s3.region {
+                set("CONFAB_S3_REGION", region.clone());
+            }
+        } else if attachments.persistent_volume_claim.is_some() {
+            set("CONFAB_ATTACHMENTS", "local".to_owned());
+            set("CONFAB_ATTACHMENTS_DIR", GATEWAY_ATTACHMENTS_DIR.to_owned());
+        }
+    }
     // Managed backends are reached through their Service; external ones come from Secrets
     // (see the Deployment), so no credential ever lands in a ConfigMap.
     if ManagedKind::Redis.managed(cc).is_some() {
@@ -110,7 +125,10 @@ pub fn configmap(cc: &ChatCluster) -> Result<ConfigMap, BuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{BackendSpec, ExternalBackend, SecretKeyRef};
+    use crate::crd::{
+        AttachmentsClaim, AttachmentsSpec, BackendSpec, ExternalBackend, S3AttachmentsSpec,
+        S3CredentialsRef, SecretKeyRef,
+    };
     use crate::resources::testing::sample;
 
     #[test]
@@ -205,6 +223,52 @@ mod tests {
             Vec::<&String>::new(),
             "names the gateway does not read"
         );
+    }
+
+    #[test]
+    fn attachments_go_to_the_configured_bucket_or_the_claim_directory() {
+        let mut cc = sample();
+        assert!(!settings(&cc).contains_key("CONFAB_ATTACHMENTS"));
+        cc.spec.attachments = Some(AttachmentsSpec {
+            s3: Some(S3AttachmentsSpec {
+                bucket: "confab-files".into(),
+                endpoint: Some("http://minio.storage:9000".into()),
+                region: Some("eu-central-1".into()),
+                credentials_secret_ref: S3CredentialsRef {
+                    name: "confab-s3".into(),
+                    access_key_id_key: "accessKeyId".into(),
+                    secret_access_key_key: "secretAccessKey".into(),
+                },
+            }),
+            persistent_volume_claim: None,
+        });
+        let data = settings(&cc);
+        assert_eq!(data["CONFAB_ATTACHMENTS"], "s3");
+        assert_eq!(data["CONFAB_S3_BUCKET"], "confab-files");
+        assert_eq!(data["CONFAB_S3_ENDPOINT"], "http://minio.storage:9000");
+        assert_eq!(data["CONFAB_S3_REGION"], "eu-central-1");
+        assert!(
+            !data.keys().any(|k| k.contains("ACCESS_KEY")),
+            "credentials come from the Secret, never the ConfigMap"
+        );
+        let config = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../gateway/src/config.rs"
+        ))
+        .expect("gateway/src/config.rs");
+        for key in data.keys() {
+            assert!(config.contains(&format!("env = \"{key}\"")), "{key}");
+        }
+        cc.spec.attachments = Some(AttachmentsSpec {
+            s3: None,
+            persistent_volume_claim: Some(AttachmentsClaim {
+                claim_name: "confab-attachments".into(),
+            }),
+        });
+        let data = settings(&cc);
+        assert_eq!(data["CONFAB_ATTACHMENTS"], "local");
+        assert_eq!(data["CONFAB_ATTACHMENTS_DIR"], GATEWAY_ATTACHMENTS_DIR);
+        assert!(!data.contains_key("CONFAB_S3_BUCKET"));
     }
 
     #[test]

@@ -8,16 +8,17 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, DownwardAPIVolumeFile,
     DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, ExecAction,
-    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    BuildError, Component, GATEWAY_BINARY, GATEWAY_DATA_DIR, GATEWAY_PORT, PODINFO_DIR, child_meta,
-    configmap, gateway_name, labels, placement, selector_labels, stable_hash,
+    BuildError, Component, GATEWAY_ATTACHMENTS_DIR, GATEWAY_BINARY, GATEWAY_DATA_DIR, GATEWAY_PORT,
+    PODINFO_DIR, child_meta, configmap, gateway_name, labels, placement, selector_labels,
+    stable_hash,
 };
 use crate::crd::{ChatCluster, SecretKeyRef};
 use crate::rollout;
@@ -76,6 +77,21 @@ pub fn secret_envs(cc: &ChatCluster) -> Vec<EnvVar> {
     }
     if let Some(external) = spec.rabbitmq.as_ref().and_then(|r| r.external.as_ref()) {
         env.push(secret_env("CONFAB_AMQP_URL", &external.url_secret_ref));
+    }
+    if let Some(s3) = spec.attachments.as_ref().and_then(|a| a.s3.as_ref()) {
+        let creds = &s3.credentials_secret_ref;
+        for (name, key) in [
+            ("CONFAB_S3_ACCESS_KEY_ID", &creds.access_key_id_key),
+            ("CONFAB_S3_SECRET_ACCESS_KEY", &creds.secret_access_key_key),
+        ] {
+            env.push(secret_env(
+                name,
+                &SecretKeyRef {
+                    name: creds.name.clone(),
+                    key: key.clone(),
+                },
+            ));
+        }
     }
     env
 }
@@ -260,6 +276,31 @@ pub fn deployment(cc: &ChatCluster, inputs: &Inputs) -> Result<Deployment, Build
         ]),
         ..PodSpec::default()
     };
+    if let Some(claim) = cc
+        .spec
+        .attachments
+        .as_ref()
+        .and_then(|a| a.persistent_volume_claim.as_ref())
+    {
+        pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: "attachments".to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+        if let Some(gateway) = pod.containers.first_mut() {
+            gateway
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: "attachments".to_owned(),
+                    mount_path: GATEWAY_ATTACHMENTS_DIR.to_owned(),
+                    ..VolumeMount::default()
+                });
+        }
+    }
     placement::apply(
         &mut pod,
         cc.spec.gateway.pod.as_ref(),
@@ -312,7 +353,10 @@ pub fn deployment(cc: &ChatCluster, inputs: &Inputs) -> Result<Deployment, Build
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{BackendSpec, ExternalBackend};
+    use crate::crd::{
+        AttachmentsClaim, AttachmentsSpec, BackendSpec, ExternalBackend, S3AttachmentsSpec,
+        S3CredentialsRef,
+    };
     use crate::resources::testing::sample;
 
     fn container(d: &Deployment) -> &Container {
@@ -371,6 +415,67 @@ mod tests {
             Some(true)
         );
         assert_eq!(pod.automount_service_account_token, Some(false));
+    }
+
+    #[test]
+    fn s3_credentials_come_from_their_secret_and_a_claim_is_mounted_for_attachments() {
+        let mut cc = sample();
+        cc.spec.attachments = Some(AttachmentsSpec {
+            s3: Some(S3AttachmentsSpec {
+                bucket: "confab-files".into(),
+                endpoint: None,
+                region: None,
+                credentials_secret_ref: S3CredentialsRef {
+                    name: "confab-s3".into(),
+                    access_key_id_key: "id".into(),
+                    secret_access_key_key: "secret".into(),
+                },
+            }),
+            persistent_volume_claim: None,
+        });
+        let d = deployment(&cc, &Inputs::default()).expect("builds");
+        let c = container(&d);
+        let id = env_secret(c, "CONFAB_S3_ACCESS_KEY_ID").expect("key id from secret");
+        assert_eq!((id.name.as_str(), id.key.as_str()), ("confab-s3", "id"));
+        let secret = env_secret(c, "CONFAB_S3_SECRET_ACCESS_KEY").expect("secret from secret");
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("confab-s3", "secret")
+        );
+        assert!(
+            crate::controller::secret_refs(&cc)
+                .iter()
+                .any(|(field, r)| field.contains("attachments") && r.key == "secret"),
+            "a missing credentials Secret is reported and its rotation rolls the pods"
+        );
+
+        cc.spec.attachments = Some(AttachmentsSpec {
+            s3: None,
+            persistent_volume_claim: Some(AttachmentsClaim {
+                claim_name: "confab-attachments".into(),
+            }),
+        });
+        let d = deployment(&cc, &Inputs::default()).expect("builds");
+        let pod = d.spec.template.spec.as_ref().expect("pod");
+        let volume = pod
+            .volumes
+            .as_ref()
+            .and_then(|v| v.iter().find(|v| v.name == "attachments"))
+            .expect("attachments volume");
+        assert_eq!(
+            volume
+                .persistent_volume_claim
+                .as_ref()
+                .map(|p| p.claim_name.as_str()),
+            Some("confab-attachments")
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .and_then(|m| m.iter().find(|m| m.name == "attachments"))
+            .expect("mounted");
+        assert_eq!(mount.mount_path, GATEWAY_ATTACHMENTS_DIR);
+        assert!(env_secret(container(&d), "CONFAB_S3_ACCESS_KEY_ID").is_none());
     }
 
     #[test]

@@ -20,6 +20,8 @@ use crate::crd::{BackendSpec, ChatCluster, ManagedBackend};
 pub const GATEWAY_PORT: i32 = 8080;
 /// Where the gateway keeps its files; an emptyDir because the root filesystem is read-only.
 pub const GATEWAY_DATA_DIR: &str = "/var/lib/confab";
+/// Where a PersistentVolumeClaim of attachments is mounted (spec.attachments.persistentVolumeClaim).
+pub const GATEWAY_ATTACHMENTS_DIR: &str = "/var/lib/confab-attachments";
 /// Where the gateway image installs its binary (gateway/Dockerfile); the preStop hook runs it.
 pub const GATEWAY_BINARY: &str = "/usr/local/bin/confab-gateway";
 /// Where the downward-API volume with the pod's own annotations is mounted.

@@ -9,7 +9,8 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::chat::model::{
-    Conversation, ConversationId, ConversationSummary, Member, MemberRole, Message, UserId,
+    Attachment, Conversation, ConversationId, ConversationSummary, Member, MemberRole, Message,
+    UserId,
 };
 use crate::store::{Inserted, NewConversation, NewMessage, Store, StoreError};
 
@@ -18,6 +19,7 @@ struct Data {
     conversations: HashMap<ConversationId, Conversation>,
     members: Vec<Member>,
     messages: Vec<Message>,
+    attachments: Vec<Attachment>,
 }
 
 #[derive(Default)]
@@ -56,6 +58,7 @@ impl MemoryStore {
             content: new.content,
             client_msg_id: new.client_msg_id,
             created_at: crate::chat::model::now(),
+            attachment: new.attachment,
         };
         d.messages.push(m.clone());
         Ok(Inserted::New(m))
@@ -275,6 +278,27 @@ impl Store for MemoryStore {
         others.sort();
         others.dedup();
         Ok(others)
+    }
+
+    async fn insert_attachment(&self, new: Attachment) -> Result<Attachment, StoreError> {
+        let mut d = self.data();
+        if !d.conversations.contains_key(&new.conversation_id) {
+            return Err(StoreError::NoSuchConversation(new.conversation_id));
+        }
+        if let Some(first) = d.attachments.iter().find(|a| {
+            a.conversation_id == new.conversation_id
+                && a.uploader_id == new.uploader_id
+                && a.sha256 == new.sha256
+                && a.name == new.name
+        }) {
+            return Ok(first.clone());
+        }
+        d.attachments.push(new.clone());
+        Ok(new)
+    }
+
+    async fn attachment(&self, id: Uuid) -> Result<Option<Attachment>, StoreError> {
+        Ok(self.read().attachments.iter().find(|a| a.id == id).cloned())
     }
 }
 
