@@ -149,6 +149,8 @@ fn text(c: &Conversation, client_msg_id: &str, content: &str) -> Send {
         kind: MessageKind::Text,
         content: content.into(),
         client_msg_id: client_msg_id.into(),
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 
