@@ -1,5 +1,6 @@
 //! Domain rules, driven through `ChatService` with recording connections and a paused clock.
 
+mod lifecycle;
 mod memory_store;
 mod resume;
 
