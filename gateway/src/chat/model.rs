@@ -163,7 +163,7 @@ pub struct Message {
     #[serde(default, skip_serializing_if = "is_false")]
     pub deleted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply_to: Option<ReplyQuote>,
+    pub reply_to: Option<Box<ReplyQuote>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mentions: Vec<UserId>,
     /// Counts per emoji, and whether the reader is among them (reads only: `history`).

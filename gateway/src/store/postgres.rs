@@ -105,7 +105,8 @@ fn message_from(row: &PgRow) -> Result<Message, StoreError> {
             row.try_get("reply_sender_id")?,
             row.try_get("reply_sender_name")?,
             row.try_get("reply_quote")?,
-        ),
+        )
+        .map(Box::new),
         mentions: mentions_from(row.try_get("mentions")?)?,
         reactions: Vec::new(),
     })
@@ -921,7 +922,8 @@ fn retryable(e: &sqlx::Error) -> bool {
 
 /// Where one send of a batch stands while the batch is written.
 enum Slot {
-    Done(Result<Inserted, StoreError>),
+    /// Boxed: a whole message beside two indexes.
+    Done(Box<Result<Inserted, StoreError>>),
     /// The `n`th fresh message of the batch.
     Fresh(usize),
     /// A repeat, within the batch, of the `n`th fresh message's key.
@@ -1005,11 +1007,13 @@ async fn write_batch(
             new.client_msg_id.as_str(),
         );
         if !present.contains(&new.conversation_id) {
-            slots.push(Slot::Done(Err(StoreError::NoSuchConversation(
+            slots.push(Slot::Done(Box::new(Err(StoreError::NoSuchConversation(
                 new.conversation_id,
-            ))));
+            )))));
         } else if let Some(message) = existing.get(&key) {
-            slots.push(Slot::Done(Ok(Inserted::Existing(message.clone()))));
+            slots.push(Slot::Done(Box::new(Ok(Inserted::Existing(
+                message.clone(),
+            )))));
         } else if let Some(&n) = first.get(&key) {
             slots.push(Slot::Repeat(n));
         } else {
@@ -1049,7 +1053,7 @@ async fn write_batch(
                 content: new.content.clone(),
                 client_msg_id: new.client_msg_id.clone(),
                 created_at,
-                reply_to: new.reply_to.clone(),
+                reply_to: new.reply_to.clone().map(Box::new),
                 mentions: new.mentions.clone(),
                 ..Message::default()
             });
@@ -1101,7 +1105,7 @@ async fn write_batch(
     Ok(slots
         .into_iter()
         .map(|slot| match slot {
-            Slot::Done(result) => result,
+            Slot::Done(result) => *result,
             Slot::Fresh(n) => Ok(Inserted::New(messages[n].clone())),
             Slot::Repeat(n) => Ok(Inserted::Existing(messages[n].clone())),
         })

@@ -121,7 +121,8 @@ fn message_from(row: &SqliteRow) -> Result<Message, StoreError> {
             row.try_get("reply_sender_id")?,
             row.try_get("reply_sender_name")?,
             row.try_get("reply_quote")?,
-        ),
+        )
+        .map(Box::new),
         mentions: mentions_from(row.try_get("mentions")?)?,
         reactions: Vec::new(),
     })
@@ -608,7 +609,7 @@ impl SqliteStore {
             content: new.content,
             client_msg_id: new.client_msg_id,
             created_at: crate::chat::model::now(),
-            reply_to: new.reply_to,
+            reply_to: new.reply_to.map(Box::new),
             mentions: new.mentions,
             ..Message::default()
         };

@@ -90,7 +90,7 @@ impl MemoryStore {
             content: new.content,
             client_msg_id: new.client_msg_id,
             created_at: crate::chat::model::now(),
-            reply_to: new.reply_to,
+            reply_to: new.reply_to.map(Box::new),
             mentions: new.mentions,
             ..Message::default()
         };
