@@ -1258,6 +1258,81 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deleted_body_is_in_no_byte_of_the_database_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("erase.db"))
+            .await
+            .expect("opens");
+        let c = store
+            .create_conversation(NewConversation {
+                kind: ConversationKind::Group,
+                title: None,
+                department_id: None,
+                members: vec![("eve".into(), MemberRole::Owner)],
+            })
+            .await
+            .expect("create");
+        let secret = format!("secret-{}", Uuid::now_v7().simple());
+        let edited = format!("edited-{}", Uuid::now_v7().simple());
+        let send = |key: &str, content: String| NewMessage {
+            conversation_id: c.id,
+            sender_id: "eve".into(),
+            sender_name: "Eve".into(),
+            client_msg_id: key.into(),
+            kind: MessageKind::Text,
+            content,
+            reply_to: None,
+            mentions: vec![],
+        };
+        store
+            .insert_message(send("m1", format!("body {secret}")))
+            .await
+            .expect("insert");
+        store
+            .edit_message(NewEdit {
+                conversation_id: c.id,
+                target: 1,
+                actor_id: "eve".into(),
+                client_msg_id: "e1".into(),
+                content: format!("edit {edited}"),
+            })
+            .await
+            .expect("edit");
+        for i in 0..30 {
+            store
+                .insert_message(send(&format!("f{i}"), "filler ".repeat(40)))
+                .await
+                .expect("insert");
+        }
+        let grep = |needle: &str| {
+            std::fs::read_dir(dir.path())
+                .expect("list")
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    std::fs::read(e.path())
+                        .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+                        .unwrap_or(false)
+                })
+                .map(|e| e.file_name())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            !grep(&secret).is_empty(),
+            "the body is on disk before the deletion"
+        );
+        store
+            .delete_message(NewDeletion {
+                conversation_id: c.id,
+                target: 1,
+                actor_id: "eve".into(),
+            })
+            .await
+            .expect("delete");
+        assert_eq!(grep(&secret), Vec::<std::ffi::OsString>::new(), "the body");
+        assert_eq!(grep(&edited), Vec::<std::ffi::OsString>::new(), "its edit");
+    }
+
+    #[tokio::test]
     async fn sqlite_concurrent_senders_get_distinct_gap_free_seqs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(&dir.path().join("c.db"))
