@@ -32,7 +32,9 @@ const state = {
   openId: null,
   names: new Map(), // userId → display name, learned from messages and typing
   presence: new Map(), // userId → 'online' | 'offline'
-  outbox: new Map(), // clientMsgId → {clientMsgId, conversationId, content, status, error}
+  outbox: new Map(), // clientMsgId → {clientMsgId, conversationId, content, status, error, replyTo, mentions}
+  replyTo: null, // {conversationId, seq, senderName, quote} while composing a reply
+  editing: null, // {conversationId, seq} while editing one of my messages
   acked: new Set(), // ids of messages this page sent (they start as "sent")
   delivered: new Set(), // ids confirmed by message_delivered (it may arrive before the ack)
   draining: false,
@@ -50,7 +52,11 @@ function newConv(summary) {
     lastSeq: summary.lastSeq ?? 0,
     lastReadSeq: summary.lastReadSeq ?? 0,
     unread: summary.unread ?? 0,
+    mentions: summary.mentions ?? 0,
     synced: null,
+    seen: new Set(), // seqs of change entries received (messages are in `messages`)
+    receivedBy: new Map(), // userId → delivery watermark (message_delivered_to)
+    receivedSent: 0, // the delivery watermark this page last reported
     messages: new Map(), // seq → message
     nextBeforeSeq: undefined, // undefined: history not loaded yet; null: at the beginning
     loadingHistory: false,
@@ -242,6 +248,19 @@ function connect() {
   });
 
   socket.on('new_message', (m) => onMessage(m, { live: true }));
+  // Edits, deletions and reactions are entries of the log with their own seq, like messages.
+  for (const type of ['message_updated', 'message_deleted', 'reaction_updated']) {
+    socket.on(type, (c) => {
+      const conv = applyChange({ ...c, type }, { live: true });
+      if (conv) afterMessages(conv);
+    });
+  }
+  socket.on('message_delivered_to', ({ conversationId, seq, userId }) => {
+    const conv = state.conversations.get(conversationId);
+    if (!conv) return;
+    conv.receivedBy.set(userId, Math.max(conv.receivedBy.get(userId) ?? 0, seq));
+    if (conversationId === state.openId) renderMessages();
+  });
   // More was missed than a resume replays: page the rest with sync.
   socket.on('resume_truncated', ({ conversationId }) => {
     const conv = state.conversations.get(conversationId);
@@ -339,7 +358,7 @@ async function onConnected(generation) {
   }
   for (const summary of conversations) {
     const known = state.conversations.get(summary.id);
-    if (known) Object.assign(known, { unread: summary.unread, lastReadSeq: summary.lastReadSeq, title: summary.title });
+    if (known) Object.assign(known, { unread: summary.unread, mentions: summary.mentions ?? 0, lastReadSeq: summary.lastReadSeq, title: summary.title });
     else state.conversations.set(summary.id, newConv(summary));
   }
   renderList();
@@ -359,7 +378,12 @@ async function joinRoom(conv, generation) {
   const joined = await request('join_conversation', { conversationId: conv.id, members: true });
   if (generation !== state.generation) return;
   conv.members = joined.members.map((m) => m.userId);
-  for (const m of joined.members) conv.readBy.set(m.userId, Math.max(conv.readBy.get(m.userId) ?? 0, m.lastReadSeq));
+  conv.ownerId = joined.members.find((m) => m.role === 'owner')?.userId ?? null;
+  for (const m of joined.members) {
+    conv.readBy.set(m.userId, Math.max(conv.readBy.get(m.userId) ?? 0, m.lastReadSeq));
+    // Stored delivery watermarks: receipts that arrived while this page was away.
+    conv.receivedBy.set(m.userId, Math.max(conv.receivedBy.get(m.userId) ?? 0, m.lastReceivedSeq ?? 0));
+  }
   conv.lastSeq = Math.max(conv.lastSeq, joined.lastSeq);
   // First time: follow from here; older messages come from history when the room is opened.
   if (conv.synced === null) conv.synced = joined.lastSeq;
@@ -371,9 +395,14 @@ async function syncConversations(convs, generation) {
     const cursors = convs.filter((c) => c.synced !== null).map((c) => ({ conversationId: c.id, afterSeq: c.synced }));
     if (!cursors.length) return;
     const before = cursors.map((c) => c.afterSeq).join();
-    const { messages, truncated } = await request('sync', { conversations: cursors });
+    const { messages, changes = [], truncated } = await request('sync', { conversations: cursors });
     if (generation !== state.generation) return;
-    for (const m of messages) addMessage(m, { live: false });
+    // Messages (as they are now) and change entries, applied together in seq order.
+    const entries = [...messages.map((m) => ({ m })), ...changes.map((c) => ({ c }))]
+      .sort((x, y) => (x.m ?? x.c).seq - (y.m ?? y.c).seq);
+    for (const e of entries) {
+      if (e.m) addMessage(e.m, { live: false }); else applyChange(e.c, { live: false });
+    }
     for (const conv of convs) afterMessages(conv);
     const after = convs.filter((c) => c.synced !== null).map((c) => c.synced).join();
     if (!truncated || before === after) return;
@@ -398,7 +427,7 @@ async function followConversation(conversation) {
   // Messages sent before the join are not live events: take the unread count from the server.
   const { conversations } = await api('GET', '/api/conversations');
   const summary = conversations.find((c) => c.id === conv.id);
-  if (summary) Object.assign(conv, { unread: summary.unread, lastReadSeq: summary.lastReadSeq });
+  if (summary) Object.assign(conv, { unread: summary.unread, mentions: summary.mentions ?? 0, lastReadSeq: summary.lastReadSeq });
   await refreshPresence();
   renderList();
   return conv;
@@ -418,26 +447,68 @@ function addMessage(m, { live }) {
   state.names.set(m.senderId, m.senderName);
   const fresh = !conv.messages.has(m.seq);
   conv.messages.set(m.seq, m);
-  conv.lastSeq = Math.max(conv.lastSeq, m.seq);
   if (m.senderId === state.me.id) state.outbox.delete(m.clientMsgId);
   conv.typing.delete(m.senderId);
-  if (conv.synced !== null) {
-    while (conv.messages.has(conv.synced + 1)) conv.synced += 1;
-    if (live && m.seq > conv.synced + 1) syncGap(conv);
-  }
+  noteSeq(conv, m.seq, live);
   const viewing = conv.id === state.openId && document.visibilityState === 'visible';
-  if (fresh && live && m.senderId !== state.me.id && !viewing && m.seq > conv.lastReadSeq) conv.unread += 1;
+  if (fresh && live && m.senderId !== state.me.id && !viewing && m.seq > conv.lastReadSeq) {
+    conv.unread += 1;
+    if (m.mentions?.includes(state.me.id)) conv.mentions += 1;
+  }
+  return conv;
+}
+
+/** Advances the sync cursor over every entry of the log seen (messages and changes). */
+function noteSeq(conv, seq, live) {
+  conv.lastSeq = Math.max(conv.lastSeq, seq);
+  if (!conv.messages.has(seq)) conv.seen.add(seq);
+  if (conv.synced !== null) {
+    while (conv.messages.has(conv.synced + 1) || conv.seen.has(conv.synced + 1)) conv.synced += 1;
+    if (live && seq > conv.synced + 1) syncGap(conv);
+  }
+}
+
+/** Applies an edit, deletion or reaction entry (`type` = its event name) to the message it
+ * targets. Applied in seq order over any earlier state, they end at what history returns. */
+function applyChange(c, { live }) {
+  const conv = state.conversations.get(c.conversationId);
+  if (!conv) return null;
+  const m = conv.messages.get(c.target);
+  if (m && c.type === 'message_updated' && !m.deleted) Object.assign(m, { content: c.content, version: c.version, editedAt: c.editedAt });
+  if (m && c.type === 'message_deleted') { m.deleted = true; m.content = undefined; m.reactions = []; }
+  if (m && c.type === 'reaction_updated' && !m.deleted) {
+    const list = m.reactions ?? [];
+    const before = list.find((r) => r.emoji === c.emoji);
+    const me = c.userId === state.me.id ? c.on : Boolean(before?.me);
+    const next = { emoji: c.emoji, count: c.count, me };
+    m.reactions = (before ? list.map((r) => (r.emoji === c.emoji ? next : r)) : [...list, next]).filter((r) => r.count > 0);
+  }
+  if (c.type === 'message_deleted') {
+    for (const x of conv.messages.values()) {
+      if (x.replyTo?.seq === c.target) x.replyTo = { ...x.replyTo, quote: undefined, deleted: true };
+    }
+  }
+  noteSeq(conv, c.seq, live);
   return conv;
 }
 
 /** Redraws after one or a batch of messages, and reports them read if they are on screen. */
 function afterMessages(conv, renderOptions) {
+  reportReceived(conv);
   if (conv.id === state.openId) {
     renderMessages(renderOptions);
     renderTyping();
     markRead(conv);
   }
   renderList();
+}
+
+/** Tells the senders this device has everything up to the sync cursor (`messages_received`). */
+function reportReceived(conv) {
+  const seq = conv.synced ?? 0;
+  if (seq <= conv.receivedSent || !state.socket?.connected) return;
+  conv.receivedSent = seq;
+  request('messages_received', { conversationId: conv.id, seq }).catch(() => { conv.receivedSent = 0; });
 }
 
 function onDelivered({ messageId }) {
@@ -464,6 +535,7 @@ function markRead(conv) {
   if (top <= conv.lastReadSeq) return;
   conv.lastReadSeq = top;
   conv.unread = 0;
+  conv.mentions = 0;
   renderList();
   request('mark_read', { conversationId: conv.id, seq: top }).catch(() => {
     conv.lastReadSeq = 0; // try again on the next render
@@ -587,7 +659,12 @@ async function attachFiles(files) {
 // ---- sending -------------------------------------------------------------------------------
 
 function send(conversationId, content, { type = 'text', attachment } = {}) {
-  const item = { clientMsgId: crypto.randomUUID(), conversationId, content, type, attachment, status: 'pending', error: '' };
+  const conv = state.conversations.get(conversationId);
+  // @userId of a member mentions them.
+  const mentions = (conv?.members ?? []).filter((u) => u !== state.me.id && content.includes(`@${u}`));
+  const replyTo = state.replyTo?.conversationId === conversationId ? state.replyTo.seq : undefined;
+  setReplyTo(null);
+  const item = { clientMsgId: crypto.randomUUID(), conversationId, content, type, attachment, status: 'pending', error: '', replyTo, mentions };
   state.outbox.set(item.clientMsgId, item);
   renderMessages({ stick: true });
   deliver(item);
@@ -605,6 +682,8 @@ async function deliver(item) {
       type: item.type ?? 'text',
       ...(item.attachment ? { attachmentId: item.attachment.id } : {}),
       clientMsgId: item.clientMsgId,
+      ...(item.replyTo ? { replyTo: item.replyTo } : {}),
+      ...(item.mentions?.length ? { mentions: item.mentions } : {}),
     });
     state.acked.add(message.id);
     onMessage(message, { live: true });
@@ -685,6 +764,7 @@ function renderList() {
       other ? presenceDot(other) : null,
       el('span', { className: 'name', textContent: convTitle(conv) }),
       el('span', { className: 'kind', textContent: conv.kind }),
+      conv.mentions > 0 ? el('span', { className: 'mention-badge', textContent: `@${conv.mentions}`, 'aria-label': `${conv.mentions} mentions` }) : null,
       conv.unread > 0 ? el('span', { className: 'unread', textContent: String(conv.unread), 'aria-label': `${conv.unread} unread` }) : null);
     button.setAttribute('aria-current', String(conv.id === state.openId));
     button.addEventListener('click', () => openRoom(conv.id).catch(showError));
@@ -717,20 +797,98 @@ function statusOf(conv, m) {
   return ['delivered', 'Delivered'];
 }
 
+const QUICK_REACTIONS = ['👍', '❤️', '😂', '🎉'];
+
 function messageItem(conv, m) {
   const mine = m.senderId === state.me.id;
   const time = new Date(m.createdAt);
-  const li = el('li', { className: mine ? 'message mine' : 'message', dataset: { seq: String(m.seq), clientMsgId: m.clientMsgId, senderId: m.senderId } },
+  const classes = ['message', mine ? 'mine' : '', m.deleted ? 'deleted' : '', m.mentions?.includes(state.me.id) ? 'mentions-me' : ''];
+  const li = el('li', { className: classes.filter(Boolean).join(' '), dataset: { seq: String(m.seq), clientMsgId: m.clientMsgId, senderId: m.senderId } },
     el('div', { className: 'meta' },
       el('span', { className: 'sender', textContent: mine ? 'You' : m.senderName }),
-      el('time', { dateTime: m.createdAt, textContent: time.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) })),
-    m.attachment ? attachmentView(m.attachment) : null,
-    m.content ? el('p', { className: 'content', textContent: m.content }) : null);
+      el('time', { dateTime: m.createdAt, textContent: time.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }) }),
+      m.editedAt && !m.deleted ? el('span', { className: 'edited', textContent: '(edited)' }) : null),
+    m.replyTo ? el('blockquote', { className: 'quote', dataset: { seq: String(m.replyTo.seq) },
+      textContent: m.replyTo.deleted ? 'Deleted message' : `${m.replyTo.senderName}: ${m.replyTo.quote}` }) : null,
+    m.attachment && !m.deleted ? attachmentView(m.attachment) : null,
+    m.content || m.deleted ? el('p', { className: 'content', textContent: m.deleted ? 'This message was deleted.' : m.content }) : null);
+  if (!m.deleted) {
+    const reactions = el('div', { className: 'reactions' }, ...(m.reactions ?? []).map((r) => {
+      const chip = el('button', { type: 'button', className: 'reaction', textContent: `${r.emoji} ${r.count}`,
+        'aria-pressed': String(r.me), dataset: { emoji: r.emoji } });
+      chip.addEventListener('click', () => react(conv, m, r.emoji, !r.me));
+      return chip;
+    }));
+    const actions = el('div', { className: 'actions' },
+      ...QUICK_REACTIONS.filter((e) => !(m.reactions ?? []).some((r) => r.emoji === e && r.me)).map((emoji) => {
+        const b = el('button', { type: 'button', className: 'react', textContent: emoji, 'aria-label': `React ${emoji}`, dataset: { emoji } });
+        b.addEventListener('click', () => react(conv, m, emoji, true));
+        return b;
+      }),
+      actionButton('Reply', 'reply', () => setReplyTo({ conversationId: conv.id, seq: m.seq, senderName: m.senderName, quote: m.content })),
+      mine ? actionButton('Edit', 'edit', () => startEdit(conv, m)) : null,
+      mine || isModerator(conv) ? actionButton('Delete', 'delete', () => change('delete_message', { conversationId: conv.id, seq: m.seq })) : null);
+    li.append(reactions, actions);
+  }
   if (mine) {
     const [status, label] = statusOf(conv, m);
     li.append(el('span', { className: 'status', dataset: { status }, textContent: label }));
+    // A recipient's device has it (message_delivered_to).
+    const received = [...conv.receivedBy].filter(([user, seq]) => user !== state.me.id && seq >= m.seq).length;
+    if (received > 0) li.append(el('span', { className: 'receipt', dataset: { received: String(received) }, textContent: `✓✓ received by ${received}` }));
   }
   return li;
+}
+
+function actionButton(label, action, onClick) {
+  const b = el('button', { type: 'button', className: 'action', textContent: label, dataset: { action } });
+  b.addEventListener('click', onClick);
+  return b;
+}
+
+/** The creator moderates (deletes anything); the server checks it again. */
+function isModerator(conv) {
+  return conv.ownerId === state.me.id;
+}
+
+/** Sends a change request; the entry comes back live (message_updated / _deleted / reaction_updated). */
+async function change(event, payload) {
+  try {
+    const { change: entry } = await request(event, payload);
+    if (entry) {
+      const conv = applyChange(entry, { live: true });
+      if (conv) afterMessages(conv);
+    }
+  } catch (err) {
+    showError(err);
+  }
+}
+
+function react(conv, m, emoji, on) {
+  return change('react', { conversationId: conv.id, target: m.seq, emoji, on, clientMsgId: crypto.randomUUID() });
+}
+
+function startEdit(conv, m) {
+  state.editing = { conversationId: conv.id, seq: m.seq };
+  setReplyTo(null, { keepEditing: true });
+  $('composer-input').value = m.content;
+  showComposerContext('Editing your message', () => { state.editing = null; $('composer-input').value = ''; });
+  $('composer-input').focus();
+}
+
+function setReplyTo(reply, { keepEditing = false } = {}) {
+  state.replyTo = reply;
+  if (!keepEditing) state.editing = null;
+  if (reply) showComposerContext(`Replying to ${reply.senderName}: ${reply.quote}`, () => setReplyTo(null));
+  else if (!state.editing) showComposerContext(null);
+  if (reply) $('composer-input').focus();
+}
+
+function showComposerContext(text, onCancel) {
+  const box = $('composer-context');
+  box.hidden = !text;
+  $('composer-context-text').textContent = text ?? '';
+  $('composer-context-cancel').onclick = () => { onCancel?.(); showComposerContext(null); };
 }
 
 function pendingItem(item) {
@@ -832,9 +990,48 @@ $('composer').addEventListener('submit', (e) => {
   if (!state.openId || content.trim() === '') return;
   input.value = '';
   stopTyping();
-  send(state.openId, content);
+  hideMentionSuggestions();
+  if (state.editing?.conversationId === state.openId) {
+    const { seq } = state.editing;
+    state.editing = null;
+    showComposerContext(null);
+    change('edit_message', { conversationId: state.openId, seq, content, clientMsgId: crypto.randomUUID() });
+  } else {
+    send(state.openId, content);
+  }
   input.focus();
 });
+
+// @-completion from the member list: typing @ and a prefix offers the matching members.
+function mentionPrefix() {
+  const input = $('composer-input');
+  const before = input.value.slice(0, input.selectionStart);
+  const m = before.match(/@([\w.-]*)$/);
+  return m ? m[1] : null;
+}
+
+function hideMentionSuggestions() { $('mention-suggestions').hidden = true; }
+
+function showMentionSuggestions() {
+  const conv = state.conversations.get(state.openId);
+  const prefix = mentionPrefix();
+  const list = $('mention-suggestions');
+  const matches = prefix === null || !conv ? [] : conv.members.filter((u) => u !== state.me.id && u.startsWith(prefix)).slice(0, 8);
+  list.hidden = matches.length === 0;
+  list.replaceChildren(...matches.map((u) => {
+    const b = el('button', { type: 'button', textContent: `@${u} ${displayName(u) === u ? '' : displayName(u)}`.trim(), dataset: { userId: u } });
+    b.addEventListener('mousedown', (e) => {
+      e.preventDefault(); // keep the focus in the composer
+      const input = $('composer-input');
+      const start = input.selectionStart - prefix.length - 1;
+      input.value = `${input.value.slice(0, start)}@${u} ${input.value.slice(input.selectionStart)}`;
+      input.selectionStart = input.selectionEnd = start + u.length + 2;
+      hideMentionSuggestions();
+    });
+    return el('li', {}, b);
+  }));
+}
+$('composer-input').addEventListener('input', showMentionSuggestions);
 
 $('composer-input').addEventListener('keydown', (e) => {
   // Enter sends; Shift+Enter keeps the newline. Not while an IME is composing a character.

@@ -233,6 +233,51 @@ describe('web page in a real browser', () => {
         assertInOrderOnce(await messageTexts(page), expected, label);
       }
 
+      // Messages that live. Alice edits her first message in the composer; Bob sees the edit.
+      await alicePage.locator('#messages li.message[data-seq="1"] button[data-action="edit"]').click();
+      assert.equal(await alicePage.locator('#composer-input').inputValue(), 'hello bob');
+      await alicePage.locator('#composer-context').filter({ hasText: 'Editing your message' }).waitFor(WAIT);
+      await alicePage.locator('#composer-input').fill('hello bob, edited');
+      await alicePage.locator('#composer-input').press('Enter');
+      const bobEdited = bobPage.locator('#messages li.message[data-seq="1"]');
+      await bobEdited.locator('.content').filter({ hasText: /^hello bob, edited$/ }).waitFor(WAIT);
+      await bobEdited.locator('.edited').waitFor(WAIT);
+      // Bob reacts; Alice sees the count, pressed for Bob only.
+      await bobEdited.locator('button.react[data-emoji="👍"]').click();
+      const aliceReaction = alicePage.locator('#messages li.message[data-seq="1"] .reaction[data-emoji="👍"]');
+      await aliceReaction.filter({ hasText: '👍 1' }).waitFor(WAIT);
+      assert.equal(await aliceReaction.getAttribute('aria-pressed'), 'false');
+      await bobEdited.locator('.reaction[data-emoji="👍"][aria-pressed="true"]').waitFor(WAIT);
+      // Bob's device reported what it received: Alice's message shows the receipt.
+      await alicePage.locator('#messages li.message[data-seq="1"] .receipt').waitFor(WAIT);
+
+      // Bob goes back to his list; Alice mentions him with @-completion: his list shows the badge.
+      await bobPage.locator('#back').click();
+      const bobTeam = bobPage.locator('#conversations button', { hasText: 'Team' });
+      await bobTeam.waitFor(WAIT);
+      await alicePage.locator('#composer-input').pressSequentially('@b');
+      await alicePage.locator('#mention-suggestions button[data-user-id="bob"]').click();
+      assert.equal(await alicePage.locator('#composer-input').inputValue(), '@bob ');
+      await alicePage.locator('#composer-input').pressSequentially('look at this');
+      await alicePage.locator('#composer-input').press('Enter');
+      await bobTeam.locator('.mention-badge').filter({ hasText: '@1' }).waitFor(WAIT);
+      await bobPage.screenshot({ path: join(ARTIFACTS, 'bob-mention-badge.png') });
+      await bobTeam.click();
+      const mention = bobPage.locator('#messages li.message.mentions-me', { hasText: '@bob look at this' });
+      await mention.waitFor(WAIT);
+      assert.equal(await bobTeam.locator('.mention-badge').count(), 0, 'read: the badge is gone');
+      // Bob replies with a quote; Alice deletes what he quoted: the quote and the body go.
+      await mention.locator('button[data-action="reply"]').click();
+      await bobPage.locator('#composer-context').filter({ hasText: 'Replying to Alice' }).waitFor(WAIT);
+      await bobInput.fill('will do');
+      await bobInput.press('Enter');
+      const aliceReply = alicePage.locator('#messages li.message', { hasText: 'will do' });
+      await aliceReply.locator('.quote').filter({ hasText: 'Alice: @bob look at this' }).waitFor(WAIT);
+      await alicePage.locator('#messages li.message', { hasText: '@bob look at this' }).locator('button[data-action="delete"]').first().click();
+      await aliceReply.locator('.quote').filter({ hasText: 'Deleted message' }).waitFor(WAIT);
+      await bobPage.locator('#messages li.message.deleted .content').filter({ hasText: 'This message was deleted.' }).waitFor(WAIT);
+      assert.equal(await bobPage.locator('#messages', { hasText: 'look at this' }).count(), 0, 'the body is gone from the page');
+
       await alicePage.screenshot({ path: join(ARTIFACTS, 'alice-desktop.png') });
       await bobPage.screenshot({ path: join(ARTIFACTS, 'bob-phone.png') });
       // Each page at the other width too.

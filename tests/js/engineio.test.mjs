@@ -123,7 +123,7 @@ describe('Socket.IO on Confab\'s Engine.IO', () => {
     c.socket.send(`40${JSON.stringify({ token: token(uid('zip')) })}`);
     await c.next((t) => t.startsWith('40{'));
     c.socket.send(`421${JSON.stringify(['sync', { conversations: [] }])}`);
-    assert.deepEqual(JSON.parse((await c.next((t) => t.startsWith('431'))).slice(3)), [{ messages: [], truncated: false }]);
+    assert.deepEqual(JSON.parse((await c.next((t) => t.startsWith('431'))).slice(3)), [{ messages: [], changes: [], truncated: false, conversations: [] }]);
     // ~200 KB of text that deflates to a few hundred bytes: refused once inflated past 64 KiB.
     c.socket.send(`422${JSON.stringify(['sync', { pad: 'a'.repeat(200000) }])}`);
     assert.equal(await c.closed, 1009);

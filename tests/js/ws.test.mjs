@@ -87,7 +87,7 @@ describe('/ws handshake and frames', () => {
     assert.match(err.message, /unknown event "launch_rockets"/);
     assert.equal(c.frames.find((f) => f.type === 'error').id, 'req-7');
     const ok = await c.request('sync', { conversations: [] });
-    assert.deepEqual(ok, { messages: [], truncated: false });
+    assert.deepEqual(ok, { messages: [], changes: [], truncated: false, conversations: [] });
     c.close();
   });
 
@@ -105,7 +105,7 @@ describe('/ws handshake and frames', () => {
     await c.waitFor('error', (e) => /request id/.test(e.message));
     const ack = await c.request('history', { conversationId: 'nope' });
     assert.equal(ack.error.code, 'invalid');
-    assert.deepEqual(await c.request('sync', { conversations: [] }), { messages: [], truncated: false });
+    assert.deepEqual(await c.request('sync', { conversations: [] }), { messages: [], changes: [], truncated: false, conversations: [] });
     c.close();
   });
 
@@ -228,7 +228,7 @@ describe('/ws heartbeats and slow readers', () => {
     await sleep(1500);
     assert.ok(pings >= 3, `${pings} pings in 1.5 s at a 300 ms interval`);
     assert.equal(c.socket.readyState, WebSocket.OPEN);
-    assert.deepEqual(await c.request('sync', { conversations: [] }), { messages: [], truncated: false });
+    assert.deepEqual(await c.request('sync', { conversations: [] }), { messages: [], changes: [], truncated: false, conversations: [] });
     c.close();
   });
 

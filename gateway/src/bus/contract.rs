@@ -28,7 +28,7 @@ pub fn envelope_for(conversation: Uuid, seq: i64) -> Envelope {
             content: format!("message {seq}"),
             client_msg_id: format!("c{seq}"),
             created_at: Utc::now(),
-            attachment: None,
+            ..Message::default()
         }),
         // Crosses the wire too: every node times the delivery from it.
         committed_at_us: Some(1_700_000_000_000_000 + seq),

@@ -7,7 +7,9 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::model::{Conversation, ConversationId, Message, UserId};
+use super::model::{
+    Change, Conversation, ConversationId, Deletion, Edit, Message, Reaction, UserId,
+};
 use super::state::MembershipChange;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +33,16 @@ pub struct Read {
     pub conversation_id: ConversationId,
     pub user_id: UserId,
     pub seq: i64,
+}
+
+/// `message_delivered_to`: every message of the recipient's conversation up to `seq` reached
+/// one of `userId`'s devices (sent to the senders of those messages, once per recipient).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveredTo {
+    pub conversation_id: ConversationId,
+    pub seq: i64,
+    pub user_id: UserId,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +79,20 @@ pub enum Event {
     ConversationCreated(ConversationRef),
     UserOnline(UserRef),
     UserOffline(UserRef),
+    MessageUpdated(Edit),
+    MessageDeleted(Deletion),
+    ReactionUpdated(Reaction),
+    MessageDeliveredTo(DeliveredTo),
+}
+
+impl From<Change> for Event {
+    fn from(change: Change) -> Self {
+        match change {
+            Change::MessageUpdated(e) => Self::MessageUpdated(e),
+            Change::MessageDeleted(d) => Self::MessageDeleted(d),
+            Change::ReactionUpdated(r) => Self::ReactionUpdated(r),
+        }
+    }
 }
 
 macro_rules! encode_event {
@@ -92,16 +118,29 @@ impl Event {
             ConversationCreated => "conversation_created",
             UserOnline => "user_online",
             UserOffline => "user_offline",
+            MessageUpdated => "message_updated",
+            MessageDeleted => "message_deleted",
+            ReactionUpdated => "reaction_updated",
+            MessageDeliveredTo => "message_delivered_to",
         );
         Outgoing {
             name,
             payload: payload.expect("event payloads are plain structs that always serialise"),
             wire: Default::default(),
             committed_at_us: None,
-            message: match self {
-                Event::NewMessage(m) => Some((m.conversation_id, m.seq)),
-                _ => None,
-            },
+            message: self.log_position(),
+        }
+    }
+
+    /// For an entry of a conversation's log (a message or a change to one): its conversation
+    /// and seq. The resume gate and the node's last-seq cache go by it.
+    pub fn log_position(&self) -> Option<(ConversationId, i64)> {
+        match self {
+            Event::NewMessage(m) => Some((m.conversation_id, m.seq)),
+            Event::MessageUpdated(e) => Some((e.conversation_id, e.seq)),
+            Event::MessageDeleted(d) => Some((d.conversation_id, d.seq)),
+            Event::ReactionUpdated(r) => Some((r.conversation_id, r.seq)),
+            _ => None,
         }
     }
 }
@@ -122,8 +161,8 @@ pub struct Outgoing {
     wire: [OnceLock<Bytes>; WIRE_ENCODINGS],
     /// For a message's broadcast: when it was committed (Unix µs), to time its delivery.
     pub committed_at_us: Option<i64>,
-    /// For a message: its conversation and seq, so a resume drops the live copy of a message
-    /// it has just replayed.
+    /// For an entry of the log (message or change): its conversation and seq, so a resume
+    /// drops the live copy of an entry it has just replayed.
     pub message: Option<(ConversationId, i64)>,
 }
 

@@ -139,8 +139,11 @@ impl ChatService {
             }
         }
         match (&envelope.event, &envelope.route) {
-            (Event::NewMessage(m), Route::Conversation { .. }) => {
-                self.conversations.committed(m.conversation_id, m.seq);
+            // Messages and change entries share the seq: both move the cached last seq.
+            (event, Route::Conversation { .. }) if event.log_position().is_some() => {
+                if let Some((conversation, seq)) = event.log_position() {
+                    self.conversations.committed(conversation, seq);
+                }
             }
             (Event::ConversationRemoved(removed), Route::Users { ids }) => {
                 for user in ids {

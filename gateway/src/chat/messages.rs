@@ -7,9 +7,13 @@ use tracing::Instrument;
 
 use super::error::ChatError;
 use super::event::{ConversationUser, Event, Read, Route};
-use super::model::{ConversationId, ConversationKind, Identity, MessageAttachment, MessageKind};
+use super::model::{
+    Change, ConversationId, ConversationKind, Identity, LogEntry, Message, MessageAttachment,
+    MessageKind, ReplyQuote, UserId,
+};
 use super::service::ChatService;
-use super::{Page, Send, Sent, Synced, check_text, store_err, unavailable};
+use super::state::ConversationState;
+use super::{Page, Send, Sent, Synced, check_text, check_user_id, store_err, unavailable};
 use crate::limits::LimitClass;
 use crate::store::{Inserted, NewMessage};
 use crate::telemetry::metrics::unix_micros;
@@ -49,11 +53,14 @@ impl ChatService {
     }
 
     pub(super) async fn send_in_span(&self, who: &Identity, req: Send) -> Result<Sent, ChatError> {
-        if req.content.len() > self.settings.max_content_bytes {
-            return Err(ChatError::TooLarge(format!(
-                "content is {} bytes; the limit is {}",
-                req.content.len(),
-                self.settings.max_content_bytes
+        // A caption is optional beside an attachment; a text message needs its text.
+        if req.attachment_id.is_none() || !req.content.is_empty() {
+            self.check_content(&req.content)?;
+        }
+        check_text("clientMsgId", &req.client_msg_id, 100, false)?;
+        if req.mentions.len() > MAX_MENTIONS {
+            return Err(ChatError::invalid(format!(
+                "a message mentions at most {MAX_MENTIONS} users"
             )));
         }
         let wants_attachment = matches!(req.kind, MessageKind::File | MessageKind::Image);
@@ -71,11 +78,6 @@ impl ChatService {
             }
             _ => {}
         }
-        // A caption is optional beside an attachment; a text message needs its text.
-        if req.attachment_id.is_none() && req.content.trim().is_empty() {
-            return Err(ChatError::invalid("content must not be empty"));
-        }
-        check_text("clientMsgId", &req.client_msg_id, 100, false)?;
         self.throttle(LimitClass::UserMessages, &who.user_id)
             .await?;
         // From the node's conversation state: no store read for a member's send (its kind and
@@ -85,12 +87,17 @@ impl ChatService {
             ConversationKind::Support => state.conversation.department_id.clone(),
             _ => None,
         };
+        let mentions = mentioned(&state, req.mentions)?;
         drop(state);
         let attachment = match req.attachment_id {
             Some(id) => Some(
                 self.attachment_for(req.conversation_id, req.kind, id)
                     .await?,
             ),
+            None => None,
+        };
+        let reply_to = match req.reply_to {
+            Some(seq) => Some(self.quote(req.conversation_id, seq).await?),
             None => None,
         };
         let persist = tracing::info_span!(
@@ -108,6 +115,8 @@ impl ChatService {
                 kind: req.kind,
                 content: req.content,
                 attachment,
+                reply_to,
+                mentions,
             })
             .instrument(persist.clone())
             .await
@@ -262,11 +271,12 @@ impl ChatService {
             return Err(ChatError::invalid("beforeSeq must be at least 1"));
         }
         self.participating(id, who).await?;
-        let messages = self
+        let mut messages = self
             .store
             .messages_before(id, before_seq, limit)
             .await
             .map_err(store_err)?;
+        self.with_reactions(id, &who.user_id, &mut messages).await?;
         let next_before_seq = messages.first().map(|m| m.seq).filter(|&s| s > 1);
         Ok(Page {
             messages,
@@ -284,6 +294,7 @@ impl ChatService {
         }
         let mut seen = HashSet::new();
         let mut messages = Vec::new();
+        let mut changes = Vec::new();
         let mut truncated = false;
         for (id, after) in cursors {
             if !seen.insert(id) {
@@ -295,26 +306,178 @@ impl ChatService {
                 return Err(ChatError::invalid("afterSeq must not be negative"));
             }
             self.participating(id, who).await?;
-            let budget = self.settings.max_sync.saturating_sub(messages.len() as u32);
+            let taken = (messages.len() + changes.len()) as u32;
+            let budget = self.settings.max_sync.saturating_sub(taken);
             if budget == 0 {
                 truncated = true;
                 break;
             }
             // One more than the budget tells whether anything was left behind.
-            let mut batch = self
-                .store
-                .messages_after(id, after, budget + 1)
-                .await
-                .map_err(store_err)?;
+            let mut batch = self.log_after(&[(id, after)], budget + 1).await?;
             if batch.len() as u32 > budget {
                 batch.truncate(budget as usize);
                 truncated = true;
             }
-            messages.extend(batch);
+            for entry in batch {
+                match entry {
+                    LogEntry::Message(m) => messages.push(m),
+                    LogEntry::Change(c) => changes.push(c),
+                }
+            }
         }
+        let counts = self
+            .store
+            .conversations_of(&who.user_id)
+            .await
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|s| seen.contains(&s.conversation.id))
+            .collect();
         Ok(Synced {
             messages,
+            changes,
             truncated,
+            counts,
         })
     }
+
+    /// For each cursor, up to `limit` entries of its log after it (messages and changes
+    /// merged in seq order), conversation after conversation. The first `limit` of the union
+    /// are among the first `limit` of each kind, so one read of each suffices.
+    pub(super) async fn log_after(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<LogEntry>, ChatError> {
+        let messages = self
+            .store
+            .messages_after_each(cursors, limit)
+            .await
+            .map_err(store_err)?;
+        let changes = self
+            .store
+            .changes_after_each(cursors, limit)
+            .await
+            .map_err(store_err)?;
+        Ok(merge_log(cursors, messages, changes, limit))
+    }
+
+    /// The quote of the message a reply answers, or why there is none to answer.
+    async fn quote(&self, id: ConversationId, seq: i64) -> Result<ReplyQuote, ChatError> {
+        let quoted = self
+            .store
+            .message_at(id, seq)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| {
+                ChatError::invalid(format!(
+                    "replyTo {seq} is not a message of this conversation"
+                ))
+            })?;
+        if quoted.deleted {
+            return Err(ChatError::invalid(format!(
+                "replyTo {seq} was deleted; there is nothing to quote"
+            )));
+        }
+        let mut quote: String = quoted.content.chars().take(QUOTE_CHARS).collect();
+        if quoted.content.chars().nth(QUOTE_CHARS).is_some() {
+            quote.push('…');
+        }
+        Ok(ReplyQuote {
+            seq,
+            sender_id: quoted.sender_id,
+            sender_name: quoted.sender_name,
+            quote: Some(quote),
+            deleted: false,
+        })
+    }
+
+    /// Adds reaction counts, as `viewer` sees them, to messages of one conversation.
+    pub(super) async fn with_reactions(
+        &self,
+        id: ConversationId,
+        viewer: &str,
+        messages: &mut [Message],
+    ) -> Result<(), ChatError> {
+        let seqs: Vec<i64> = messages
+            .iter()
+            .filter(|m| !m.deleted)
+            .map(|m| m.seq)
+            .collect();
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let counts = self
+            .store
+            .reactions_of(id, &seqs, viewer)
+            .await
+            .map_err(store_err)?;
+        for (seq, count) in counts {
+            if let Some(m) = messages.iter_mut().find(|m| m.seq == seq) {
+                m.reactions.push(count);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most users one message may mention.
+const MAX_MENTIONS: usize = 50;
+/// Longest quote of a replied-to message, in characters (then `…`).
+const QUOTE_CHARS: usize = 120;
+
+/// The mentioned users, each once in the order given; every one must be a member.
+fn mentioned(state: &ConversationState, asked: Vec<UserId>) -> Result<Vec<UserId>, ChatError> {
+    let mut out: Vec<UserId> = Vec::with_capacity(asked.len());
+    for user in asked {
+        check_user_id("mentions", &user)?;
+        if state.member(&user).is_none() {
+            return Err(ChatError::invalid(format!(
+                "mentioned user {user:?} is not a member of this conversation"
+            )));
+        }
+        if !out.contains(&user) {
+            out.push(user);
+        }
+    }
+    Ok(out)
+}
+
+/// Merges each cursor's messages and changes into its log order, `limit` entries at most per
+/// cursor, cursor after cursor (both inputs come grouped by cursor in the order asked).
+pub(super) fn merge_log(
+    cursors: &[(ConversationId, i64)],
+    messages: Vec<Message>,
+    changes: Vec<Change>,
+    limit: u32,
+) -> Vec<LogEntry> {
+    let mut messages = messages.into_iter().peekable();
+    let mut changes = changes.into_iter().peekable();
+    let mut out = Vec::new();
+    for &(id, _) in cursors {
+        let mut taken = 0u32;
+        loop {
+            let message_seq = messages
+                .peek()
+                .filter(|m| m.conversation_id == id)
+                .map(|m| m.seq);
+            let change_seq = changes
+                .peek()
+                .filter(|c| c.conversation_id() == id)
+                .map(Change::seq);
+            let entry = match (message_seq, change_seq) {
+                (None, None) => break,
+                (Some(m), Some(c)) if c < m => {
+                    LogEntry::Change(changes.next().expect("peeked just now"))
+                }
+                (Some(_), _) => LogEntry::Message(messages.next().expect("peeked just now")),
+                (None, Some(_)) => LogEntry::Change(changes.next().expect("peeked just now")),
+            };
+            if taken < limit {
+                out.push(entry);
+            }
+            taken += 1;
+        }
+    }
+    out
 }

@@ -3,7 +3,8 @@
 //!
 //! - `service`: the service itself, its backends, connections and common lookups;
 //! - `membership`: conversations, members, join and leave;
-//! - `messages`: send, read watermarks, history and sync;
+//! - `messages`: send (with replies and mentions), read watermarks, history and sync;
+//! - `lifecycle`: edits, deletions, reactions (entries of the log) and delivery receipts;
 //! - `attachments`: uploads, downloads and thumbnails of the files messages refer to;
 //! - `presence` and `typing`: who is online, who is typing;
 //! - `resume`: server-side subscriptions at connect, and the replay of what a client missed;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod event;
 mod fanout;
 pub mod hub;
+mod lifecycle;
 mod membership;
 mod messages;
 pub mod model;
@@ -32,7 +34,12 @@ use uuid::Uuid;
 
 use crate::store::StoreError;
 use error::ChatError;
-use model::{Conversation, ConversationId, ConversationKind, Member, Message, MessageKind, UserId};
+use model::{
+    Change, Conversation, ConversationId, ConversationKind, ConversationSummary, Member, Message,
+    MessageKind, UserId,
+};
+
+pub use lifecycle::{ChangeRequest, check_emoji};
 
 pub use resume::{Cursors, check_cursors as resume_check};
 pub use service::ChatService;
@@ -53,6 +60,8 @@ pub struct ChatSettings {
     /// `sync` takes over.
     pub max_resume: u32,
     pub max_members: usize,
+    /// Most distinct emoji one message may carry.
+    pub max_reactions: usize,
 }
 
 impl Default for ChatSettings {
@@ -66,6 +75,7 @@ impl Default for ChatSettings {
             max_sync: 500,
             max_resume: 200,
             max_members: 1000,
+            max_reactions: 20,
         }
     }
 }
@@ -79,6 +89,10 @@ pub struct Send {
     pub client_msg_id: String,
     /// A `file` or `image` message's upload (to the same conversation).
     pub attachment_id: Option<Uuid>,
+    /// The seq of the message this one answers (same conversation).
+    pub reply_to: Option<i64>,
+    /// Members this message mentions.
+    pub mentions: Vec<UserId>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,8 +126,14 @@ pub struct Page {
 
 #[derive(Debug, Clone)]
 pub struct Synced {
+    /// Messages after the cursors, as they are now.
     pub messages: Vec<Message>,
+    /// Change entries after the cursors; with `messages` they are the log's entries, each in
+    /// seq order.
+    pub changes: Vec<Change>,
     pub truncated: bool,
+    /// Unread and mention counts of the conversations asked for.
+    pub counts: Vec<ConversationSummary>,
 }
 
 pub(crate) fn unavailable(context: &str, err: impl std::fmt::Display) -> ChatError {

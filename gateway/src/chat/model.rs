@@ -71,9 +71,10 @@ impl MemberRole {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MessageKind {
+    #[default]
     Text,
     File,
     Image,
@@ -116,7 +117,10 @@ pub struct ConversationSummary {
     #[serde(flatten)]
     pub conversation: Conversation,
     pub last_read_seq: i64,
+    /// Messages of others after the read watermark, deleted ones not counted.
     pub unread: i64,
+    /// Of those, the ones that mention the member.
+    pub mentions: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -126,10 +130,14 @@ pub struct Member {
     pub user_id: UserId,
     pub role: MemberRole,
     pub last_read_seq: i64,
+    /// The member's delivery watermark (`messages_received`): every seq up to it reached one
+    /// of their devices.
+    #[serde(default)]
+    pub last_received_seq: i64,
     pub joined_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Message {
     pub id: Uuid,
@@ -139,12 +147,164 @@ pub struct Message {
     pub sender_name: String,
     #[serde(rename = "type")]
     pub kind: MessageKind,
+    /// Absent once the message is deleted: its body is erased from the store.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub content: String,
     pub client_msg_id: String,
     pub created_at: DateTime<Utc>,
+    // ---- lifecycle (edits, deletion, replies, mentions, reactions): each absent while unused,
+    // so a message as first sent keeps the shape older clients know.
+    /// When the last edit was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<DateTime<Utc>>,
+    /// How many times the message was edited.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: i64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<Box<ReplyQuote>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<UserId>,
+    /// Counts per emoji, and whether the reader is among them (reads only: `history`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reactions: Vec<ReactionCount>,
     // ---- attachments: what a `file` or `image` message carries (absent on text) ----
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachment: Option<MessageAttachment>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The message a reply answers, quoted as it was when the reply was sent. The quote goes with
+/// the quoted message's deletion (`deleted: true`, no quote).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplyQuote {
+    pub seq: i64,
+    pub sender_id: UserId,
+    pub sender_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quote: Option<String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deleted: bool,
+}
+
+/// How many reacted with one emoji, and whether the reader did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReactionCount {
+    pub emoji: String,
+    pub count: i64,
+    pub me: bool,
+}
+
+/// `message_updated`: an edit, an entry of the conversation's log with its own `seq`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Edit {
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    /// The seq of the message edited.
+    pub target: i64,
+    pub user_id: UserId,
+    /// Absent when the message was deleted since: the deletion erased it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    pub edited_at: DateTime<Utc>,
+    /// The message's version after this edit (1 for the first).
+    pub version: i64,
+}
+
+/// `message_deleted`: the tombstone entry; the message's body is gone from the store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Deletion {
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    pub target: i64,
+    pub user_id: UserId,
+    pub deleted_at: DateTime<Utc>,
+}
+
+/// `reaction_updated`: one user's emoji added (`on`) or removed, with the emoji's count after
+/// it, so entries applied in seq order end at the current count whatever a device held.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reaction {
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    pub target: i64,
+    pub emoji: String,
+    pub user_id: UserId,
+    pub on: bool,
+    pub count: i64,
+    pub reacted_at: DateTime<Utc>,
+}
+
+/// A change entry of the log as `sync` returns it: the live event's payload with its name in
+/// `type`, so a client applies both the same way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Change {
+    MessageUpdated(Edit),
+    MessageDeleted(Deletion),
+    ReactionUpdated(Reaction),
+}
+
+impl Change {
+    pub fn seq(&self) -> i64 {
+        match self {
+            Self::MessageUpdated(e) => e.seq,
+            Self::MessageDeleted(d) => d.seq,
+            Self::ReactionUpdated(r) => r.seq,
+        }
+    }
+
+    pub fn conversation_id(&self) -> ConversationId {
+        match self {
+            Self::MessageUpdated(e) => e.conversation_id,
+            Self::MessageDeleted(d) => d.conversation_id,
+            Self::ReactionUpdated(r) => r.conversation_id,
+        }
+    }
+
+    pub fn target(&self) -> i64 {
+        match self {
+            Self::MessageUpdated(e) => e.target,
+            Self::MessageDeleted(d) => d.target,
+            Self::ReactionUpdated(r) => r.target,
+        }
+    }
+}
+
+/// One entry of a conversation's log: a message, or a change to one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogEntry {
+    Message(Message),
+    Change(Change),
+}
+
+impl LogEntry {
+    pub fn seq(&self) -> i64 {
+        match self {
+            Self::Message(m) => m.seq,
+            Self::Change(c) => c.seq(),
+        }
+    }
+
+    pub fn conversation_id(&self) -> ConversationId {
+        match self {
+            Self::Message(m) => m.conversation_id,
+            Self::Change(c) => c.conversation_id(),
+        }
+    }
 }
 
 /// An uploaded file as recorded in the store: its bytes are the object `sha256` of the

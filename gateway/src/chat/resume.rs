@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::error::ChatError;
 use super::event::{Event, Outgoing, Topic};
 use super::hub::{ConnId, TopicChange};
-use super::model::{ConversationId, Identity};
+use super::model::{ConversationId, Identity, LogEntry};
 use super::service::ChatService;
 use super::store_err;
 
@@ -61,11 +61,10 @@ impl ChatService {
     ) -> Result<HashSet<ConversationId>, ChatError> {
         let ids: HashSet<ConversationId> = self
             .store
-            .conversations_of(&who.user_id)
+            .conversation_ids_of(&who.user_id)
             .await
             .map_err(store_err)?
             .into_iter()
-            .map(|s| s.conversation.id)
             .collect();
         let mut change = TopicChange::default();
         for id in &ids {
@@ -82,7 +81,9 @@ impl ChatService {
     }
 
     /// Writes what the client missed since its cursors straight to the connection (its live
-    /// events are still held), at most `max_resume` per conversation. Returns the last seq
+    /// events are still held): the log's entries in seq order, messages as `new_message` (as
+    /// they are now: edited, or deleted without content) and changes as the events that
+    /// announced them, at most `max_resume` per conversation. Returns the last seq
     /// written per conversation, so the held live copies of those messages are dropped.
     /// Cursors of conversations the user is no longer in are passed over: the client learns of
     /// its conversations with `GET /api/conversations`.
@@ -104,11 +105,14 @@ impl ChatService {
         if cursors.is_empty() {
             return replayed;
         }
-        // Every cursor in one read; one more than the cap tells whether anything was left.
-        let mut missed = match self.store.messages_after_each(&cursors, cap + 1).await {
-            Ok(messages) => Some(messages.into_iter().peekable()),
-            Err(e) => {
-                tracing::warn!(error = %e, "resume could not read missed messages; the client pages them with sync");
+        // Every cursor in one read of each kind of entry (messages, changes); one more than
+        // the cap tells whether anything was left.
+        let mut missed = match self.log_after(&cursors, cap + 1).await {
+            Ok(entries) => Some(entries.into_iter().peekable()),
+            Err(_) => {
+                tracing::warn!(
+                    "resume could not read the missed log; the client pages it with sync"
+                );
                 None
             }
         };
@@ -117,13 +121,17 @@ impl ChatService {
             let mut count = 0u32;
             let truncated = match missed.as_mut() {
                 Some(missed) => {
-                    while let Some(message) = missed.next_if(|m| m.conversation_id == id) {
+                    while let Some(entry) = missed.next_if(|e| e.conversation_id() == id) {
                         count += 1;
                         if count > cap {
                             continue;
                         }
-                        last = message.seq;
-                        ChatService::direct(&*out, &Arc::new(Event::NewMessage(message).encode()));
+                        last = entry.seq();
+                        let event = match entry {
+                            LogEntry::Message(message) => Event::NewMessage(message),
+                            LogEntry::Change(change) => Event::from(change),
+                        };
+                        ChatService::direct(&*out, &Arc::new(event.encode()));
                     }
                     count > cap
                 }

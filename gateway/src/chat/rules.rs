@@ -103,3 +103,23 @@ pub fn can_remove_member(
         )),
     }
 }
+
+/// Whether `actor` may delete a message `sender` sent: their own, or anything as one of the
+/// conversation's moderators (its creator, or an agent of a support conversation's
+/// department).
+pub fn can_delete(
+    conversation: &Conversation,
+    actor_member: Option<&Member>,
+    actor: &Identity,
+    sender: &str,
+) -> Result<(), ChatError> {
+    if sender == actor.user_id || actor_member.is_some_and(|m| m.role == MemberRole::Owner) {
+        return Ok(());
+    }
+    if agent_may_see(conversation, actor) {
+        return Ok(());
+    }
+    Err(ChatError::forbidden(
+        "only the sender or the conversation's moderators may delete a message",
+    ))
+}

@@ -60,6 +60,7 @@ impl ConversationState {
             user_id: user.to_owned(),
             role,
             last_read_seq: 0,
+            last_received_seq: 0,
             joined_at,
         })
     }

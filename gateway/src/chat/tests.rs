@@ -1,6 +1,7 @@
 //! Domain rules, driven through `ChatService` with recording connections and a paused clock.
 
 mod attachments;
+mod lifecycle;
 mod memory_store;
 mod resume;
 
@@ -151,6 +152,8 @@ fn text(c: &Conversation, client_msg_id: &str, content: &str) -> Send {
         content: content.into(),
         client_msg_id: client_msg_id.into(),
         attachment_id: None,
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 

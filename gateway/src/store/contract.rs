@@ -4,9 +4,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
+use super::{
+    Changed, Inserted, NewConversation, NewDeletion, NewEdit, NewMessage, NewReaction, Refusal,
+    Store, StoreError,
+};
 use crate::chat::model::{
-    Attachment, ConversationKind, MemberRole, MessageAttachment, MessageKind,
+    Attachment, Change, ConversationKind, MemberRole, MessageAttachment, MessageKind,
+    ReactionCount, ReplyQuote,
 };
 
 fn unique(prefix: &str) -> String {
@@ -22,6 +26,8 @@ fn text(conversation: uuid::Uuid, sender: &str, client_msg_id: &str, content: &s
         kind: MessageKind::Text,
         content: content.to_owned(),
         attachment: None,
+        reply_to: None,
+        mentions: Vec::new(),
     }
 }
 
@@ -38,6 +44,12 @@ pub async fn run(store: &dyn Store) {
     sends_queued_together_are_answered_each_on_its_own(store).await;
     messages_after_each_reads_every_cursor_with_its_own_cap(store).await;
     attachments_are_recorded_once_per_retry_key_and_messages_carry_them(store).await;
+    edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store).await;
+    a_deletion_erases_the_body_its_edits_and_quotes_of_it(store).await;
+    reactions_are_capped_per_message_and_counted_per_viewer(store).await;
+    unread_and_mentions_count_others_messages_after_the_watermark(store).await;
+    delivery_watermark_names_each_sender_once_per_rise(store).await;
+    changes_after_each_reads_every_cursor_with_its_own_cap(store).await;
     // The well-known ids used by the reopen test of the file store.
     let alice = "contract-alice";
     let c = store
@@ -464,9 +476,10 @@ async fn read_watermark_only_rises(store: &dyn Store) {
         })
         .await
         .expect("create");
+    let bob = unique("bob");
     for _ in 0..4 {
         store
-            .insert_message(text(c.id, &alice, &unique("r"), "x"))
+            .insert_message(text(c.id, &bob, &unique("r"), "x"))
             .await
             .expect("insert");
     }
@@ -699,4 +712,560 @@ async fn messages_after_each_reads_every_cursor_with_its_own_cap(store: &dyn Sto
         .await
         .expect("caught up");
     assert!(caught_up.is_empty());
+}
+
+async fn group_of(store: &dyn Store, members: &[&str]) -> uuid::Uuid {
+    store
+        .create_conversation(NewConversation {
+            kind: ConversationKind::Group,
+            title: None,
+            department_id: None,
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let role = if i == 0 {
+                        MemberRole::Owner
+                    } else {
+                        MemberRole::Member
+                    };
+                    ((*m).to_owned(), role)
+                })
+                .collect(),
+        })
+        .await
+        .expect("create")
+        .id
+}
+
+fn edit(c: uuid::Uuid, actor: &str, target: i64, key: &str, content: &str) -> NewEdit {
+    NewEdit {
+        conversation_id: c,
+        target,
+        actor_id: actor.to_owned(),
+        client_msg_id: key.to_owned(),
+        content: content.to_owned(),
+    }
+}
+
+fn reaction(c: uuid::Uuid, actor: &str, target: i64, emoji: &str, on: bool) -> NewReaction {
+    NewReaction {
+        conversation_id: c,
+        target,
+        actor_id: actor.to_owned(),
+        emoji: emoji.to_owned(),
+        on,
+        client_msg_id: None,
+        max_distinct: 20,
+    }
+}
+
+fn new_seq(changed: Changed) -> i64 {
+    match changed {
+        Changed::New(change) => change.seq(),
+        other => panic!("expected a new entry, got {other:?}"),
+    }
+}
+
+async fn edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store: &dyn Store) {
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let c = group_of(store, &[&alice, &bob]).await;
+    store
+        .insert_message(text(c, &alice, "m1", "first"))
+        .await
+        .expect("insert");
+    store
+        .insert_message(text(c, &bob, "m2", "second"))
+        .await
+        .expect("insert");
+    let edited = store
+        .edit_message(edit(c, &alice, 1, "e1", "first, edited"))
+        .await
+        .expect("edit");
+    let Changed::New(Change::MessageUpdated(e)) = edited.clone() else {
+        panic!("a new edit, got {edited:?}");
+    };
+    assert_eq!((e.seq, e.target, e.version), (3, 1, 1));
+    assert_eq!(e.content.as_deref(), Some("first, edited"));
+    assert_eq!(e.user_id, alice);
+    let Changed::New(first_edit) = edited else {
+        unreachable!()
+    };
+    assert_eq!(
+        store
+            .edit_message(edit(c, &alice, 1, "e1", "a retry says anything"))
+            .await
+            .expect("retry"),
+        Changed::Existing(first_edit),
+        "a retry of the key returns the entry committed before"
+    );
+    assert_eq!(
+        store
+            .edit_message(edit(c, &bob, 1, "e2", "not mine"))
+            .await
+            .expect("edit"),
+        Changed::Refused(Refusal::NotSender)
+    );
+    assert_eq!(
+        store
+            .edit_message(edit(c, &alice, 3, "e3", "an entry is no message"))
+            .await
+            .expect("edit"),
+        Changed::Refused(Refusal::NoSuchMessage)
+    );
+    let second = store
+        .edit_message(edit(c, &alice, 1, "e4", "first, again"))
+        .await
+        .expect("edit");
+    assert!(
+        matches!(&second, Changed::New(Change::MessageUpdated(e)) if e.seq == 4 && e.version == 2)
+    );
+    let now = store.message_at(c, 1).await.expect("read").expect("some");
+    assert_eq!(now.content, "first, again");
+    assert_eq!(now.version, 2);
+    assert!(now.edited_at.is_some());
+
+    assert_eq!(
+        new_seq(
+            store
+                .react(reaction(c, &bob, 1, "👍", true))
+                .await
+                .expect("react")
+        ),
+        5
+    );
+    assert_eq!(
+        store
+            .react(reaction(c, &bob, 1, "👍", true))
+            .await
+            .expect("react"),
+        Changed::Unchanged,
+        "a reaction already there changes nothing and takes no seq"
+    );
+    let keyed = NewReaction {
+        client_msg_id: Some("r1".into()),
+        ..reaction(c, &alice, 1, "👍", true)
+    };
+    let first = store.react(keyed.clone()).await.expect("react");
+    let Changed::New(Change::ReactionUpdated(r)) = &first else {
+        panic!("a new reaction, got {first:?}");
+    };
+    assert_eq!((r.seq, r.count, r.on), (6, 2, true));
+    let Changed::New(first) = first else {
+        unreachable!()
+    };
+    assert_eq!(
+        store.react(keyed).await.expect("retry"),
+        Changed::Existing(first)
+    );
+    let off = store
+        .react(reaction(c, &bob, 1, "👍", false))
+        .await
+        .expect("react");
+    assert!(
+        matches!(&off, Changed::New(Change::ReactionUpdated(r)) if r.seq == 7 && r.count == 1 && !r.on)
+    );
+
+    let deleted = store
+        .delete_message(NewDeletion {
+            conversation_id: c,
+            target: 1,
+            actor_id: alice.clone(),
+        })
+        .await
+        .expect("delete");
+    let Changed::New(tombstone) = deleted else {
+        panic!("a new deletion, got {deleted:?}");
+    };
+    assert_eq!(tombstone.seq(), 8);
+    assert_eq!(
+        store
+            .delete_message(NewDeletion {
+                conversation_id: c,
+                target: 1,
+                actor_id: bob.clone(),
+            })
+            .await
+            .expect("delete"),
+        Changed::Existing(tombstone),
+        "deleting a deleted message returns its tombstone"
+    );
+    assert_eq!(
+        store
+            .edit_message(edit(c, &alice, 1, "e5", "too late"))
+            .await
+            .expect("edit"),
+        Changed::Refused(Refusal::Deleted)
+    );
+    assert_eq!(
+        store
+            .react(reaction(c, &bob, 1, "🎉", true))
+            .await
+            .expect("react"),
+        Changed::Refused(Refusal::Deleted)
+    );
+    assert_eq!(
+        store
+            .delete_message(NewDeletion {
+                conversation_id: c,
+                target: 42,
+                actor_id: alice.clone(),
+            })
+            .await
+            .expect("delete"),
+        Changed::Refused(Refusal::NoSuchMessage)
+    );
+    let log = store
+        .changes_after_each(&[(c, 0)], 100)
+        .await
+        .expect("read");
+    assert_eq!(
+        log.iter().map(Change::seq).collect::<Vec<_>>(),
+        vec![3, 4, 5, 6, 7, 8],
+        "only committed changes, in seq order, none for the refused ones"
+    );
+    assert_eq!(
+        store
+            .conversation(c)
+            .await
+            .expect("load")
+            .expect("some")
+            .last_seq,
+        8,
+        "messages and changes share one gap-free seq"
+    );
+    assert!(
+        !matches!(
+            store
+                .edit_message(edit(uuid::Uuid::now_v7(), &alice, 1, "e6", "x"))
+                .await,
+            Ok(Changed::New(_))
+        ),
+        "nothing is edited in a missing conversation"
+    );
+}
+
+async fn a_deletion_erases_the_body_its_edits_and_quotes_of_it(store: &dyn Store) {
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let c = group_of(store, &[&alice, &bob]).await;
+    store
+        .insert_message(NewMessage {
+            mentions: vec![bob.clone()],
+            ..text(c, &alice, "m1", "secret body")
+        })
+        .await
+        .expect("insert");
+    store
+        .edit_message(edit(c, &alice, 1, "e1", "secret edit"))
+        .await
+        .expect("edit");
+    let quote = ReplyQuote {
+        seq: 1,
+        sender_id: alice.clone(),
+        sender_name: format!("{alice} name"),
+        quote: Some("secret edit".into()),
+        deleted: false,
+    };
+    let reply = store
+        .insert_message(NewMessage {
+            reply_to: Some(quote.clone()),
+            ..text(c, &bob, "m2", "a reply")
+        })
+        .await
+        .expect("insert");
+    assert_eq!(reply.message().reply_to.as_deref(), Some(&quote));
+    let read = store.message_at(c, 3).await.expect("read").expect("some");
+    assert_eq!(
+        read.reply_to.as_deref(),
+        Some(&quote),
+        "the quote round-trips"
+    );
+    let first = store.message_at(c, 1).await.expect("read").expect("some");
+    assert_eq!(first.mentions, vec![bob.clone()], "mentions round-trip");
+    store
+        .react(reaction(c, &bob, 1, "👀", true))
+        .await
+        .expect("react");
+    store
+        .delete_message(NewDeletion {
+            conversation_id: c,
+            target: 1,
+            actor_id: alice.clone(),
+        })
+        .await
+        .expect("delete");
+    let gone = store.message_at(c, 1).await.expect("read").expect("some");
+    assert!(gone.deleted);
+    assert_eq!(gone.content, "", "the body is erased");
+    assert!(gone.mentions.is_empty());
+    let page = store.messages_before(c, None, 10).await.expect("history");
+    assert!(
+        page.iter().all(|m| !m.content.contains("secret")),
+        "{page:?}"
+    );
+    let reply = page.iter().find(|m| m.seq == 3).expect("the reply");
+    assert_eq!(
+        reply.reply_to.as_deref().cloned(),
+        Some(ReplyQuote {
+            quote: None,
+            deleted: true,
+            ..quote
+        }),
+        "the quote goes with the quoted message"
+    );
+    let log = store
+        .changes_after_each(&[(c, 0)], 100)
+        .await
+        .expect("read");
+    for change in &log {
+        if let Change::MessageUpdated(e) = change {
+            assert_eq!(e.content, None, "an earlier edit's content is erased too");
+        }
+    }
+    assert!(
+        store
+            .reactions_of(c, &[1], &bob)
+            .await
+            .expect("read")
+            .is_empty(),
+        "a deleted message carries no reactions"
+    );
+}
+
+async fn reactions_are_capped_per_message_and_counted_per_viewer(store: &dyn Store) {
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let c = group_of(store, &[&alice, &bob]).await;
+    store
+        .insert_message(text(c, &alice, "m1", "one"))
+        .await
+        .expect("insert");
+    store
+        .insert_message(text(c, &alice, "m2", "two"))
+        .await
+        .expect("insert");
+    let capped = |actor: &str, emoji: &str| NewReaction {
+        max_distinct: 2,
+        ..reaction(c, actor, 1, emoji, true)
+    };
+    store.react(capped(&alice, "👍")).await.expect("react");
+    store.react(capped(&bob, "🎉")).await.expect("react");
+    assert_eq!(
+        store.react(capped(&bob, "🔥")).await.expect("react"),
+        Changed::Refused(Refusal::TooManyReactions)
+    );
+    assert!(
+        matches!(
+            store.react(capped(&bob, "👍")).await.expect("react"),
+            Changed::New(_)
+        ),
+        "an emoji already on the message is not a new one"
+    );
+    store
+        .react(reaction(c, &bob, 2, "❤️", true))
+        .await
+        .expect("react");
+    let seen = store.reactions_of(c, &[1, 2], &bob).await.expect("read");
+    assert_eq!(
+        seen,
+        vec![
+            (
+                1,
+                ReactionCount {
+                    emoji: "👍".into(),
+                    count: 2,
+                    me: true
+                }
+            ),
+            (
+                1,
+                ReactionCount {
+                    emoji: "🎉".into(),
+                    count: 1,
+                    me: true
+                }
+            ),
+            (
+                2,
+                ReactionCount {
+                    emoji: "❤️".into(),
+                    count: 1,
+                    me: true
+                }
+            ),
+        ]
+    );
+    let by_alice = store.reactions_of(c, &[1], &alice).await.expect("read");
+    assert_eq!(
+        by_alice
+            .iter()
+            .map(|(_, r)| (r.emoji.as_str(), r.me))
+            .collect::<Vec<_>>(),
+        vec![("👍", true), ("🎉", false)]
+    );
+}
+
+async fn unread_and_mentions_count_others_messages_after_the_watermark(store: &dyn Store) {
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let c = group_of(store, &[&alice, &bob]).await;
+    let mention = |key: &str, who: &str| NewMessage {
+        mentions: vec![who.to_owned()],
+        ..text(c, &alice, key, "hey")
+    };
+    store
+        .insert_message(mention("m1", &bob))
+        .await
+        .expect("insert"); // 1
+    store
+        .insert_message(text(c, &alice, "m2", "x"))
+        .await
+        .expect("insert"); // 2
+    store
+        .insert_message(mention("m3", &bob))
+        .await
+        .expect("insert"); // 3
+    store
+        .insert_message(text(c, &bob, "m4", "mine"))
+        .await
+        .expect("insert"); // 4
+    store
+        .react(reaction(c, &bob, 2, "👍", true))
+        .await
+        .expect("react"); // 5
+    let counts = |list: Vec<crate::chat::model::ConversationSummary>| {
+        let s = list
+            .into_iter()
+            .find(|s| s.conversation.id == c)
+            .expect("listed");
+        (s.unread, s.mentions)
+    };
+    assert_eq!(
+        counts(store.conversations_of(&bob).await.expect("list")),
+        (3, 2),
+        "own messages and change entries are not unread"
+    );
+    assert_eq!(
+        counts(store.conversations_of(&alice).await.expect("list")),
+        (1, 0)
+    );
+    store.mark_read(c, &bob, 1).await.expect("read");
+    assert_eq!(
+        counts(store.conversations_of(&bob).await.expect("list")),
+        (2, 1)
+    );
+    store
+        .delete_message(NewDeletion {
+            conversation_id: c,
+            target: 3,
+            actor_id: alice.clone(),
+        })
+        .await
+        .expect("delete");
+    assert_eq!(
+        counts(store.conversations_of(&bob).await.expect("list")),
+        (1, 0),
+        "a deleted message is neither unread nor a mention"
+    );
+    let ids = store.conversation_ids_of(&bob).await.expect("ids");
+    assert_eq!(ids, vec![c]);
+}
+
+async fn delivery_watermark_names_each_sender_once_per_rise(store: &dyn Store) {
+    let alice = unique("alice");
+    let bob = unique("bob");
+    let carol = unique("carol");
+    let c = group_of(store, &[&alice, &bob, &carol]).await;
+    store
+        .insert_message(text(c, &alice, "m1", "a"))
+        .await
+        .expect("insert");
+    store
+        .insert_message(text(c, &alice, "m2", "b"))
+        .await
+        .expect("insert");
+    store
+        .insert_message(text(c, &carol, "m3", "c"))
+        .await
+        .expect("insert");
+    store
+        .insert_message(text(c, &bob, "m4", "own"))
+        .await
+        .expect("insert");
+    let mut expected = vec![(alice.clone(), 2), (carol.clone(), 3)];
+    expected.sort();
+    assert_eq!(
+        store.mark_received(c, &bob, 4).await.expect("received"),
+        Some(expected)
+    );
+    assert_eq!(
+        store.mark_received(c, &bob, 4).await.expect("received"),
+        Some(vec![]),
+        "the same watermark again announces nothing"
+    );
+    assert_eq!(
+        store.mark_received(c, &bob, 2).await.expect("received"),
+        Some(vec![])
+    );
+    assert_eq!(
+        store
+            .member(c, &bob)
+            .await
+            .expect("member")
+            .expect("some")
+            .last_received_seq,
+        4
+    );
+    assert_eq!(
+        store
+            .mark_received(c, &unique("stranger"), 1)
+            .await
+            .expect("received"),
+        None
+    );
+    store
+        .insert_message(text(c, &alice, "m5", "d"))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store.mark_received(c, &bob, 5).await.expect("received"),
+        Some(vec![(alice.clone(), 5)])
+    );
+}
+
+async fn changes_after_each_reads_every_cursor_with_its_own_cap(store: &dyn Store) {
+    let alice = unique("alice");
+    let one = group_of(store, &[&alice]).await;
+    let two = group_of(store, &[&alice]).await;
+    for c in [one, two] {
+        store
+            .insert_message(text(c, &alice, "m1", "x"))
+            .await
+            .expect("insert");
+        for emoji in ["👍", "🎉", "🔥", "👀"] {
+            store
+                .react(reaction(c, &alice, 1, emoji, true))
+                .await
+                .expect("react");
+        }
+    }
+    let read = store
+        .changes_after_each(&[(two, 2), (one, 0)], 2)
+        .await
+        .expect("read");
+    assert_eq!(
+        read.iter()
+            .map(|c| (c.conversation_id(), c.seq()))
+            .collect::<Vec<_>>(),
+        vec![(two, 3), (two, 4), (one, 2), (one, 3)]
+    );
+    assert!(
+        store
+            .changes_after_each(&[], 5)
+            .await
+            .expect("read")
+            .is_empty()
+    );
 }

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use thiserror::Error;
 
 use crate::chat::model::{
-    Attachment, Conversation, ConversationId, ConversationKind, ConversationSummary, Member,
-    MemberRole, Message, MessageAttachment, MessageKind, UserId,
+    Attachment, Change, Conversation, ConversationId, ConversationKind, ConversationSummary,
+    Member, MemberRole, Message, MessageAttachment, MessageKind, ReactionCount, ReplyQuote, UserId,
 };
 
 pub use postgres::PostgresStore;
@@ -48,8 +48,70 @@ pub struct NewMessage {
     /// The attachment a `file` or `image` message refers to, copied into the message (it never
     /// changes), so history and sync read it without a join.
     pub attachment: Option<MessageAttachment>,
+    /// The quoted message, when this is a reply.
+    pub reply_to: Option<ReplyQuote>,
+    /// Members mentioned (checked by the domain); each but the sender counts it.
+    pub mentions: Vec<UserId>,
 }
 
+/// An edit asked for: only the sender's own message, only while it is not deleted.
+#[derive(Debug, Clone)]
+pub struct NewEdit {
+    pub conversation_id: ConversationId,
+    pub target: i64,
+    pub actor_id: UserId,
+    pub client_msg_id: String,
+    pub content: String,
+}
+
+/// A deletion asked for (the domain has checked that the actor may).
+#[derive(Debug, Clone)]
+pub struct NewDeletion {
+    pub conversation_id: ConversationId,
+    pub target: i64,
+    pub actor_id: UserId,
+}
+
+/// A reaction added (`on`) or removed.
+#[derive(Debug, Clone)]
+pub struct NewReaction {
+    pub conversation_id: ConversationId,
+    pub target: i64,
+    pub actor_id: UserId,
+    pub emoji: String,
+    pub on: bool,
+    /// Idempotency key; without one a reaction is idempotent by its state alone.
+    pub client_msg_id: Option<String>,
+    /// Most distinct emoji one message may carry.
+    pub max_distinct: usize,
+}
+
+/// What a change to a message came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Changed {
+    /// Committed now, with the next `seq` of its conversation.
+    New(Change),
+    /// Committed before (same idempotency key, or the message was already deleted).
+    Existing(Change),
+    /// Nothing to change (a reaction already in the state asked for); no entry written.
+    Unchanged,
+    /// Refused; nothing written and no seq used.
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No message has that seq in the conversation (it may be a change entry's seq).
+    NoSuchMessage,
+    /// The message was deleted.
+    Deleted,
+    /// Only the sender may do this.
+    NotSender,
+    /// The message carries as many distinct emoji as it may.
+    TooManyReactions,
+    /// The idempotency key was used by another kind of change or another target.
+    KeyReused,
+}
 /// The result of an idempotent insert.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inserted {
@@ -140,6 +202,53 @@ pub trait Store: Send + Sync + 'static {
     /// recorded before (a retried upload) returns that record instead of a second one.
     async fn insert_attachment(&self, new: Attachment) -> Result<Attachment, StoreError>;
     async fn attachment(&self, id: uuid::Uuid) -> Result<Option<Attachment>, StoreError>;
+
+    // ---- the message lifecycle: change entries share the conversation's gap-free seq -------
+
+    /// The ids of the user's conversations (cheaper than [`conversations_of`](Self::conversations_of),
+    /// which counts).
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError>;
+    /// The message with this seq (as it is now), if that seq is a message's.
+    async fn message_at(
+        &self,
+        conversation: ConversationId,
+        seq: i64,
+    ) -> Result<Option<Message>, StoreError>;
+    /// Replaces the content of the actor's own message and logs an `edit` entry, in one
+    /// transaction; a retry of the same `client_msg_id` returns the entry committed before.
+    async fn edit_message(&self, edit: NewEdit) -> Result<Changed, StoreError>;
+    /// Erases the message's body (and the content of its earlier edits, and quotes of it in
+    /// replies) and logs a `delete` entry, in one transaction. Deleting a deleted message
+    /// returns its tombstone.
+    async fn delete_message(&self, deletion: NewDeletion) -> Result<Changed, StoreError>;
+    /// Adds or removes the actor's reaction and logs a `reaction` entry with the emoji's count
+    /// after it, in one transaction.
+    async fn react(&self, reaction: NewReaction) -> Result<Changed, StoreError>;
+    /// For each `(conversation, after_seq)`, up to `limit` of its change entries with `seq >
+    /// after_seq`, oldest first, conversation after conversation in the order asked. Entries
+    /// of a deleted message come without content.
+    async fn changes_after_each(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Change>, StoreError>;
+    /// Reaction counts of these messages as `viewer` sees them: `(seq, count)`, by seq then
+    /// emoji.
+    async fn reactions_of(
+        &self,
+        conversation: ConversationId,
+        seqs: &[i64],
+        viewer: &str,
+    ) -> Result<Vec<(i64, ReactionCount)>, StoreError>;
+    /// Raises the member's delivery watermark to `seq`. `None` if not a member; else, for each
+    /// other sender with messages in the range the watermark rose over, that sender and their
+    /// last seq in it (empty when it did not rise): the receipts to send, each once.
+    async fn mark_received(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        seq: i64,
+    ) -> Result<Option<Vec<(UserId, i64)>>, StoreError>;
 }
 
 /// A message's attachment as its row keeps it (JSON text; `None` on text messages).
@@ -156,6 +265,39 @@ fn attachment_from_json(text: Option<String>) -> Result<Option<MessageAttachment
         serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("attachment: {e}")))
     })
     .transpose()
+}
+
+/// A reply's quote from its stored columns: `deleted` once the quoted message's deletion
+/// erased the quote.
+pub(crate) fn reply_from(
+    seq: Option<i64>,
+    sender_id: Option<String>,
+    sender_name: Option<String>,
+    quote: Option<String>,
+) -> Option<ReplyQuote> {
+    let seq = seq?;
+    Some(ReplyQuote {
+        seq,
+        sender_id: sender_id.unwrap_or_default(),
+        sender_name: sender_name.unwrap_or_default(),
+        deleted: quote.is_none(),
+        quote,
+    })
+}
+
+/// Mentions as stored: a JSON array of user ids, NULL for none.
+pub(crate) fn mentions_from(stored: Option<String>) -> Result<Vec<UserId>, StoreError> {
+    match stored {
+        None => Ok(Vec::new()),
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|_| StoreError::Corrupt(format!("mentions: {text:?}"))),
+    }
+}
+
+/// Mentions to store (NULL for none).
+pub(crate) fn mentions_to(mentions: &[UserId]) -> Option<String> {
+    (!mentions.is_empty())
+        .then(|| serde_json::to_string(mentions).expect("a list of strings always serialises"))
 }
 
 #[cfg(test)]

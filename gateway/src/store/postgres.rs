@@ -12,16 +12,24 @@ use tracing::Dispatch;
 use tracing::instrument::WithSubscriber;
 use uuid::Uuid;
 
-use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
+use super::{
+    Changed, Inserted, NewConversation, NewDeletion, NewEdit, NewMessage, NewReaction, Refusal,
+    Store, StoreError, mentions_from, mentions_to, reply_from,
+};
 use crate::chat::model::{
-    Attachment, Conversation, ConversationId, ConversationKind, ConversationSummary, Member,
-    MemberRole, Message, MessageKind, UserId,
+    Attachment, Change, Conversation, ConversationId, ConversationKind, ConversationSummary,
+    Deletion, Edit, Member, MemberRole, Message, MessageKind, Reaction, ReactionCount, UserId,
 };
 
-const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, sender_name, client_msg_id, \
+     kind, content, created_at, edited_at, version, deleted_at, reply_to_seq, reply_sender_id, \
+     reply_sender_name, reply_quote, mentions, attachment";
 
 const ATTACHMENT_COLUMNS: &str =
     "id, conversation_id, uploader_id, name, content_type, size, sha256, width, height, created_at";
+
+const CHANGE_COLUMNS: &str = "conversation_id, seq, kind, target, actor_id, content, version, \
+     emoji, reaction_on, reaction_count, created_at";
 
 /// Messages are written by group commit, as in [`super::SqliteStore`]: sends queue up for one
 /// committer task, which writes whatever is waiting (up to [`MAX_BATCH`]) in one transaction of
@@ -73,6 +81,7 @@ fn member_from(row: &PgRow) -> Result<Member, StoreError> {
         user_id: row.try_get("user_id")?,
         role: MemberRole::parse(&role).ok_or_else(|| corrupt("member role", &role))?,
         last_read_seq: row.try_get("last_read_seq")?,
+        last_received_seq: row.try_get("last_received_seq")?,
         joined_at: row.try_get("joined_at")?,
     })
 }
@@ -90,6 +99,64 @@ fn message_from(row: &PgRow) -> Result<Message, StoreError> {
         client_msg_id: row.try_get("client_msg_id")?,
         created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
         attachment: super::attachment_from_json(row.try_get("attachment")?)?,
+        edited_at: row.try_get("edited_at")?,
+        version: row.try_get("version")?,
+        deleted: row
+            .try_get::<Option<DateTime<Utc>>, _>("deleted_at")?
+            .is_some(),
+        reply_to: reply_from(
+            row.try_get("reply_to_seq")?,
+            row.try_get("reply_sender_id")?,
+            row.try_get("reply_sender_name")?,
+            row.try_get("reply_quote")?,
+        )
+        .map(Box::new),
+        mentions: mentions_from(row.try_get("mentions")?)?,
+        reactions: Vec::new(),
+    })
+}
+
+fn change_from(row: &PgRow) -> Result<Change, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let conversation_id: Uuid = row.try_get("conversation_id")?;
+    let seq: i64 = row.try_get("seq")?;
+    let target: i64 = row.try_get("target")?;
+    let user_id: String = row.try_get("actor_id")?;
+    let at: DateTime<Utc> = row.try_get("created_at")?;
+    Ok(match kind.as_str() {
+        "edit" => Change::MessageUpdated(Edit {
+            conversation_id,
+            seq,
+            target,
+            user_id,
+            content: row.try_get("content")?,
+            edited_at: at,
+            version: row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
+        }),
+        "delete" => Change::MessageDeleted(Deletion {
+            conversation_id,
+            seq,
+            target,
+            user_id,
+            deleted_at: at,
+        }),
+        "reaction" => Change::ReactionUpdated(Reaction {
+            conversation_id,
+            seq,
+            target,
+            emoji: row
+                .try_get::<Option<String>, _>("emoji")?
+                .unwrap_or_default(),
+            user_id,
+            on: row
+                .try_get::<Option<bool>, _>("reaction_on")?
+                .unwrap_or(false),
+            count: row
+                .try_get::<Option<i64>, _>("reaction_count")?
+                .unwrap_or(0),
+            reacted_at: at,
+        }),
+        other => return Err(corrupt("change kind", other)),
     })
 }
 
@@ -200,7 +267,11 @@ impl Store for PostgresStore {
 
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq \
+            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq, \
+             (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
+              AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
+             (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
+              AND n.user_id = m.user_id AND n.seq > m.last_read_seq) AS mentions \
              FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
              WHERE m.user_id = $1 ORDER BY c.last_seq DESC, c.created_at DESC",
         )
@@ -212,7 +283,8 @@ impl Store for PostgresStore {
                 let conversation = conversation_from(row)?;
                 let last_read_seq: i64 = row.try_get("last_read_seq")?;
                 Ok(ConversationSummary {
-                    unread: (conversation.last_seq - last_read_seq).max(0),
+                    unread: row.try_get("unread")?,
+                    mentions: row.try_get("mentions")?,
                     last_read_seq,
                     conversation,
                 })
@@ -266,7 +338,7 @@ impl Store for PostgresStore {
         user: &str,
     ) -> Result<Option<Member>, StoreError> {
         let row = sqlx::query(
-            "SELECT conversation_id, user_id, role, last_read_seq, joined_at \
+            "SELECT conversation_id, user_id, role, last_read_seq, last_received_seq, joined_at \
              FROM conversation_members WHERE conversation_id = $1 AND user_id = $2",
         )
         .bind(conversation)
@@ -278,7 +350,7 @@ impl Store for PostgresStore {
 
     async fn members(&self, conversation: ConversationId) -> Result<Vec<Member>, StoreError> {
         let rows = sqlx::query(
-            "SELECT conversation_id, user_id, role, last_read_seq, joined_at \
+            "SELECT conversation_id, user_id, role, last_read_seq, last_received_seq, joined_at \
              FROM conversation_members WHERE conversation_id = $1 ORDER BY joined_at, user_id",
         )
         .bind(conversation)
@@ -437,6 +509,446 @@ impl Store for PostgresStore {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(attachment_from).transpose()
+    }
+
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT conversation_id FROM conversation_members WHERE user_id = $1",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn message_at(
+        &self,
+        conversation: ConversationId,
+        seq: i64,
+    ) -> Result<Option<Message>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND seq = $2"
+        )))
+        .bind(conversation)
+        .bind(seq)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(message_from).transpose()
+    }
+
+    async fn edit_message(&self, edit: NewEdit) -> Result<Changed, StoreError> {
+        retrying(|| self.edit_once(&edit)).await
+    }
+
+    async fn delete_message(&self, deletion: NewDeletion) -> Result<Changed, StoreError> {
+        retrying(|| self.delete_once(&deletion)).await
+    }
+
+    async fn react(&self, reaction: NewReaction) -> Result<Changed, StoreError> {
+        retrying(|| self.react_once(&reaction)).await
+    }
+
+    async fn changes_after_each(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Change>, StoreError> {
+        if cursors.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT x.* FROM unnest($1::uuid[], $2::bigint[]) WITH ORDINALITY AS k(c, a, o) \
+             CROSS JOIN LATERAL (SELECT {CHANGE_COLUMNS} FROM message_changes \
+             WHERE conversation_id = k.c AND seq > k.a ORDER BY seq LIMIT $3) AS x \
+             ORDER BY k.o, x.seq"
+        )))
+        .bind(cursors.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(cursors.iter().map(|c| c.1).collect::<Vec<_>>())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(change_from).collect()
+    }
+
+    async fn reactions_of(
+        &self,
+        conversation: ConversationId,
+        seqs: &[i64],
+        viewer: &str,
+    ) -> Result<Vec<(i64, ReactionCount)>, StoreError> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64, String, i64, bool)> = sqlx::query_as(
+            "SELECT target, emoji, COUNT(*), bool_or(user_id = $1) FROM message_reactions \
+             WHERE conversation_id = $2 AND target = ANY($3) \
+             GROUP BY target, emoji ORDER BY target, MIN(created_at), emoji",
+        )
+        .bind(viewer)
+        .bind(conversation)
+        .bind(seqs)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, emoji, count, me)| (seq, ReactionCount { emoji, count, me }))
+            .collect())
+    }
+
+    async fn mark_received(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        seq: i64,
+    ) -> Result<Option<Vec<(UserId, i64)>>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Row-locked: two devices of one user acknowledging at once raise it one after the
+        // other, so each range is announced once.
+        let old: Option<i64> = sqlx::query_scalar(
+            "SELECT last_received_seq FROM conversation_members \
+             WHERE conversation_id = $1 AND user_id = $2 FOR UPDATE",
+        )
+        .bind(conversation)
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(old) = old else { return Ok(None) };
+        if seq <= old {
+            return Ok(Some(Vec::new()));
+        }
+        sqlx::query(
+            "UPDATE conversation_members SET last_received_seq = $1 WHERE conversation_id = $2 AND user_id = $3",
+        )
+        .bind(seq)
+        .bind(conversation)
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+        let senders: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT sender_id, MAX(seq) FROM messages WHERE conversation_id = $1 AND seq > $2 AND seq <= $3 \
+             AND sender_id <> $4 GROUP BY sender_id ORDER BY sender_id",
+        )
+        .bind(conversation)
+        .bind(old)
+        .bind(seq)
+        .bind(user)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(senders))
+    }
+}
+
+/// Runs a lifecycle transaction again when Postgres gave up on it for a reason a retry clears.
+async fn retrying<'a, F, Fut>(mut once: F) -> Result<Changed, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Changed, StoreError>> + 'a,
+{
+    let mut outcome = once().await;
+    for _ in 1..ATTEMPTS {
+        match &outcome {
+            Err(StoreError::Database(e)) if retryable(e) => outcome = once().await,
+            _ => break,
+        }
+    }
+    outcome
+}
+
+/// The message lifecycle. Each change locks its conversation's row first, as a batch of sends
+/// does (so the two queue, never deadlock), then checks, then takes the next seq: a refusal
+/// rolls back and uses no seq.
+impl PostgresStore {
+    async fn lock_conversation(
+        tx: &mut sqlx::PgConnection,
+        conversation: ConversationId,
+    ) -> Result<(), StoreError> {
+        let found: Option<Uuid> =
+            sqlx::query_scalar("SELECT id FROM conversations WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(conversation)
+                .fetch_optional(tx)
+                .await?;
+        found
+            .map(|_| ())
+            .ok_or(StoreError::NoSuchConversation(conversation))
+    }
+
+    async fn next_seq(
+        tx: &mut sqlx::PgConnection,
+        conversation: ConversationId,
+    ) -> Result<i64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+        )
+        .bind(conversation)
+        .fetch_optional(tx)
+        .await?;
+        seq.ok_or(StoreError::NoSuchConversation(conversation))
+    }
+
+    async fn change_by_key(
+        tx: &mut sqlx::PgConnection,
+        conversation: ConversationId,
+        actor: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Change>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CHANGE_COLUMNS} FROM message_changes \
+             WHERE conversation_id = $1 AND actor_id = $2 AND client_msg_id = $3"
+        )))
+        .bind(conversation)
+        .bind(actor)
+        .bind(client_msg_id)
+        .fetch_optional(tx)
+        .await?;
+        row.as_ref().map(change_from).transpose()
+    }
+
+    async fn target_of(
+        tx: &mut sqlx::PgConnection,
+        conversation: ConversationId,
+        seq: i64,
+    ) -> Result<Option<(String, bool)>, StoreError> {
+        let row: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT sender_id, deleted_at FROM messages WHERE conversation_id = $1 AND seq = $2",
+        )
+        .bind(conversation)
+        .bind(seq)
+        .fetch_optional(tx)
+        .await?;
+        Ok(row.map(|(sender, deleted)| (sender, deleted.is_some())))
+    }
+
+    async fn edit_once(&self, edit: &NewEdit) -> Result<Changed, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        Self::lock_conversation(&mut tx, edit.conversation_id).await?;
+        if let Some(existing) = Self::change_by_key(
+            &mut tx,
+            edit.conversation_id,
+            &edit.actor_id,
+            &edit.client_msg_id,
+        )
+        .await?
+        {
+            return Ok(match existing {
+                Change::MessageUpdated(e) if e.target == edit.target => {
+                    Changed::Existing(Change::MessageUpdated(e))
+                }
+                _ => Changed::Refused(Refusal::KeyReused),
+            });
+        }
+        match Self::target_of(&mut tx, edit.conversation_id, edit.target).await? {
+            None => return Ok(Changed::Refused(Refusal::NoSuchMessage)),
+            Some((_, true)) => return Ok(Changed::Refused(Refusal::Deleted)),
+            Some((sender, false)) if sender != edit.actor_id => {
+                return Ok(Changed::Refused(Refusal::NotSender));
+            }
+            Some(_) => {}
+        }
+        let at = crate::chat::model::now();
+        let version: i64 = sqlx::query_scalar(
+            "UPDATE messages SET content = $1, edited_at = $2, version = version + 1 \
+             WHERE conversation_id = $3 AND seq = $4 RETURNING version",
+        )
+        .bind(&edit.content)
+        .bind(at)
+        .bind(edit.conversation_id)
+        .bind(edit.target)
+        .fetch_one(&mut *tx)
+        .await?;
+        let seq = Self::next_seq(&mut tx, edit.conversation_id).await?;
+        sqlx::query(
+            "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, content, version, created_at) \
+             VALUES ($1, $2, 'edit', $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(edit.conversation_id)
+        .bind(seq)
+        .bind(edit.target)
+        .bind(&edit.actor_id)
+        .bind(&edit.client_msg_id)
+        .bind(&edit.content)
+        .bind(version)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Changed::New(Change::MessageUpdated(Edit {
+            conversation_id: edit.conversation_id,
+            seq,
+            target: edit.target,
+            user_id: edit.actor_id.clone(),
+            content: Some(edit.content.clone()),
+            edited_at: at,
+            version,
+        })))
+    }
+
+    async fn delete_once(&self, deletion: &NewDeletion) -> Result<Changed, StoreError> {
+        let id = deletion.conversation_id;
+        let mut tx = self.pool.begin().await?;
+        Self::lock_conversation(&mut tx, id).await?;
+        match Self::target_of(&mut tx, id, deletion.target).await? {
+            None => return Ok(Changed::Refused(Refusal::NoSuchMessage)),
+            Some((_, true)) => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CHANGE_COLUMNS} FROM message_changes \
+                     WHERE conversation_id = $1 AND target = $2 AND kind = 'delete'"
+                )))
+                .bind(id)
+                .bind(deletion.target)
+                .fetch_one(&mut *tx)
+                .await?;
+                return Ok(Changed::Existing(change_from(&row)?));
+            }
+            Some(_) => {}
+        }
+        let at = crate::chat::model::now();
+        sqlx::query(
+            "UPDATE messages SET content = '', deleted_at = $1, mentions = NULL, reply_quote = NULL \
+             WHERE conversation_id = $2 AND seq = $3",
+        )
+        .bind(at)
+        .bind(id)
+        .bind(deletion.target)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE message_changes SET content = NULL WHERE conversation_id = $1 AND target = $2 AND kind = 'edit'",
+        )
+        .bind(id)
+        .bind(deletion.target)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE messages SET reply_quote = NULL WHERE conversation_id = $1 AND reply_to_seq = $2",
+        )
+        .bind(id)
+        .bind(deletion.target)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM message_mentions WHERE conversation_id = $1 AND seq = $2")
+            .bind(id)
+            .bind(deletion.target)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM message_reactions WHERE conversation_id = $1 AND target = $2")
+            .bind(id)
+            .bind(deletion.target)
+            .execute(&mut *tx)
+            .await?;
+        let seq = Self::next_seq(&mut tx, id).await?;
+        sqlx::query(
+            "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, created_at) \
+             VALUES ($1, $2, 'delete', $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(seq)
+        .bind(deletion.target)
+        .bind(&deletion.actor_id)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Changed::New(Change::MessageDeleted(Deletion {
+            conversation_id: id,
+            seq,
+            target: deletion.target,
+            user_id: deletion.actor_id.clone(),
+            deleted_at: at,
+        })))
+    }
+
+    async fn react_once(&self, reaction: &NewReaction) -> Result<Changed, StoreError> {
+        let id = reaction.conversation_id;
+        let mut tx = self.pool.begin().await?;
+        Self::lock_conversation(&mut tx, id).await?;
+        if let Some(key) = &reaction.client_msg_id
+            && let Some(existing) =
+                Self::change_by_key(&mut tx, id, &reaction.actor_id, key).await?
+        {
+            return Ok(match existing {
+                Change::ReactionUpdated(r)
+                    if r.target == reaction.target
+                        && r.emoji == reaction.emoji
+                        && r.on == reaction.on =>
+                {
+                    Changed::Existing(Change::ReactionUpdated(r))
+                }
+                _ => Changed::Refused(Refusal::KeyReused),
+            });
+        }
+        match Self::target_of(&mut tx, id, reaction.target).await? {
+            None => return Ok(Changed::Refused(Refusal::NoSuchMessage)),
+            Some((_, true)) => return Ok(Changed::Refused(Refusal::Deleted)),
+            Some(_) => {}
+        }
+        let (distinct, has_emoji, mine): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(DISTINCT emoji), COUNT(*) FILTER (WHERE emoji = $1), \
+             COUNT(*) FILTER (WHERE emoji = $1 AND user_id = $2) \
+             FROM message_reactions WHERE conversation_id = $3 AND target = $4",
+        )
+        .bind(&reaction.emoji)
+        .bind(&reaction.actor_id)
+        .bind(id)
+        .bind(reaction.target)
+        .fetch_one(&mut *tx)
+        .await?;
+        if (mine > 0) == reaction.on {
+            return Ok(Changed::Unchanged);
+        }
+        if reaction.on && has_emoji == 0 && distinct as usize >= reaction.max_distinct {
+            return Ok(Changed::Refused(Refusal::TooManyReactions));
+        }
+        let at = crate::chat::model::now();
+        if reaction.on {
+            sqlx::query(
+                "INSERT INTO message_reactions (conversation_id, target, emoji, user_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id)
+            .bind(reaction.target)
+            .bind(&reaction.emoji)
+            .bind(&reaction.actor_id)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            sqlx::query(
+                "DELETE FROM message_reactions WHERE conversation_id = $1 AND target = $2 AND emoji = $3 AND user_id = $4",
+            )
+            .bind(id)
+            .bind(reaction.target)
+            .bind(&reaction.emoji)
+            .bind(&reaction.actor_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let count = has_emoji + if reaction.on { 1 } else { -1 };
+        let seq = Self::next_seq(&mut tx, id).await?;
+        sqlx::query(
+            "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, emoji, reaction_on, reaction_count, created_at) \
+             VALUES ($1, $2, 'reaction', $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(id)
+        .bind(seq)
+        .bind(reaction.target)
+        .bind(&reaction.actor_id)
+        .bind(&reaction.client_msg_id)
+        .bind(&reaction.emoji)
+        .bind(reaction.on)
+        .bind(count)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Changed::New(Change::ReactionUpdated(Reaction {
+            conversation_id: id,
+            seq,
+            target: reaction.target,
+            emoji: reaction.emoji.clone(),
+            user_id: reaction.actor_id.clone(),
+            on: reaction.on,
+            count,
+            reacted_at: at,
+        })))
     }
 }
 
@@ -621,11 +1133,16 @@ async fn write_batch(
                 client_msg_id: new.client_msg_id.clone(),
                 created_at,
                 attachment: new.attachment.clone(),
+                reply_to: new.reply_to.clone().map(Box::new),
+                mentions: new.mentions.clone(),
+                ..Message::default()
             });
         }
         sqlx::query(
-            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment) \
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::text[])",
+            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment, \
+             reply_to_seq, reply_sender_id, reply_sender_name, reply_quote, mentions) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::timestamptz[], $10::text[], \
+             $11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[])",
         )
         .bind(messages.iter().map(|m| m.id).collect::<Vec<_>>())
         .bind(messages.iter().map(|m| m.conversation_id).collect::<Vec<_>>())
@@ -642,8 +1159,33 @@ async fn write_batch(
                 .map(|m| super::attachment_json(m.attachment.as_ref()))
                 .collect::<Result<Vec<_>, _>>()?,
         )
+        .bind(messages.iter().map(|m| m.reply_to.as_ref().map(|r| r.seq)).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.reply_to.as_ref().map(|r| r.sender_id.as_str())).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.reply_to.as_ref().map(|r| r.sender_name.as_str())).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.reply_to.as_ref().and_then(|r| r.quote.as_deref())).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| mentions_to(&m.mentions)).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
+        let mentioned: Vec<(Uuid, &str, i64)> = messages
+            .iter()
+            .flat_map(|m| {
+                m.mentions
+                    .iter()
+                    .filter(|u| **u != m.sender_id)
+                    .map(|u| (m.conversation_id, u.as_str(), m.seq))
+            })
+            .collect();
+        if !mentioned.is_empty() {
+            sqlx::query(
+                "INSERT INTO message_mentions (conversation_id, user_id, seq) \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(mentioned.iter().map(|m| m.0).collect::<Vec<_>>())
+            .bind(mentioned.iter().map(|m| m.1).collect::<Vec<_>>())
+            .bind(mentioned.iter().map(|m| m.2).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
     }
     tx.commit().await?;
     Ok(slots
@@ -740,6 +1282,8 @@ mod tests {
                 kind: MessageKind::Text,
                 content: "time".into(),
                 attachment: None,
+                reply_to: None,
+                mentions: vec![],
             })
             .await
             .expect("insert");
@@ -790,6 +1334,8 @@ mod tests {
                                 kind: MessageKind::Text,
                                 content: format!("round {round}"),
                                 attachment: None,
+                                reply_to: None,
+                                mentions: vec![],
                             })
                             .await
                             .expect("insert")
@@ -859,6 +1405,8 @@ mod tests {
                             kind: MessageKind::Text,
                             content: format!("from {node}"),
                             attachment: None,
+                            reply_to: None,
+                            mentions: vec![],
                         })
                         .await
                         .expect("insert")

@@ -16,11 +16,24 @@ use tracing::Dispatch;
 use tracing::instrument::WithSubscriber;
 use uuid::Uuid;
 
-use super::{Inserted, NewConversation, NewMessage, Store, StoreError};
-use crate::chat::model::{
-    Attachment, Conversation, ConversationId, ConversationKind, ConversationSummary, Member,
-    MemberRole, Message, MessageKind, UserId,
+use super::{
+    Changed, Inserted, NewConversation, NewDeletion, NewEdit, NewMessage, NewReaction, Refusal,
+    Store, StoreError, mentions_from, mentions_to, reply_from,
 };
+use crate::chat::model::{
+    Attachment, Change, Conversation, ConversationId, ConversationKind, ConversationSummary,
+    Deletion, Edit, Member, MemberRole, Message, MessageKind, Reaction, ReactionCount, UserId,
+};
+
+/// A message's columns, the table aliased `m`.
+const MESSAGE_COLUMNS: &str = "m.id, m.conversation_id, m.seq, m.sender_id, m.sender_name, \
+     m.client_msg_id, m.kind, m.content, m.created_at, m.edited_at, m.version, m.deleted_at, \
+     m.reply_to_seq, m.reply_sender_id, m.reply_sender_name, m.reply_quote, m.mentions, \
+     m.attachment";
+
+/// A change entry's columns.
+const CHANGE_COLUMNS: &str = "x.conversation_id, x.seq, x.kind, x.target, x.actor_id, \
+     x.content, x.version, x.emoji, x.reaction_on, x.reaction_count, x.created_at";
 
 /// Writes go through a single connection so SQLite never answers `SQLITE_BUSY` between our
 /// own writers; reads use a small pool, which WAL lets run beside the writer.
@@ -87,6 +100,7 @@ fn member_from(row: &SqliteRow) -> Result<Member, StoreError> {
         user_id: row.try_get("user_id")?,
         role: MemberRole::parse(&role).ok_or_else(|| corrupt("member role", &role))?,
         last_read_seq: row.try_get("last_read_seq")?,
+        last_received_seq: row.try_get("last_received_seq")?,
         joined_at: parse_time(row.try_get("joined_at")?)?,
     })
 }
@@ -104,6 +118,65 @@ fn message_from(row: &SqliteRow) -> Result<Message, StoreError> {
         client_msg_id: row.try_get("client_msg_id")?,
         created_at: parse_time(row.try_get("created_at")?)?,
         attachment: super::attachment_from_json(row.try_get("attachment")?)?,
+        edited_at: row
+            .try_get::<Option<&str>, _>("edited_at")?
+            .map(parse_time)
+            .transpose()?,
+        version: row.try_get("version")?,
+        deleted: row.try_get::<Option<&str>, _>("deleted_at")?.is_some(),
+        reply_to: reply_from(
+            row.try_get("reply_to_seq")?,
+            row.try_get("reply_sender_id")?,
+            row.try_get("reply_sender_name")?,
+            row.try_get("reply_quote")?,
+        )
+        .map(Box::new),
+        mentions: mentions_from(row.try_get("mentions")?)?,
+        reactions: Vec::new(),
+    })
+}
+
+fn change_from(row: &SqliteRow) -> Result<Change, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let conversation_id = parse_id(row.try_get("conversation_id")?)?;
+    let seq: i64 = row.try_get("seq")?;
+    let target: i64 = row.try_get("target")?;
+    let user_id: String = row.try_get("actor_id")?;
+    let at = parse_time(row.try_get("created_at")?)?;
+    Ok(match kind.as_str() {
+        "edit" => Change::MessageUpdated(Edit {
+            conversation_id,
+            seq,
+            target,
+            user_id,
+            content: row.try_get("content")?,
+            edited_at: at,
+            version: row.try_get::<Option<i64>, _>("version")?.unwrap_or(0),
+        }),
+        "delete" => Change::MessageDeleted(Deletion {
+            conversation_id,
+            seq,
+            target,
+            user_id,
+            deleted_at: at,
+        }),
+        "reaction" => Change::ReactionUpdated(Reaction {
+            conversation_id,
+            seq,
+            target,
+            emoji: row
+                .try_get::<Option<String>, _>("emoji")?
+                .unwrap_or_default(),
+            user_id,
+            on: row
+                .try_get::<Option<bool>, _>("reaction_on")?
+                .unwrap_or(false),
+            count: row
+                .try_get::<Option<i64>, _>("reaction_count")?
+                .unwrap_or(0),
+            reacted_at: at,
+        }),
+        other => return Err(corrupt("change kind", other)),
     })
 }
 
@@ -186,6 +259,9 @@ impl SqliteStore {
     }
 
     async fn connect(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        // A deleted message's body must not stay in the file's free space: SQLite zeroes what
+        // it frees (a per-connection setting, so on every connection of both pools).
+        let options = options.pragma("secure_delete", "ON");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -222,10 +298,10 @@ impl SqliteStore {
         sender: &str,
         client_msg_id: &str,
     ) -> Result<Option<Message>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment \
-             FROM messages WHERE conversation_id = ? AND sender_id = ? AND client_msg_id = ?",
-        )
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m \
+             WHERE m.conversation_id = ? AND m.sender_id = ? AND m.client_msg_id = ?"
+        )))
         .bind(conversation.to_string())
         .bind(sender)
         .bind(client_msg_id)
@@ -352,6 +428,64 @@ impl Store for SqliteStore {
             .with_subscriber(Dispatch::none())
             .await
     }
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError> {
+        self.conversation_ids_of_detached(user)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn message_at(
+        &self,
+        conversation: ConversationId,
+        seq: i64,
+    ) -> Result<Option<Message>, StoreError> {
+        self.message_at_detached(conversation, seq)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn edit_message(&self, edit: NewEdit) -> Result<Changed, StoreError> {
+        self.edit_message_detached(edit)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn delete_message(&self, deletion: NewDeletion) -> Result<Changed, StoreError> {
+        self.delete_message_detached(deletion)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn react(&self, reaction: NewReaction) -> Result<Changed, StoreError> {
+        self.react_detached(reaction)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn changes_after_each(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Change>, StoreError> {
+        self.changes_after_each_detached(cursors, limit)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn reactions_of(
+        &self,
+        conversation: ConversationId,
+        seqs: &[i64],
+        viewer: &str,
+    ) -> Result<Vec<(i64, ReactionCount)>, StoreError> {
+        self.reactions_of_detached(conversation, seqs, viewer)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
+    async fn mark_received(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        seq: i64,
+    ) -> Result<Option<Vec<(UserId, i64)>>, StoreError> {
+        self.mark_received_detached(conversation, user, seq)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
 }
 
 /// The store's work, run with no subscriber on the calling side. sqlx's SQLite worker thread
@@ -429,7 +563,11 @@ impl SqliteStore {
         user: &str,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq \
+            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq, \
+             (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
+              AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
+             (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
+              AND n.user_id = m.user_id AND n.seq > m.last_read_seq) AS mentions \
              FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
              WHERE m.user_id = ? ORDER BY c.last_seq DESC, c.created_at DESC",
         )
@@ -441,7 +579,8 @@ impl SqliteStore {
                 let conversation = conversation_from(row)?;
                 let last_read_seq: i64 = row.try_get("last_read_seq")?;
                 Ok(ConversationSummary {
-                    unread: (conversation.last_seq - last_read_seq).max(0),
+                    unread: row.try_get("unread")?,
+                    mentions: row.try_get("mentions")?,
                     last_read_seq,
                     conversation,
                 })
@@ -495,7 +634,7 @@ impl SqliteStore {
         user: &str,
     ) -> Result<Option<Member>, StoreError> {
         let row = sqlx::query(
-            "SELECT conversation_id, user_id, role, last_read_seq, joined_at \
+            "SELECT conversation_id, user_id, role, last_read_seq, last_received_seq, joined_at \
              FROM conversation_members WHERE conversation_id = ? AND user_id = ?",
         )
         .bind(conversation.to_string())
@@ -510,7 +649,7 @@ impl SqliteStore {
         conversation: ConversationId,
     ) -> Result<Vec<Member>, StoreError> {
         let rows = sqlx::query(
-            "SELECT conversation_id, user_id, role, last_read_seq, joined_at \
+            "SELECT conversation_id, user_id, role, last_read_seq, last_received_seq, joined_at \
              FROM conversation_members WHERE conversation_id = ? ORDER BY joined_at, user_id",
         )
         .bind(conversation.to_string())
@@ -549,10 +688,15 @@ impl SqliteStore {
             client_msg_id: new.client_msg_id,
             created_at: crate::chat::model::now(),
             attachment: new.attachment,
+            reply_to: new.reply_to.map(Box::new),
+            mentions: new.mentions,
+            ..Message::default()
         };
+        let reply = message.reply_to.as_ref();
         sqlx::query(
-            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment, \
+             reply_to_seq, reply_sender_id, reply_sender_name, reply_quote, mentions) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(message.id.to_string())
         .bind(message.conversation_id.to_string())
@@ -564,8 +708,24 @@ impl SqliteStore {
         .bind(&message.content)
         .bind(timestamp(message.created_at))
         .bind(super::attachment_json(message.attachment.as_ref())?)
+        .bind(reply.map(|r| r.seq))
+        .bind(reply.map(|r| r.sender_id.as_str()))
+        .bind(reply.map(|r| r.sender_name.as_str()))
+        .bind(reply.and_then(|r| r.quote.as_deref()))
+        .bind(mentions_to(&message.mentions))
         .execute(&mut **tx)
         .await?;
+        for user in message.mentions.iter().filter(|u| **u != message.sender_id) {
+            sqlx::query(
+                "INSERT INTO message_mentions (conversation_id, user_id, seq) VALUES (?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(message.conversation_id.to_string())
+            .bind(user)
+            .bind(message.seq)
+            .execute(&mut **tx)
+            .await?;
+        }
         Ok(Inserted::New(message))
     }
 
@@ -575,10 +735,10 @@ impl SqliteStore {
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment \
-             FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m \
+             WHERE m.conversation_id = ? AND m.seq < ? ORDER BY m.seq DESC LIMIT ?"
+        )))
         .bind(conversation.to_string())
         .bind(before_seq.unwrap_or(i64::MAX))
         .bind(i64::from(limit))
@@ -598,10 +758,10 @@ impl SqliteStore {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, conversation_id, seq, sender_id, sender_name, client_msg_id, kind, content, created_at, attachment \
-             FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m \
+             WHERE m.conversation_id = ? AND m.seq > ? ORDER BY m.seq ASC LIMIT ?"
+        )))
         .bind(conversation.to_string())
         .bind(after_seq)
         .bind(i64::from(limit))
@@ -623,14 +783,14 @@ impl SqliteStore {
             .map_err(|e| StoreError::Corrupt(format!("cursors do not encode: {e}")))?;
         // Each cursor's window ends at its `limit`th message (an index seek), so a cursor far
         // behind reads no more than `limit` rows.
-        let rows = sqlx::query(
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH k(c, a, o) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), key FROM json_each(?1)) \
-             SELECT m.id, m.conversation_id, m.seq, m.sender_id, m.sender_name, m.client_msg_id, m.kind, m.content, m.created_at, m.attachment \
+             SELECT {MESSAGE_COLUMNS} \
              FROM k JOIN messages m ON m.conversation_id = k.c AND m.seq > k.a \
              AND m.seq <= COALESCE((SELECT seq FROM messages WHERE conversation_id = k.c AND seq > k.a \
              ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 9223372036854775807) \
-             ORDER BY k.o, m.seq",
-        )
+             ORDER BY k.o, m.seq"
+        )))
         .bind(asked)
         .bind(i64::from(limit))
         .fetch_all(&self.readers)
@@ -718,6 +878,432 @@ impl SqliteStore {
         .fetch_optional(&self.readers)
         .await?;
         row.as_ref().map(attachment_from).transpose()
+    }
+}
+
+/// The message lifecycle: each change takes the conversation's next seq in the transaction that
+/// makes it, on the one writer connection (so it is serialised with the batch committer).
+impl SqliteStore {
+    async fn conversation_ids_of_detached(
+        &self,
+        user: &str,
+    ) -> Result<Vec<ConversationId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT conversation_id FROM conversation_members WHERE user_id = ?",
+        )
+        .bind(user)
+        .fetch_all(&self.readers)
+        .await?;
+        ids.iter().map(|id| parse_id(id)).collect()
+    }
+
+    async fn message_at_detached(
+        &self,
+        conversation: ConversationId,
+        seq: i64,
+    ) -> Result<Option<Message>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = ? AND m.seq = ?"
+        )))
+        .bind(conversation.to_string())
+        .bind(seq)
+        .fetch_optional(&self.readers)
+        .await?;
+        row.as_ref().map(message_from).transpose()
+    }
+
+    async fn change_by_key(
+        conn: &mut sqlx::SqliteConnection,
+        conversation: &str,
+        actor: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<Change>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CHANGE_COLUMNS} FROM message_changes x \
+             WHERE x.conversation_id = ? AND x.actor_id = ? AND x.client_msg_id = ?"
+        )))
+        .bind(conversation)
+        .bind(actor)
+        .bind(client_msg_id)
+        .fetch_optional(conn)
+        .await?;
+        row.as_ref().map(change_from).transpose()
+    }
+
+    /// The target's sender and whether it is deleted; `None` when the seq is no message's.
+    async fn target_of(
+        conn: &mut sqlx::SqliteConnection,
+        conversation: &str,
+        seq: i64,
+    ) -> Result<Option<(String, bool)>, StoreError> {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "SELECT sender_id, deleted_at FROM messages WHERE conversation_id = ? AND seq = ?",
+        )
+        .bind(conversation)
+        .bind(seq)
+        .fetch_optional(conn)
+        .await?;
+        Ok(row.map(|(sender, deleted)| (sender, deleted.is_some())))
+    }
+
+    async fn next_seq(
+        conn: &mut sqlx::SqliteConnection,
+        conversation: ConversationId,
+    ) -> Result<i64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+        )
+        .bind(conversation.to_string())
+        .fetch_optional(conn)
+        .await?;
+        seq.ok_or(StoreError::NoSuchConversation(conversation))
+    }
+
+    async fn edit_message_detached(&self, edit: NewEdit) -> Result<Changed, StoreError> {
+        let conversation = edit.conversation_id.to_string();
+        let mut tx = self.writer.begin().await?;
+        if let Some(existing) =
+            Self::change_by_key(&mut tx, &conversation, &edit.actor_id, &edit.client_msg_id).await?
+        {
+            return Ok(match existing {
+                Change::MessageUpdated(e) if e.target == edit.target => {
+                    Changed::Existing(Change::MessageUpdated(e))
+                }
+                _ => Changed::Refused(Refusal::KeyReused),
+            });
+        }
+        match Self::target_of(&mut tx, &conversation, edit.target).await? {
+            None => return Ok(Changed::Refused(Refusal::NoSuchMessage)),
+            Some((_, true)) => return Ok(Changed::Refused(Refusal::Deleted)),
+            Some((sender, false)) if sender != edit.actor_id => {
+                return Ok(Changed::Refused(Refusal::NotSender));
+            }
+            Some(_) => {}
+        }
+        let at = crate::chat::model::now();
+        let version: i64 = sqlx::query_scalar(
+            "UPDATE messages SET content = ?, edited_at = ?, version = version + 1 \
+             WHERE conversation_id = ? AND seq = ? RETURNING version",
+        )
+        .bind(&edit.content)
+        .bind(timestamp(at))
+        .bind(&conversation)
+        .bind(edit.target)
+        .fetch_one(&mut *tx)
+        .await?;
+        let seq = Self::next_seq(&mut tx, edit.conversation_id).await?;
+        sqlx::query(
+            "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, content, version, created_at) \
+             VALUES (?, ?, 'edit', ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&conversation)
+        .bind(seq)
+        .bind(edit.target)
+        .bind(&edit.actor_id)
+        .bind(&edit.client_msg_id)
+        .bind(&edit.content)
+        .bind(version)
+        .bind(timestamp(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Changed::New(Change::MessageUpdated(Edit {
+            conversation_id: edit.conversation_id,
+            seq,
+            target: edit.target,
+            user_id: edit.actor_id,
+            content: Some(edit.content),
+            edited_at: at,
+            version,
+        })))
+    }
+
+    async fn delete_message_detached(&self, deletion: NewDeletion) -> Result<Changed, StoreError> {
+        let conversation = deletion.conversation_id.to_string();
+        let mut tx = self.writer.begin().await?;
+        match Self::target_of(&mut tx, &conversation, deletion.target).await? {
+            None => return Ok(Changed::Refused(Refusal::NoSuchMessage)),
+            Some((_, true)) => {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CHANGE_COLUMNS} FROM message_changes x \
+                     WHERE x.conversation_id = ? AND x.target = ? AND x.kind = 'delete'"
+                )))
+                .bind(&conversation)
+                .bind(deletion.target)
+                .fetch_one(&mut *tx)
+                .await?;
+                return Ok(Changed::Existing(change_from(&row)?));
+            }
+            Some(_) => {}
+        }
+        let at = crate::chat::model::now();
+        // The body, the bodies of its earlier edits and the quotes of it in replies: erased in
+        // the transaction that deletes it.
+        sqlx::query(
+            "UPDATE messages SET content = '', deleted_at = ?, mentions = NULL, reply_quote = NULL \
+             WHERE conversation_id = ? AND seq = ?",
+        )
+        .bind(timestamp(at))
+        .bind(&conversation)
+        .bind(deletion.target)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE message_changes SET content = NULL WHERE conversation_id = ? AND target = ? AND kind = 'edit'",
+        )
+        .bind(&conversation)
+        .bind(deletion.target)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE messages SET reply_quote = NULL WHERE conversation_id = ? AND reply_to_seq = ?",
+        )
+        .bind(&conversation)
+        .bind(deletion.target)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM message_mentions WHERE conversation_id = ? AND seq = ?")
+            .bind(&conversation)
+            .bind(deletion.target)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM message_reactions WHERE conversation_id = ? AND target = ?")
+            .bind(&conversation)
+            .bind(deletion.target)
+            .execute(&mut *tx)
+            .await?;
+        let seq = Self::next_seq(&mut tx, deletion.conversation_id).await?;
+        sqlx::query(
+            "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, created_at) \
+             VALUES (?, ?, 'delete', ?, ?, ?)",
+        )
+        .bind(&conversation)
+        .bind(seq)
+        .bind(deletion.target)
+        .bind(&deletion.actor_id)
+        .bind(timestamp(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.erase_wal().await;
+        Ok(Changed::New(Change::MessageDeleted(Deletion {
+            conversation_id: deletion.conversation_id,
+            seq,
+            target: deletion.target,
+            user_id: deletion.actor_id,
+            deleted_at: at,
+        })))
+    }
+
+    /// The WAL keeps the frames of earlier commits (the message as it was inserted) until it
+    /// is overwritten: a truncating checkpoint moves what is committed into the database file,
+    /// where secure_delete has zeroed the old body, and empties the WAL. It cannot finish while
+    /// a reader holds an older snapshot, so it is retried a few times; the bytes then go at
+    /// the next truncation (the next deletion).
+    async fn erase_wal(&self) {
+        for attempt in 0..5u64 {
+            let busy: Result<(i64, i64, i64), sqlx::Error> =
+                sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .fetch_one(&self.writer)
+                    .await;
+            match busy {
+                Ok((0, _, _)) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10 * (attempt + 1))).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "WAL checkpoint after a deletion failed");
+                    return;
+                }
+            }
+        }
+        tracing::warn!("WAL checkpoint after a deletion stayed busy; the WAL is emptied later");
+    }
+
+    async fn react_detached(&self, reaction: NewReaction) -> Result<Changed, StoreError> {
+        let conversation = reaction.conversation_id.to_string();
+        let mut tx = self.writer.begin().await?;
+        if let Some(key) = &reaction.client_msg_id
+            && let Some(existing) =
+                Self::change_by_key(&mut tx, &conversation, &reaction.actor_id, key).await?
+        {
+            return Ok(match existing {
+                Change::ReactionUpdated(r)
+                    if r.target == reaction.target
+                        && r.emoji == reaction.emoji
+                        && r.on == reaction.on =>
+                {
+                    Changed::Existing(Change::ReactionUpdated(r))
+                }
+                _ => Changed::Refused(Refusal::KeyReused),
+            });
+        }
+        match Self::target_of(&mut tx, &conversation, reaction.target).await? {
+            None => return Ok(Changed::Refused(Refusal::NoSuchMessage)),
+            Some((_, true)) => return Ok(Changed::Refused(Refusal::Deleted)),
+            Some(_) => {}
+        }
+        let (distinct, has_emoji, mine): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COUNT(DISTINCT emoji), COALESCE(SUM(emoji = ?), 0), COALESCE(SUM(emoji = ? AND user_id = ?), 0) \
+             FROM message_reactions WHERE conversation_id = ? AND target = ?",
+        )
+        .bind(&reaction.emoji)
+        .bind(&reaction.emoji)
+        .bind(&reaction.actor_id)
+        .bind(&conversation)
+        .bind(reaction.target)
+        .fetch_one(&mut *tx)
+        .await?;
+        if (mine > 0) == reaction.on {
+            return Ok(Changed::Unchanged);
+        }
+        if reaction.on && has_emoji == 0 && distinct as usize >= reaction.max_distinct {
+            return Ok(Changed::Refused(Refusal::TooManyReactions));
+        }
+        let at = crate::chat::model::now();
+        if reaction.on {
+            sqlx::query(
+                "INSERT INTO message_reactions (conversation_id, target, emoji, user_id, created_at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&conversation)
+            .bind(reaction.target)
+            .bind(&reaction.emoji)
+            .bind(&reaction.actor_id)
+            .bind(timestamp(at))
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            sqlx::query(
+                "DELETE FROM message_reactions WHERE conversation_id = ? AND target = ? AND emoji = ? AND user_id = ?",
+            )
+            .bind(&conversation)
+            .bind(reaction.target)
+            .bind(&reaction.emoji)
+            .bind(&reaction.actor_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let count = has_emoji + if reaction.on { 1 } else { -1 };
+        let seq = Self::next_seq(&mut tx, reaction.conversation_id).await?;
+        sqlx::query(
+            "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, emoji, reaction_on, reaction_count, created_at) \
+             VALUES (?, ?, 'reaction', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&conversation)
+        .bind(seq)
+        .bind(reaction.target)
+        .bind(&reaction.actor_id)
+        .bind(&reaction.client_msg_id)
+        .bind(&reaction.emoji)
+        .bind(reaction.on)
+        .bind(count)
+        .bind(timestamp(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Changed::New(Change::ReactionUpdated(Reaction {
+            conversation_id: reaction.conversation_id,
+            seq,
+            target: reaction.target,
+            emoji: reaction.emoji,
+            user_id: reaction.actor_id,
+            on: reaction.on,
+            count,
+            reacted_at: at,
+        })))
+    }
+
+    async fn changes_after_each_detached(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Change>, StoreError> {
+        if cursors.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let asked: Vec<(String, i64)> = cursors.iter().map(|(c, a)| (c.to_string(), *a)).collect();
+        let asked = serde_json::to_string(&asked)
+            .map_err(|e| StoreError::Corrupt(format!("cursors do not encode: {e}")))?;
+        // As messages_after_each: each cursor's window ends at its `limit`th entry.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH k(c, a, o) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), key FROM json_each(?1)) \
+             SELECT {CHANGE_COLUMNS} \
+             FROM k JOIN message_changes x ON x.conversation_id = k.c AND x.seq > k.a \
+             AND x.seq <= COALESCE((SELECT seq FROM message_changes WHERE conversation_id = k.c AND seq > k.a \
+             ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 9223372036854775807) \
+             ORDER BY k.o, x.seq"
+        )))
+        .bind(asked)
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter().map(change_from).collect()
+    }
+
+    async fn reactions_of_detached(
+        &self,
+        conversation: ConversationId,
+        seqs: &[i64],
+        viewer: &str,
+    ) -> Result<Vec<(i64, ReactionCount)>, StoreError> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked = serde_json::to_string(seqs)
+            .map_err(|e| StoreError::Corrupt(format!("seqs do not encode: {e}")))?;
+        let rows: Vec<(i64, String, i64, bool)> = sqlx::query_as(
+            "SELECT target, emoji, COUNT(*), MAX(user_id = ?) FROM message_reactions \
+             WHERE conversation_id = ? AND target IN (SELECT value FROM json_each(?)) \
+             GROUP BY target, emoji ORDER BY target, MIN(created_at), emoji",
+        )
+        .bind(viewer)
+        .bind(conversation.to_string())
+        .bind(asked)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, emoji, count, me)| (seq, ReactionCount { emoji, count, me }))
+            .collect())
+    }
+
+    async fn mark_received_detached(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        seq: i64,
+    ) -> Result<Option<Vec<(UserId, i64)>>, StoreError> {
+        let id = conversation.to_string();
+        let mut tx = self.writer.begin().await?;
+        let old: Option<i64> = sqlx::query_scalar(
+            "SELECT last_received_seq FROM conversation_members WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(&id)
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(old) = old else { return Ok(None) };
+        if seq <= old {
+            return Ok(Some(Vec::new()));
+        }
+        sqlx::query(
+            "UPDATE conversation_members SET last_received_seq = ? WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(seq)
+        .bind(&id)
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+        let senders: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT sender_id, MAX(seq) FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ? \
+             AND sender_id <> ? GROUP BY sender_id ORDER BY sender_id",
+        )
+        .bind(&id)
+        .bind(old)
+        .bind(seq)
+        .bind(user)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(senders))
     }
 }
 
@@ -833,6 +1419,9 @@ mod tests {
                     client_msg_id: format!("m-{i}"),
                     kind: MessageKind::Text,
                     content: "x".repeat(3_000),
+                    attachment: None,
+                    reply_to: None,
+                    mentions: vec![],
                 })
                 .await
                 .expect("insert");
@@ -849,6 +1438,82 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_body_is_in_no_byte_of_the_database_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("erase.db"))
+            .await
+            .expect("opens");
+        let c = store
+            .create_conversation(NewConversation {
+                kind: ConversationKind::Group,
+                title: None,
+                department_id: None,
+                members: vec![("eve".into(), MemberRole::Owner)],
+            })
+            .await
+            .expect("create");
+        let secret = format!("secret-{}", Uuid::now_v7().simple());
+        let edited = format!("edited-{}", Uuid::now_v7().simple());
+        let send = |key: &str, content: String| NewMessage {
+            conversation_id: c.id,
+            sender_id: "eve".into(),
+            sender_name: "Eve".into(),
+            client_msg_id: key.into(),
+            kind: MessageKind::Text,
+            content,
+            attachment: None,
+            reply_to: None,
+            mentions: vec![],
+        };
+        store
+            .insert_message(send("m1", format!("body {secret}")))
+            .await
+            .expect("insert");
+        store
+            .edit_message(NewEdit {
+                conversation_id: c.id,
+                target: 1,
+                actor_id: "eve".into(),
+                client_msg_id: "e1".into(),
+                content: format!("edit {edited}"),
+            })
+            .await
+            .expect("edit");
+        for i in 0..30 {
+            store
+                .insert_message(send(&format!("f{i}"), "filler ".repeat(40)))
+                .await
+                .expect("insert");
+        }
+        let grep = |needle: &str| {
+            std::fs::read_dir(dir.path())
+                .expect("list")
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    std::fs::read(e.path())
+                        .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle.as_bytes()))
+                        .unwrap_or(false)
+                })
+                .map(|e| e.file_name())
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            !grep(&secret).is_empty(),
+            "the body is on disk before the deletion"
+        );
+        store
+            .delete_message(NewDeletion {
+                conversation_id: c.id,
+                target: 1,
+                actor_id: "eve".into(),
+            })
+            .await
+            .expect("delete");
+        assert_eq!(grep(&secret), Vec::<std::ffi::OsString>::new(), "the body");
+        assert_eq!(grep(&edited), Vec::<std::ffi::OsString>::new(), "its edit");
     }
 
     #[tokio::test]

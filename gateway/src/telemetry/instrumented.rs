@@ -13,12 +13,15 @@ use super::{Backend, Metrics};
 use crate::bus::{Bus, BusError, Deliver};
 use crate::chat::event::{Envelope, Topic};
 use crate::chat::model::{
-    Conversation, ConversationId, ConversationSummary, Member, MemberRole, Message, UserId,
-    UserStatus,
+    Change, Conversation, ConversationId, ConversationSummary, Member, MemberRole, Message,
+    ReactionCount, UserId, UserStatus,
 };
 use crate::limits::{LimitClass, Limits, Throttled};
 use crate::presence::{Maintenance, Presence, PresenceError};
-use crate::store::{Inserted, NewConversation, NewMessage, Store, StoreError};
+use crate::store::{
+    Changed, Inserted, NewConversation, NewDeletion, NewEdit, NewMessage, NewReaction, Store,
+    StoreError,
+};
 
 async fn timed<T, E>(
     calls: &BackendCalls,
@@ -56,6 +59,14 @@ impl InstrumentedStore {
                 "messages_after_each",
                 "mark_read",
                 "co_members",
+                "conversation_ids_of",
+                "message_at",
+                "edit_message",
+                "delete_message",
+                "react",
+                "changes_after_each",
+                "reactions_of",
+                "mark_received",
             ],
         );
         Arc::new(Self { inner, calls })
@@ -164,6 +175,56 @@ impl Store for InstrumentedStore {
     ) -> Result<Option<crate::chat::model::Attachment>, StoreError> {
         let call = self.inner.attachment(id);
         timed(&self.calls, "attachment", call).await
+    }
+    async fn conversation_ids_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError> {
+        let call = self.inner.conversation_ids_of(user);
+        timed(&self.calls, "conversation_ids_of", call).await
+    }
+    async fn message_at(
+        &self,
+        conversation: ConversationId,
+        seq: i64,
+    ) -> Result<Option<Message>, StoreError> {
+        let call = self.inner.message_at(conversation, seq);
+        timed(&self.calls, "message_at", call).await
+    }
+    async fn edit_message(&self, edit: NewEdit) -> Result<Changed, StoreError> {
+        let call = self.inner.edit_message(edit);
+        timed(&self.calls, "edit_message", call).await
+    }
+    async fn delete_message(&self, deletion: NewDeletion) -> Result<Changed, StoreError> {
+        let call = self.inner.delete_message(deletion);
+        timed(&self.calls, "delete_message", call).await
+    }
+    async fn react(&self, reaction: NewReaction) -> Result<Changed, StoreError> {
+        let call = self.inner.react(reaction);
+        timed(&self.calls, "react", call).await
+    }
+    async fn changes_after_each(
+        &self,
+        cursors: &[(ConversationId, i64)],
+        limit: u32,
+    ) -> Result<Vec<Change>, StoreError> {
+        let call = self.inner.changes_after_each(cursors, limit);
+        timed(&self.calls, "changes_after_each", call).await
+    }
+    async fn reactions_of(
+        &self,
+        conversation: ConversationId,
+        seqs: &[i64],
+        viewer: &str,
+    ) -> Result<Vec<(i64, ReactionCount)>, StoreError> {
+        let call = self.inner.reactions_of(conversation, seqs, viewer);
+        timed(&self.calls, "reactions_of", call).await
+    }
+    async fn mark_received(
+        &self,
+        conversation: ConversationId,
+        user: &str,
+        seq: i64,
+    ) -> Result<Option<Vec<(UserId, i64)>>, StoreError> {
+        let call = self.inner.mark_received(conversation, user, seq);
+        timed(&self.calls, "mark_received", call).await
     }
 }
 

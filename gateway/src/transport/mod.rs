@@ -24,15 +24,16 @@ use crate::chat::error::ChatError;
 use crate::chat::event::Outgoing;
 use crate::chat::hub::{ConnId, Outbound};
 use crate::chat::model::Identity;
-use crate::chat::{ChatService, Send};
+use crate::chat::{ChangeRequest, ChatService, Send};
 use crate::config::WsCompression;
 use crate::limits::LimitClass;
 use crate::telemetry::{Transport, audit};
 use protocol::{
-    AttachmentReply, ConversationRequest, Delivered, HistoryRequest, JoinReply, JoinRequest,
-    MarkReadRequest, MessageError, MessageReply, MessagesPage, PresenceReply, PresenceRequest,
-    RateLimitExceeded, RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply,
-    SyncRequest, UploadAttachmentRequest, parse,
+    AttachmentReply, ChangeReply, ConversationRequest, DeleteMessageRequest, Delivered,
+    EditMessageRequest, HistoryRequest, JoinReply, JoinRequest, MarkReadRequest, MessageError,
+    MessageReply, MessagesPage, PresenceReply, PresenceRequest, RateLimitExceeded, ReactRequest,
+    RefreshReply, RefreshTokenRequest, SendMessageRequest, SyncReply, SyncRequest,
+    UploadAttachmentRequest, parse,
 };
 
 /// Transport-level settings, from configuration.
@@ -176,6 +177,10 @@ pub const EVENTS: &[&str] = &[
     "presence",
     "refresh_token",
     "upload_attachment",
+    "edit_message",
+    "delete_message",
+    "react",
+    "messages_received",
 ];
 
 /// The static name of a client event, for metric labels and spans: `other` for unknown names,
@@ -297,8 +302,49 @@ async fn run(
             let synced = service.sync(&who, cursors).await?;
             Ok(to_value(SyncReply {
                 messages: synced.messages,
+                changes: synced.changes,
                 truncated: synced.truncated,
+                conversations: synced.counts,
             }))
+        }
+        "edit_message" => {
+            let req: EditMessageRequest = parse(event, payload)?;
+            let change = ChangeRequest::Edit {
+                conversation_id: req.conversation_id,
+                target: req.seq,
+                content: req.content,
+                client_msg_id: req.client_msg_id,
+            };
+            let change = service.change_detached(&who, change).await?;
+            Ok(to_value(ChangeReply { change }))
+        }
+        "delete_message" => {
+            let req: DeleteMessageRequest = parse(event, payload)?;
+            let change = ChangeRequest::Delete {
+                conversation_id: req.conversation_id,
+                target: req.seq,
+            };
+            let change = service.change_detached(&who, change).await?;
+            Ok(to_value(ChangeReply { change }))
+        }
+        "react" => {
+            let req: ReactRequest = parse(event, payload)?;
+            let change = ChangeRequest::React {
+                conversation_id: req.conversation_id,
+                target: req.target,
+                emoji: req.emoji,
+                on: req.on,
+                client_msg_id: req.client_msg_id,
+            };
+            let change = service.change_detached(&who, change).await?;
+            Ok(to_value(ChangeReply { change }))
+        }
+        "messages_received" => {
+            let req: MarkReadRequest = parse(event, payload)?;
+            service
+                .mark_received(&who, req.conversation_id, req.seq)
+                .await?;
+            Ok(json!({}))
         }
         "presence" => {
             let req: PresenceRequest = parse(event, payload)?;
@@ -389,6 +435,8 @@ async fn send_message(
                     content: req.content,
                     client_msg_id: req.client_msg_id,
                     attachment_id: req.attachment_id,
+                    reply_to: req.reply_to,
+                    mentions: req.mentions,
                 },
             )
             .await

@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::chat::error::ChatError;
 use crate::chat::model::{
-    Attachment, Conversation, ConversationKind, ConversationSummary, Member, Message, MessageKind,
-    UserId, UserStatus,
+    Attachment, Change, Conversation, ConversationKind, ConversationSummary, Member, Message,
+    MessageKind, UserId, UserStatus,
 };
 
 /// Decodes a request payload, refusing unknown fields and wrong types with a message that names
@@ -33,6 +33,10 @@ pub enum Request {
     Presence(PresenceRequest),
     RefreshToken(RefreshTokenRequest),
     UploadAttachment(UploadAttachmentRequest),
+    EditMessage(EditMessageRequest),
+    DeleteMessage(DeleteMessageRequest),
+    React(ReactRequest),
+    MessagesReceived(MarkReadRequest),
 }
 
 pub fn parse_request(event: &str, payload: Value) -> Result<Request, ChatError> {
@@ -47,6 +51,10 @@ pub fn parse_request(event: &str, payload: Value) -> Result<Request, ChatError> 
         "presence" => Request::Presence(parse(event, payload)?),
         "refresh_token" => Request::RefreshToken(parse(event, payload)?),
         "upload_attachment" => Request::UploadAttachment(parse(event, payload)?),
+        "edit_message" => Request::EditMessage(parse(event, payload)?),
+        "delete_message" => Request::DeleteMessage(parse(event, payload)?),
+        "react" => Request::React(parse(event, payload)?),
+        "messages_received" => Request::MessagesReceived(parse(event, payload)?),
         _ => return Err(ChatError::invalid("unknown event")),
     })
 }
@@ -169,6 +177,12 @@ pub struct SendMessageRequest {
     /// A `file` or `image` message's upload.
     #[serde(default)]
     pub attachment_id: Option<Uuid>,
+    /// The seq of the message this one answers.
+    #[serde(default)]
+    pub reply_to: Option<i64>,
+    /// Members mentioned.
+    #[serde(default)]
+    pub mentions: Vec<UserId>,
 }
 
 /// `upload_attachment {conversationId, name, contentType, data}`: `data` is the file as a
@@ -189,6 +203,36 @@ pub struct UploadAttachmentRequest {
 #[serde(deny_unknown_fields)]
 pub struct BinaryData {
     pub base64: String,
+}
+
+/// `edit_message`: new content for the sender's own message `seq`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EditMessageRequest {
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    pub content: String,
+    pub client_msg_id: String,
+}
+
+/// `delete_message`: the message `seq`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeleteMessageRequest {
+    pub conversation_id: Uuid,
+    pub seq: i64,
+}
+
+/// `react`: the caller's `emoji` on message `target` added (`on`) or removed.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReactRequest {
+    pub conversation_id: Uuid,
+    pub target: i64,
+    pub emoji: String,
+    pub on: bool,
+    #[serde(default)]
+    pub client_msg_id: Option<String>,
 }
 
 fn text_kind() -> MessageKind {
@@ -274,7 +318,20 @@ pub struct MessagesPage {
 #[serde(rename_all = "camelCase")]
 pub struct SyncReply {
     pub messages: Vec<Message>,
+    /// Change entries (`{type: message_updated|message_deleted|reaction_updated, …}`) after
+    /// the cursors; with `messages`, every entry of the log, each list in seq order.
+    pub changes: Vec<Change>,
     pub truncated: bool,
+    /// The conversations asked for, with their `unread` and `mentions` counts.
+    pub conversations: Vec<ConversationSummary>,
+}
+
+/// The ack of `edit_message`, `delete_message` and `react`: the entry committed (or committed
+/// before, for a retry); `null` when a reaction was already as asked.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeReply {
+    pub change: Option<Change>,
 }
 
 #[derive(Debug, Serialize)]

@@ -181,6 +181,8 @@ async fn uploads_draw_on_the_same_per_user_bucket_as_sends() {
                 content: "and a send".into(),
                 client_msg_id: "m1".into(),
                 attachment_id: None,
+                reply_to: None,
+                mentions: Vec::new(),
             },
         )
         .await
@@ -259,6 +261,8 @@ async fn an_image_message_needs_an_image_and_a_file_message_carries_its_attachme
         content: String::new(),
         client_msg_id: client_msg_id.into(),
         attachment_id: Some(notes.id),
+        reply_to: None,
+        mentions: Vec::new(),
     };
     let e = f
         .chat
