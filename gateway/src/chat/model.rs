@@ -147,7 +147,8 @@ pub struct Message {
     pub sender_name: String,
     #[serde(rename = "type")]
     pub kind: MessageKind,
-    /// Absent once the message is deleted: its body is erased from the store.
+    /// Absent when empty: once the message is deleted (its body is erased from the store), and on
+    /// a file or image message sent without a caption.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub content: String,
     pub client_msg_id: String,
