@@ -67,6 +67,10 @@ pub struct UserRef {
 /// replies to one connection), so it can cross the bus between gateways.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "payload", rename_all = "snake_case")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a new message is the common event: boxing it would add an allocation to every send"
+)]
 pub enum Event {
     NewMessage(Message),
     UserJoined(ConversationUser),

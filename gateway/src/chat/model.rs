@@ -287,6 +287,10 @@ impl Change {
 
 /// One entry of a conversation's log: a message, or a change to one.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "most entries of a log are messages: boxing them would allocate once more per entry"
+)]
 pub enum LogEntry {
     Message(Message),
     Change(Change),

@@ -232,9 +232,9 @@ impl SqliteStore {
             async move {
                 loop {
                     // After writes (at most every CHECKPOINT_EVERY), and now and then anyway.
-                    match tokio::time::timeout(CHECKPOINT_IDLE, wrote.changed()).await {
-                        Ok(Err(_)) => return, // the store is gone
-                        Ok(Ok(())) | Err(_) => {}
+                    if let Ok(Err(_)) = tokio::time::timeout(CHECKPOINT_IDLE, wrote.changed()).await
+                    {
+                        return; // the store is gone
                     }
                     if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
                         .execute(&readers)
