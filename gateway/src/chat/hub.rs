@@ -361,6 +361,19 @@ impl Hub {
             .collect()
     }
 
+    /// The distinct users of the connections in one conversation's room.
+    pub fn users_in_room(&self, conversation: ConversationId) -> Vec<UserId> {
+        let inner = self.read();
+        let Some(conns) = inner.rooms.get(&conversation) else {
+            return Vec::new();
+        };
+        let users: HashSet<&UserId> = conns
+            .iter()
+            .filter_map(|c| inner.conns.get(c).map(|c| &c.user))
+            .collect();
+        users.into_iter().cloned().collect()
+    }
+
     pub fn is_in_room(&self, id: ConnId, conversation: ConversationId) -> bool {
         self.read()
             .conns

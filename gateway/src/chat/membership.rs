@@ -143,7 +143,7 @@ impl ChatService {
             .add_member(id, user, MemberRole::Member)
             .await
             .map_err(store_err)?;
-        if added {
+        if let Some(version) = added {
             audit::membership("member_added", &id, &who.user_id, user);
             if actor.is_none() && who.is_admin() {
                 audit::admin("add_member", Some(&who.user_id), &(id, user));
@@ -155,13 +155,20 @@ impl ChatService {
                 Event::ConversationAdded(ConversationRef { conversation }),
             )
             .await;
-            self.announce_member(id, user, MemberRole::Member).await;
+            self.announce_member(id, user, MemberRole::Member, version)
+                .await;
         }
         Ok(())
     }
 
     /// `user_joined` to the room: `user` has just become a member of conversation `id`.
-    pub(super) async fn announce_member(&self, id: ConversationId, user: &str, role: MemberRole) {
+    pub(super) async fn announce_member(
+        &self,
+        id: ConversationId,
+        user: &str,
+        role: MemberRole,
+        version: i64,
+    ) {
         self.publish_membership(
             Route::Conversation {
                 id,
@@ -175,6 +182,7 @@ impl ChatService {
                 conversation_id: id,
                 user_id: user.to_owned(),
                 role: Some(role),
+                version,
             },
         )
         .await;
@@ -197,11 +205,11 @@ impl ChatService {
             .remove_member(id, user)
             .await
             .map_err(store_err)?;
-        if !removed {
+        let Some(version) = removed else {
             return Err(ChatError::not_found(
                 "that user is not a member of this conversation",
             ));
-        }
+        };
         audit::membership("member_removed", &id, &who.user_id, user);
         if actor.is_none() && who.is_admin() {
             audit::admin("remove_member", Some(&who.user_id), &(id, user));
@@ -212,6 +220,7 @@ impl ChatService {
             conversation_id: id,
             user_id: user.to_owned(),
             role: None,
+            version,
         };
         self.publish_membership(
             Route::Users {
@@ -280,7 +289,7 @@ impl ChatService {
                 .add_member(id, &who.user_id, role)
                 .await
                 .map_err(store_err)?
-                .then_some(role),
+                .map(|version| (role, version)),
             None => None,
         };
         let change = self
@@ -292,9 +301,9 @@ impl ChatService {
         // `user_joined` announces a new member. A member's connection (re)joining the room is
         // not news: presence (`user_online`) covers it, and after a drain every reconnect would
         // otherwise reach every member of the room (clients × members events in one window).
-        if let Some(role) = newly {
+        if let Some((role, version)) = newly {
             audit::membership("join", &id, &who.user_id, &who.user_id);
-            self.announce_member(id, &who.user_id, role).await;
+            self.announce_member(id, &who.user_id, role, version).await;
         }
         let members = if with_members {
             Some(self.store.members(id).await.map_err(store_err)?)

@@ -88,6 +88,7 @@ impl ChatService {
             _ => None,
         };
         let mentions = mentioned(&state, req.mentions)?;
+        let members_version = state.members_version();
         drop(state);
         let attachment = match req.attachment_id {
             Some(id) => Some(
@@ -133,7 +134,12 @@ impl ChatService {
                     fresh: false,
                 });
             }
-            Inserted::New(message) => message,
+            Inserted::New(message, committed_under) => {
+                if committed_under > members_version {
+                    self.catch_up_members(message.conversation_id).await;
+                }
+                message
+            }
         };
         current.record("fresh", true);
         let committed_at_us = self.metrics.enabled().then(unix_micros);

@@ -108,6 +108,11 @@ pub struct Conversation {
     pub department_id: Option<String>,
     pub last_seq: i64,
     pub created_at: DateTime<Utc>,
+    /// Moves by one with every member added or removed (see the store). Internal: a node
+    /// compares it with a send's commit to find out its cached members are behind.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub members_version: i64,
 }
 
 /// A conversation as one member sees it in their list.

@@ -8,7 +8,7 @@
 //! changes): events published meanwhile may never have arrived, so nothing cached is trusted.
 //! Members' `last_read_seq` is not kept here (the watermark lives in the store).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -27,6 +27,10 @@ pub struct MembershipChange {
     pub user_id: UserId,
     /// The member's role; `None`: no longer a member.
     pub role: Option<MemberRole>,
+    /// The conversation's `members_version` once this change committed (0 from a node that
+    /// predates it: such a change is applied, and the next send finds the version ahead).
+    #[serde(default)]
+    pub version: i64,
 }
 
 /// What a node knows of one conversation.
@@ -34,28 +38,57 @@ pub struct MembershipChange {
 pub struct ConversationState {
     /// Kind, title and department never change; its `last_seq` is the one at load time.
     pub conversation: Conversation,
-    members: RwLock<HashMap<UserId, (MemberRole, DateTime<Utc>)>>,
+    members: RwLock<Members>,
     last_seq: AtomicI64,
+}
+
+#[derive(Debug)]
+struct Members {
+    map: HashMap<UserId, (MemberRole, DateTime<Utc>)>,
+    /// The store's `members_version` that `map` reflects: every change up to it is applied.
+    version: i64,
+    /// Versions applied that arrived ahead of one still on its way (changes made on different
+    /// nodes reach this one in any order); `version` moves past them once the gap fills.
+    ahead: BTreeSet<i64>,
+}
+
+impl Members {
+    fn applied(&mut self, version: i64) {
+        if version <= self.version {
+            return; // announced twice (to the user's topic and the conversation's), or from a node
+            // that predates versions (0)
+        }
+        self.ahead.insert(version);
+        while self.ahead.first() == Some(&(self.version + 1)) {
+            self.ahead.pop_first();
+            self.version += 1;
+        }
+    }
 }
 
 impl ConversationState {
     pub fn new(conversation: Conversation, members: Vec<Member>) -> Self {
         Self {
             last_seq: AtomicI64::new(conversation.last_seq),
-            conversation,
-            members: RwLock::new(
-                members
+            members: RwLock::new(Members {
+                map: members
                     .into_iter()
                     .map(|m| (m.user_id, (m.role, m.joined_at)))
                     .collect(),
-            ),
+                version: conversation.members_version,
+                ahead: BTreeSet::new(),
+            }),
+            conversation,
         }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Members> {
+        self.members.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The member `user`, if they are one (its `last_read_seq` is not kept: 0).
     pub fn member(&self, user: &str) -> Option<Member> {
-        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
-        members.get(user).map(|&(role, joined_at)| Member {
+        self.read().map.get(user).map(|&(role, joined_at)| Member {
             conversation_id: self.conversation.id,
             user_id: user.to_owned(),
             role,
@@ -67,8 +100,13 @@ impl ConversationState {
 
     /// Every member's user id.
     pub fn member_ids(&self) -> Vec<UserId> {
-        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
-        members.keys().cloned().collect()
+        self.read().map.keys().cloned().collect()
+    }
+
+    /// The membership version these members are at. A commit that saw a later one was made
+    /// after a change this node has not applied yet.
+    pub fn members_version(&self) -> i64 {
+        self.read().version
     }
 
     /// The highest seq committed that this node has seen.
@@ -89,13 +127,15 @@ impl ConversationState {
         match change.role {
             Some(role) => {
                 members
+                    .map
                     .entry(change.user_id.clone())
                     .or_insert((role, now()));
             }
             None => {
-                members.remove(&change.user_id);
+                members.map.remove(&change.user_id);
             }
         }
+        members.applied(change.version);
     }
 }
 
@@ -127,19 +167,46 @@ impl ChatService {
 
     async fn check_rooms(&self) {
         for (id, users) in self.hub.rooms_and_users() {
-            let members: HashSet<UserId> = match self.store.members(id).await {
-                Ok(members) => members.into_iter().map(|m| m.user_id).collect(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot check a room's members after a bus reconnect");
-                    continue;
-                }
-            };
-            for user in users.iter().filter(|u| !members.contains(*u)) {
-                tracing::info!(conversation = %id, "a removal was missed while the bus was away; evicting");
-                let change = self.hub.evict(user, id);
-                self.apply(change).await;
+            if let Err(e) = self.evict_non_members(id, users).await {
+                tracing::warn!(error = %e, "cannot check a room's members after a bus reconnect");
             }
         }
+    }
+
+    /// A commit saw a later membership version than this node's state of the conversation: a
+    /// change made on another node has committed, and its bus event is still on the way. The
+    /// room is checked against the store before anything of that commit is delivered here (a
+    /// user removed there gets nothing sent after the removal's ack), and the entry goes, so the
+    /// next look-up reads members as they are.
+    pub(super) async fn catch_up_members(&self, id: ConversationId) {
+        self.conversations.forget(id);
+        if let Err(e) = self.evict_non_members(id, self.hub.users_in_room(id)).await {
+            tracing::warn!(error = %e, conversation = %id, "cannot check a room's members");
+        }
+    }
+
+    /// Takes the users of `users` who are no longer members out of the conversation's room.
+    async fn evict_non_members(
+        &self,
+        id: ConversationId,
+        users: Vec<UserId>,
+    ) -> Result<(), crate::store::StoreError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let members: HashSet<UserId> = self
+            .store
+            .members(id)
+            .await?
+            .into_iter()
+            .map(|m| m.user_id)
+            .collect();
+        for user in users.iter().filter(|u| !members.contains(*u)) {
+            tracing::info!(conversation = %id, "evicting a user no longer a member");
+            let change = self.hub.evict(user, id);
+            self.apply(change).await;
+        }
+        Ok(())
     }
 }
 
@@ -244,5 +311,33 @@ impl ConversationCache {
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.lock().map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(version: i64) -> Members {
+        Members {
+            map: HashMap::new(),
+            version,
+            ahead: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn the_version_moves_only_over_changes_applied_without_a_gap() {
+        let mut m = members(3);
+        m.applied(5); // made on another node after 4, arrived first
+        assert_eq!(m.version, 3, "4 is still on its way");
+        m.applied(4);
+        assert_eq!(m.version, 5, "the gap filled");
+        m.applied(5); // announced twice (the user's topic and the conversation's)
+        m.applied(0); // from a node that predates versions
+        assert_eq!(m.version, 5);
+        assert!(m.ahead.is_empty());
+        m.applied(6);
+        assert_eq!(m.version, 6);
     }
 }

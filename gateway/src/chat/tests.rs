@@ -446,6 +446,45 @@ async fn a_removed_member_stops_receiving_at_once_and_learns_of_the_removal() {
     );
 }
 
+/// Two nodes on one store, each with a bus of its own: what one node announces never reaches
+/// the other, as when a removal's bus event is still on its way to the node a sender is on.
+#[tokio::test]
+async fn a_send_committed_after_a_removal_on_another_node_is_not_delivered_to_the_removed_user() {
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::default());
+    let here = service_with(store.clone(), Arc::new(LocalBus::new()));
+    let there = service_with(store.clone(), Arc::new(LocalBus::new()));
+    let (alice, bob, carol) = (who("alice"), who("bob"), who("carol"));
+    let c = group(&here, &alice, &["bob", "carol"]).await;
+    // Bob and Carol are on `here`, attached at connect; one send loads and keeps its state.
+    let (_b, b_rec) = connect(&here, &bob).await;
+    let (_c, _c_rec) = connect(&here, &carol).await;
+    here.send(&carol, text(&c, "before", "hello bob"))
+        .await
+        .expect("send");
+    assert_eq!(b_rec.named("new_message").len(), 1, "a member receives");
+    // Bob is removed through the other node: `here` never hears of it.
+    there
+        .remove_member(&alice, c.id, "bob")
+        .await
+        .expect("remove");
+    here.send(&carol, text(&c, "after", "secret plans"))
+        .await
+        .expect("send");
+    let got: Vec<String> = b_rec
+        .named("new_message")
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(got, ["hello bob"], "nothing committed after the removal");
+    // Carol's later sends still reach the members left, from state read again.
+    let (_a, a_rec) = connect(&here, &alice).await;
+    here.send(&carol, text(&c, "later", "still here"))
+        .await
+        .expect("send");
+    assert_eq!(a_rec.named("new_message")[0]["content"], "still here");
+    assert_eq!(b_rec.named("new_message").len(), 1);
+}
+
 #[tokio::test]
 async fn user_joined_announces_new_members_not_reconnecting_ones() {
     let svc = service();

@@ -224,17 +224,21 @@ async fn conversations_and_members(store: &dyn Store) {
 
     let carol = unique("carol");
     assert!(store.member(c.id, &carol).await.expect("member").is_none());
-    assert!(
+    // Each change moves the conversation's membership version by one; no change, no move.
+    assert_eq!(loaded.members_version, 0);
+    assert_eq!(
         store
             .add_member(c.id, &carol, MemberRole::Member)
             .await
-            .expect("add")
+            .expect("add"),
+        Some(1)
     );
-    assert!(
-        !store
+    assert_eq!(
+        store
             .add_member(c.id, &carol, MemberRole::Agent)
             .await
-            .expect("add again")
+            .expect("add again"),
+        None
     );
     let carol_member = store
         .member(c.id, &carol)
@@ -251,19 +255,40 @@ async fn conversations_and_members(store: &dyn Store) {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].conversation.id, c.id);
 
-    assert!(store.remove_member(c.id, &carol).await.expect("remove"));
-    assert!(
-        !store
+    assert_eq!(
+        store.remove_member(c.id, &carol).await.expect("remove"),
+        Some(2)
+    );
+    assert_eq!(
+        store
             .remove_member(c.id, &carol)
             .await
-            .expect("remove again")
+            .expect("remove again"),
+        None
     );
+    let reloaded = store
+        .conversation(c.id)
+        .await
+        .expect("load")
+        .expect("exists");
+    assert_eq!(reloaded.members_version, 2);
     assert!(
         store
             .conversations_of(&carol)
             .await
             .expect("list")
             .is_empty()
+    );
+    let Inserted::New(_, version) = store
+        .insert_message(text(c.id, &alice, &unique("m"), "after the changes"))
+        .await
+        .expect("insert")
+    else {
+        panic!("a fresh client id inserts")
+    };
+    assert_eq!(
+        version, 2,
+        "a send commits under the membership version it saw"
     );
 }
 
@@ -292,14 +317,14 @@ async fn messages_get_gap_free_sequence_numbers(store: &dyn Store) {
             .insert_message(text(c.id, &alice, &unique("m"), &format!("hello {i}")))
             .await
             .expect("insert");
-        let Inserted::New(m) = m else {
+        let Inserted::New(m, _) = m else {
             panic!("a fresh client id inserts")
         };
         assert_eq!(m.seq, i);
         assert_eq!(m.content, format!("hello {i}"));
         assert_eq!(m.sender_name, format!("{alice} name"));
     }
-    let Inserted::New(first_other) = store
+    let Inserted::New(first_other, _) = store
         .insert_message(text(other.id, &alice, &unique("m"), "elsewhere"))
         .await
         .expect("insert")
@@ -327,7 +352,7 @@ async fn retry_with_same_client_msg_id_returns_original_message(store: &dyn Stor
         .await
         .expect("create");
     let key = unique("retry");
-    let Inserted::New(first) = store
+    let Inserted::New(first, _) = store
         .insert_message(text(c.id, &alice, &key, "once"))
         .await
         .expect("insert")
@@ -348,7 +373,7 @@ async fn retry_with_same_client_msg_id_returns_original_message(store: &dyn Stor
     assert_eq!(c.last_seq, 1, "a retry consumes no seq");
     // The same client id from another sender is a different message.
     let bob = unique("bob");
-    let Inserted::New(bobs) = store
+    let Inserted::New(bobs, _) = store
         .insert_message(text(c.id, &bob, &key, "bob's"))
         .await
         .expect("insert")
@@ -376,14 +401,14 @@ async fn same_client_msg_id_in_another_conversation_is_another_message(store: &d
         ids.push(c.id);
     }
     let key = unique("c-1");
-    let Inserted::New(first) = store
+    let Inserted::New(first, _) = store
         .insert_message(text(ids[0], &alice, &key, "to the first"))
         .await
         .expect("insert")
     else {
         panic!("first insert is new")
     };
-    let Inserted::New(second) = store
+    let Inserted::New(second, _) = store
         .insert_message(text(ids[1], &alice, &key, "to the second"))
         .await
         .expect("insert")
@@ -618,11 +643,11 @@ async fn sends_queued_together_are_answered_each_on_its_own(store: &dyn Store) {
     let mut again = Vec::new();
     for result in results {
         match result {
-            Ok(Inserted::New(m)) if m.client_msg_id == "again" => {
+            Ok(Inserted::New(m, _)) if m.client_msg_id == "again" => {
                 seqs.push(m.seq);
                 again.push((true, m.id));
             }
-            Ok(Inserted::New(m)) => {
+            Ok(Inserted::New(m, _)) => {
                 assert_eq!(m.content, format!("body {}", &m.client_msg_id[6..]));
                 seqs.push(m.seq);
             }

@@ -115,8 +115,9 @@ pub enum Refusal {
 /// The result of an idempotent insert.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Inserted {
-    /// Committed now with the next `seq` of its conversation.
-    New(Message),
+    /// Committed now with the next `seq` of its conversation; beside it, the conversation's
+    /// `members_version` that the commit saw.
+    New(Message, i64),
     /// The same `(conversation_id, sender_id, client_msg_id)` was committed before; this is that
     /// message.
     Existing(Message),
@@ -125,7 +126,7 @@ pub enum Inserted {
 impl Inserted {
     pub fn message(&self) -> &Message {
         match self {
-            Self::New(m) | Self::Existing(m) => m,
+            Self::New(m, _) | Self::Existing(m) => m,
         }
     }
 }
@@ -138,19 +139,21 @@ pub trait Store: Send + Sync + 'static {
     async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError>;
     /// The user's conversations, newest activity first, with their unread counts.
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError>;
-    /// Adds a member; `false` if they already were one (their role is kept).
+    /// Adds a member: the conversation's `members_version` after it, or `None` if they already
+    /// were one (their role is kept, the version does not move).
     async fn add_member(
         &self,
         conversation: ConversationId,
         user: &str,
         role: MemberRole,
-    ) -> Result<bool, StoreError>;
-    /// Removes a member; `false` if they were not one.
+    ) -> Result<Option<i64>, StoreError>;
+    /// Removes a member: the conversation's `members_version` after it, or `None` if they were
+    /// not one.
     async fn remove_member(
         &self,
         conversation: ConversationId,
         user: &str,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Option<i64>, StoreError>;
     async fn member(
         &self,
         conversation: ConversationId,

@@ -71,6 +71,7 @@ fn conversation_from(row: &PgRow) -> Result<Conversation, StoreError> {
         department_id: row.try_get("department_id")?,
         last_seq: row.try_get("last_seq")?,
         created_at: row.try_get("created_at")?,
+        members_version: row.try_get("members_version")?,
     })
 }
 
@@ -226,6 +227,7 @@ impl Store for PostgresStore {
             department_id: new.department_id,
             last_seq: 0,
             created_at: crate::chat::model::now(),
+            members_version: 0,
         };
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -257,7 +259,7 @@ impl Store for PostgresStore {
 
     async fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, kind, title, department_id, last_seq, created_at FROM conversations WHERE id = $1",
+            "SELECT id, kind, title, department_id, last_seq, created_at, members_version FROM conversations WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -267,7 +269,7 @@ impl Store for PostgresStore {
 
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq, \
+            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, c.members_version, m.last_read_seq, \
              (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
               AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
              (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
@@ -297,7 +299,8 @@ impl Store for PostgresStore {
         conversation: ConversationId,
         user: &str,
         role: MemberRole,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
             "INSERT INTO conversation_members (conversation_id, user_id, role, last_read_seq, joined_at) \
              SELECT id, $1, $2, 0, $3 FROM conversations WHERE id = $4 ON CONFLICT DO NOTHING",
@@ -306,13 +309,16 @@ impl Store for PostgresStore {
         .bind(role.as_str())
         .bind(crate::chat::model::now())
         .bind(conversation)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if result.rows_affected() == 1 {
-            return Ok(true);
+            let version = Self::next_members_version(&mut tx, conversation).await?;
+            tx.commit().await?;
+            return Ok(Some(version));
         }
+        drop(tx);
         match self.conversation(conversation).await? {
-            Some(_) => Ok(false),
+            Some(_) => Ok(None),
             None => Err(StoreError::NoSuchConversation(conversation)),
         }
     }
@@ -321,15 +327,21 @@ impl Store for PostgresStore {
         &self,
         conversation: ConversationId,
         user: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(
             "DELETE FROM conversation_members WHERE conversation_id = $1 AND user_id = $2",
         )
         .bind(conversation)
         .bind(user)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let version = Self::next_members_version(&mut tx, conversation).await?;
+        tx.commit().await?;
+        Ok(Some(version))
     }
 
     async fn member(
@@ -670,6 +682,21 @@ impl PostgresStore {
         found
             .map(|_| ())
             .ok_or(StoreError::NoSuchConversation(conversation))
+    }
+
+    /// Moves the conversation's membership version, inside the change's transaction.
+    async fn next_members_version(
+        tx: &mut sqlx::PgConnection,
+        conversation: ConversationId,
+    ) -> Result<i64, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversations SET members_version = members_version + 1 WHERE id = $1 \
+             RETURNING members_version",
+        )
+        .bind(conversation)
+        .fetch_optional(tx)
+        .await?;
+        version.ok_or(StoreError::NoSuchConversation(conversation))
     }
 
     async fn next_seq(
@@ -1103,19 +1130,25 @@ async fn write_batch(
         }
     }
     let mut messages = Vec::with_capacity(fresh.len());
+    let mut members_versions: HashMap<Uuid, i64> = HashMap::new();
     if !fresh.is_empty() {
         let (conversations, added): (Vec<Uuid>, Vec<i64>) = counts.into_iter().unzip();
-        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
             "UPDATE conversations AS c SET last_seq = c.last_seq + d.n \
              FROM unnest($1::uuid[], $2::bigint[]) AS d(id, n) WHERE c.id = d.id \
-             RETURNING c.id, c.last_seq - d.n",
+             RETURNING c.id, c.last_seq - d.n, c.members_version",
         )
         .bind(&conversations)
         .bind(&added)
         .fetch_all(&mut *tx)
         .await?;
-        // The last seq each conversation had before this batch; its messages follow in order.
-        let mut next: HashMap<Uuid, i64> = rows.into_iter().collect();
+        // The last seq each conversation had before this batch (its messages follow in order),
+        // and the membership version the batch commits under.
+        let mut next: HashMap<Uuid, i64> = HashMap::with_capacity(rows.len());
+        for (id, seq, version) in rows {
+            next.insert(id, seq);
+            members_versions.insert(id, version);
+        }
         let created_at = crate::chat::model::now();
         for new in &fresh {
             let seq = next
@@ -1192,7 +1225,14 @@ async fn write_batch(
         .into_iter()
         .map(|slot| match slot {
             Slot::Done(result) => *result,
-            Slot::Fresh(n) => Ok(Inserted::New(messages[n].clone())),
+            Slot::Fresh(n) => {
+                let message = messages[n].clone();
+                let version = members_versions
+                    .get(&message.conversation_id)
+                    .copied()
+                    .unwrap_or_default();
+                Ok(Inserted::New(message, version))
+            }
             Slot::Repeat(n) => Ok(Inserted::Existing(messages[n].clone())),
         })
         .collect())
@@ -1348,7 +1388,7 @@ mod tests {
             }
             let fresh = results
                 .iter()
-                .filter(|r| matches!(r, Inserted::New(_)))
+                .filter(|r| matches!(r, Inserted::New(..)))
                 .count();
             assert_eq!(fresh, 1, "exactly one insert wins round {round}");
             let ids: std::collections::HashSet<_> =
@@ -1415,7 +1455,7 @@ mod tests {
         }
         let mut fresh = 0;
         for t in tasks {
-            if matches!(t.await.expect("task"), Inserted::New(_)) {
+            if matches!(t.await.expect("task"), Inserted::New(..)) {
                 fresh += 1;
             }
         }

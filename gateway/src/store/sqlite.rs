@@ -90,6 +90,7 @@ fn conversation_from(row: &SqliteRow) -> Result<Conversation, StoreError> {
         department_id: row.try_get("department_id")?,
         last_seq: row.try_get("last_seq")?,
         created_at: parse_time(row.try_get("created_at")?)?,
+        members_version: row.try_get("members_version")?,
     })
 }
 
@@ -336,7 +337,7 @@ impl Store for SqliteStore {
         conversation: ConversationId,
         user: &str,
         role: MemberRole,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         self.add_member_detached(conversation, user, role)
             .with_subscriber(Dispatch::none())
             .await
@@ -345,7 +346,7 @@ impl Store for SqliteStore {
         &self,
         conversation: ConversationId,
         user: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         self.remove_member_detached(conversation, user)
             .with_subscriber(Dispatch::none())
             .await
@@ -515,6 +516,7 @@ impl SqliteStore {
             department_id: new.department_id,
             last_seq: 0,
             created_at: crate::chat::model::now(),
+            members_version: 0,
         };
         let now = timestamp(conversation.created_at);
         let mut tx = self.writer.begin().await?;
@@ -550,7 +552,7 @@ impl SqliteStore {
         id: ConversationId,
     ) -> Result<Option<Conversation>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, kind, title, department_id, last_seq, created_at FROM conversations WHERE id = ?",
+            "SELECT id, kind, title, department_id, last_seq, created_at, members_version FROM conversations WHERE id = ?",
         )
         .bind(id.to_string())
         .fetch_optional(&self.readers)
@@ -563,7 +565,7 @@ impl SqliteStore {
         user: &str,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
         let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, m.last_read_seq, \
+            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, c.members_version, m.last_read_seq, \
              (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
               AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
              (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
@@ -593,7 +595,8 @@ impl SqliteStore {
         conversation: ConversationId,
         user: &str,
         role: MemberRole,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.writer.begin().await?;
         let result = sqlx::query(
             "INSERT INTO conversation_members (conversation_id, user_id, role, last_read_seq, joined_at) \
              SELECT id, ?, ?, 0, ? FROM conversations WHERE id = ? ON CONFLICT DO NOTHING",
@@ -602,13 +605,16 @@ impl SqliteStore {
         .bind(role.as_str())
         .bind(timestamp(crate::chat::model::now()))
         .bind(conversation.to_string())
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
         if result.rows_affected() == 1 {
-            return Ok(true);
+            let version = Self::next_members_version(&mut tx, conversation).await?;
+            tx.commit().await?;
+            return Ok(Some(version));
         }
+        drop(tx);
         match self.conversation(conversation).await? {
-            Some(_) => Ok(false),
+            Some(_) => Ok(None),
             None => Err(StoreError::NoSuchConversation(conversation)),
         }
     }
@@ -617,15 +623,36 @@ impl SqliteStore {
         &self,
         conversation: ConversationId,
         user: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.writer.begin().await?;
         let result = sqlx::query(
             "DELETE FROM conversation_members WHERE conversation_id = ? AND user_id = ?",
         )
         .bind(conversation.to_string())
         .bind(user)
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() != 1 {
+            return Ok(None);
+        }
+        let version = Self::next_members_version(&mut tx, conversation).await?;
+        tx.commit().await?;
+        Ok(Some(version))
+    }
+
+    /// Moves the conversation's membership version, inside the change's transaction.
+    async fn next_members_version(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        conversation: ConversationId,
+    ) -> Result<i64, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar(
+            "UPDATE conversations SET members_version = members_version + 1 WHERE id = ? \
+             RETURNING members_version",
+        )
+        .bind(conversation.to_string())
+        .fetch_optional(&mut **tx)
+        .await?;
+        version.ok_or(StoreError::NoSuchConversation(conversation))
     }
 
     async fn member_detached(
@@ -670,13 +697,15 @@ impl SqliteStore {
         {
             return Ok(Inserted::Existing(existing));
         }
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+        let next: Option<(i64, i64)> = sqlx::query_as(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? \
+             RETURNING last_seq, members_version",
         )
         .bind(new.conversation_id.to_string())
         .fetch_optional(&mut **tx)
         .await?;
-        let seq = seq.ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
+        let (seq, members_version) =
+            next.ok_or(StoreError::NoSuchConversation(new.conversation_id))?;
         let message = Message {
             id: Uuid::now_v7(),
             conversation_id: new.conversation_id,
@@ -726,7 +755,7 @@ impl SqliteStore {
             .execute(&mut **tx)
             .await?;
         }
-        Ok(Inserted::New(message))
+        Ok(Inserted::New(message, members_version))
     }
 
     async fn messages_before_detached(

@@ -95,7 +95,7 @@ impl Store for InstrumentedStore {
         conversation: ConversationId,
         user: &str,
         role: MemberRole,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let call = self.inner.add_member(conversation, user, role);
         timed(&self.calls, "add_member", call).await
     }
@@ -103,7 +103,7 @@ impl Store for InstrumentedStore {
         &self,
         conversation: ConversationId,
         user: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let call = self.inner.remove_member(conversation, user);
         timed(&self.calls, "remove_member", call).await
     }

@@ -30,6 +30,12 @@ struct Data {
 }
 
 impl Data {
+    fn bump_members_version(&mut self, id: ConversationId) -> Option<i64> {
+        let c = self.conversations.get_mut(&id)?;
+        c.members_version += 1;
+        Some(c.members_version)
+    }
+
     fn next_seq(&mut self, id: ConversationId) -> Result<i64, StoreError> {
         let c = self
             .conversations
@@ -96,8 +102,9 @@ impl MemoryStore {
             mentions: new.mentions,
             ..Message::default()
         };
+        let members_version = c.members_version;
         d.messages.push(m.clone());
-        Ok(Inserted::New(m))
+        Ok(Inserted::New(m, members_version))
     }
 
     fn data(&self) -> std::sync::MutexGuard<'_, Data> {
@@ -130,6 +137,7 @@ impl Store for MemoryStore {
             department_id: new.department_id,
             last_seq: 0,
             created_at: crate::chat::model::now(),
+            members_version: 0,
         };
         let mut d = self.data();
         d.conversations.insert(c.id, c.clone());
@@ -188,7 +196,7 @@ impl Store for MemoryStore {
         conversation: ConversationId,
         user: &str,
         role: MemberRole,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let mut d = self.data();
         if !d.conversations.contains_key(&conversation) {
             return Err(StoreError::NoSuchConversation(conversation));
@@ -197,7 +205,7 @@ impl Store for MemoryStore {
             .iter()
             .any(|m| m.conversation_id == conversation && m.user_id == user)
         {
-            return Ok(false);
+            return Ok(None);
         }
         d.members.push(Member {
             conversation_id: conversation,
@@ -207,19 +215,22 @@ impl Store for MemoryStore {
             last_received_seq: 0,
             joined_at: crate::chat::model::now(),
         });
-        Ok(true)
+        Ok(d.bump_members_version(conversation))
     }
 
     async fn remove_member(
         &self,
         conversation: ConversationId,
         user: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let mut d = self.data();
         let before = d.members.len();
         d.members
             .retain(|m| !(m.conversation_id == conversation && m.user_id == user));
-        Ok(d.members.len() < before)
+        if d.members.len() == before {
+            return Ok(None);
+        }
+        Ok(d.bump_members_version(conversation))
     }
 
     async fn member(
@@ -247,7 +258,8 @@ impl Store for MemoryStore {
 
     async fn insert_message(&self, new: NewMessage) -> Result<Inserted, StoreError> {
         let inserted = self.insert_now(new)?;
-        if matches!(inserted, Inserted::New(_)) && self.yield_after_commit.load(Ordering::Relaxed) {
+        if matches!(inserted, Inserted::New(..)) && self.yield_after_commit.load(Ordering::Relaxed)
+        {
             for _ in 0..3 {
                 tokio::task::yield_now().await;
             }

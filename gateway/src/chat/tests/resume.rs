@@ -243,7 +243,7 @@ impl crate::bus::Bus for EpochBus {
 }
 
 #[tokio::test]
-async fn sends_by_members_read_membership_from_the_node_state_until_the_bus_reconnects() {
+async fn sends_by_members_read_membership_from_the_node_state_until_its_version_moves() {
     let bus = Arc::new(EpochBus::default());
     let svc = service_on(bus.clone());
     let (alice, bob) = (who("alice"), who("bob"));
@@ -251,30 +251,52 @@ async fn sends_by_members_read_membership_from_the_node_state_until_the_bus_reco
     let (_, b) = connect(&svc, &bob).await;
     svc.send(&bob, text(&c, "b1", "x")).await.expect("member");
     assert_eq!(svc.conversations.len(), 1, "held while its topic is bound");
-    // A removal this node never heard of (its event lost with the broker connection): the
-    // cached state still says member, which is why a reconnect must drop it.
-    assert!(
+    // A removal this node never heard of (its event still on the way, or lost with the broker
+    // connection): the cached state still says member.
+    assert_eq!(
         svc.store()
             .remove_member(c.id, "bob")
             .await
-            .expect("remove")
+            .expect("remove"),
+        Some(1)
     );
     svc.send(&bob, text(&c, "b2", "x"))
         .await
-        .expect("from the cache: no store read");
-    bus.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        .expect("from the cache: no store read before the commit");
+    // The commit saw the removal's membership version: the entry went, and the room was checked
+    // against the store before b2 was delivered here.
+    assert_eq!(svc.conversations.len(), 0);
+    assert_eq!(seqs(&b, &c), vec![1], "nothing committed after the removal");
     let refused = svc
         .send(&bob, text(&c, "b3", "x"))
         .await
         .expect_err("reloaded");
     assert_eq!(refused.code(), "forbidden");
-    // And the room check after the reconnect takes bob's connection out of the room.
+}
+
+#[tokio::test]
+async fn a_bus_reconnect_checks_the_rooms_held_here_against_the_store() {
+    let bus = Arc::new(EpochBus::default());
+    let svc = service_on(bus.clone());
+    let (alice, bob) = (who("alice"), who("bob"));
+    let c = group(&svc, &alice, &["bob"]).await;
+    let (b_conn, _) = connect(&svc, &bob).await;
+    assert!(svc.hub.is_in_room(b_conn, c.id), "attached at connect");
+    // A removal whose event was lost with the broker connection, and no send since.
+    svc.store()
+        .remove_member(c.id, "bob")
+        .await
+        .expect("remove");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    svc.send(&alice, text(&c, "a1", "x")).await.expect("send");
-    assert_eq!(
-        seqs(&b, &c),
-        vec![1, 2],
-        "nothing after the missed removal was found"
+    assert!(
+        svc.hub.is_in_room(b_conn, c.id),
+        "the bus did not reconnect"
+    );
+    bus.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        !svc.hub.is_in_room(b_conn, c.id),
+        "the room check after the reconnect took bob out"
     );
 }
 
