@@ -142,6 +142,7 @@ impl ChatService {
             ConversationKind::Support => state.conversation.department_id.clone(),
             _ => None,
         };
+        let members_version = state.members_version();
         let changed = match req {
             ChangeRequest::Edit {
                 content,
@@ -206,7 +207,12 @@ impl ChatService {
         };
         drop(state);
         let change = match changed.map_err(store_err)? {
-            Changed::New(change) => change,
+            Changed::New(change, committed_under) => {
+                if committed_under > members_version {
+                    self.catch_up_members(id).await;
+                }
+                change
+            }
             Changed::Existing(change) => return Ok(Some(change)),
             Changed::Unchanged => return Ok(None),
             Changed::Refused(refusal) => return Err(refused(refusal, target)),

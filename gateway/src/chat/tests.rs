@@ -486,6 +486,41 @@ async fn a_send_committed_after_a_removal_on_another_node_is_not_delivered_to_th
 }
 
 #[tokio::test]
+async fn an_edit_committed_after_a_removal_on_another_node_is_not_delivered_to_the_removed_user() {
+    let store: Arc<MemoryStore> = Arc::new(MemoryStore::default());
+    let here = service_with(store.clone(), Arc::new(LocalBus::new()));
+    let there = service_with(store.clone(), Arc::new(LocalBus::new()));
+    let (alice, bob, carol) = (who("alice"), who("bob"), who("carol"));
+    let c = group(&here, &alice, &["bob", "carol"]).await;
+    let (_b, b_rec) = connect(&here, &bob).await;
+    let (_c, c_rec) = connect(&here, &carol).await;
+    let sent = here
+        .send(&carol, text(&c, "m", "draft"))
+        .await
+        .expect("send");
+    there
+        .remove_member(&alice, c.id, "bob")
+        .await
+        .expect("remove");
+    here.change(
+        &carol,
+        ChangeRequest::Edit {
+            conversation_id: c.id,
+            target: sent.message.seq,
+            content: "the real plan".into(),
+            client_msg_id: "e1".into(),
+        },
+    )
+    .await
+    .expect("edit");
+    assert_eq!(c_rec.named("message_updated").len(), 1, "members get it");
+    assert!(
+        b_rec.named("message_updated").is_empty(),
+        "the edited content does not reach the removed user"
+    );
+}
+
+#[tokio::test]
 async fn user_joined_announces_new_members_not_reconnecting_ones() {
     let svc = service();
     let (alice, bob, zed, carol) = (who("alice"), who("bob"), who("zed"), who("carol"));

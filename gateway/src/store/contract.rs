@@ -787,7 +787,7 @@ fn reaction(c: uuid::Uuid, actor: &str, target: i64, emoji: &str, on: bool) -> N
 
 fn new_seq(changed: Changed) -> i64 {
     match changed {
-        Changed::New(change) => change.seq(),
+        Changed::New(change, _) => change.seq(),
         other => panic!("expected a new entry, got {other:?}"),
     }
 }
@@ -808,13 +808,13 @@ async fn edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store: 
         .edit_message(edit(c, &alice, 1, "e1", "first, edited"))
         .await
         .expect("edit");
-    let Changed::New(Change::MessageUpdated(e)) = edited.clone() else {
+    let Changed::New(Change::MessageUpdated(e), _) = edited.clone() else {
         panic!("a new edit, got {edited:?}");
     };
     assert_eq!((e.seq, e.target, e.version), (3, 1, 1));
     assert_eq!(e.content.as_deref(), Some("first, edited"));
     assert_eq!(e.user_id, alice);
-    let Changed::New(first_edit) = edited else {
+    let Changed::New(first_edit, _) = edited else {
         unreachable!()
     };
     assert_eq!(
@@ -844,7 +844,7 @@ async fn edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store: 
         .await
         .expect("edit");
     assert!(
-        matches!(&second, Changed::New(Change::MessageUpdated(e)) if e.seq == 4 && e.version == 2)
+        matches!(&second, Changed::New(Change::MessageUpdated(e), _) if e.seq == 4 && e.version == 2)
     );
     let now = store.message_at(c, 1).await.expect("read").expect("some");
     assert_eq!(now.content, "first, again");
@@ -873,11 +873,11 @@ async fn edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store: 
         ..reaction(c, &alice, 1, "👍", true)
     };
     let first = store.react(keyed.clone()).await.expect("react");
-    let Changed::New(Change::ReactionUpdated(r)) = &first else {
+    let Changed::New(Change::ReactionUpdated(r), _) = &first else {
         panic!("a new reaction, got {first:?}");
     };
     assert_eq!((r.seq, r.count, r.on), (6, 2, true));
-    let Changed::New(first) = first else {
+    let Changed::New(first, _) = first else {
         unreachable!()
     };
     assert_eq!(
@@ -889,7 +889,7 @@ async fn edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store: 
         .await
         .expect("react");
     assert!(
-        matches!(&off, Changed::New(Change::ReactionUpdated(r)) if r.seq == 7 && r.count == 1 && !r.on)
+        matches!(&off, Changed::New(Change::ReactionUpdated(r), _) if r.seq == 7 && r.count == 1 && !r.on)
     );
 
     let deleted = store
@@ -900,7 +900,7 @@ async fn edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store: 
         })
         .await
         .expect("delete");
-    let Changed::New(tombstone) = deleted else {
+    let Changed::New(tombstone, _) = deleted else {
         panic!("a new deletion, got {deleted:?}");
     };
     assert_eq!(tombstone.seq(), 8);
@@ -965,7 +965,7 @@ async fn edits_deletions_and_reactions_are_log_entries_with_the_next_seq(store: 
             store
                 .edit_message(edit(uuid::Uuid::now_v7(), &alice, 1, "e6", "x"))
                 .await,
-            Ok(Changed::New(_))
+            Ok(Changed::New(_, _))
         ),
         "nothing is edited in a missing conversation"
     );
@@ -1084,7 +1084,7 @@ async fn reactions_are_capped_per_message_and_counted_per_viewer(store: &dyn Sto
     assert!(
         matches!(
             store.react(capped(&bob, "👍")).await.expect("react"),
-            Changed::New(_)
+            Changed::New(_, _)
         ),
         "an emoji already on the message is not a new one"
     );

@@ -89,8 +89,9 @@ pub struct NewReaction {
 /// What a change to a message came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Changed {
-    /// Committed now, with the next `seq` of its conversation.
-    New(Change),
+    /// Committed now, with the next `seq` of its conversation; beside it, the conversation's
+    /// `members_version` that the commit saw.
+    New(Change, i64),
     /// Committed before (same idempotency key, or the message was already deleted).
     Existing(Change),
     /// Nothing to change (a reaction already in the state asked for); no entry written.

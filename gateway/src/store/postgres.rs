@@ -702,14 +702,15 @@ impl PostgresStore {
     async fn next_seq(
         tx: &mut sqlx::PgConnection,
         conversation: ConversationId,
-    ) -> Result<i64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq",
+    ) -> Result<(i64, i64), StoreError> {
+        let next: Option<(i64, i64)> = sqlx::query_as(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 \
+             RETURNING last_seq, members_version",
         )
         .bind(conversation)
         .fetch_optional(tx)
         .await?;
-        seq.ok_or(StoreError::NoSuchConversation(conversation))
+        next.ok_or(StoreError::NoSuchConversation(conversation))
     }
 
     async fn change_by_key(
@@ -782,7 +783,7 @@ impl PostgresStore {
         .bind(edit.target)
         .fetch_one(&mut *tx)
         .await?;
-        let seq = Self::next_seq(&mut tx, edit.conversation_id).await?;
+        let (seq, members_version) = Self::next_seq(&mut tx, edit.conversation_id).await?;
         sqlx::query(
             "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, content, version, created_at) \
              VALUES ($1, $2, 'edit', $3, $4, $5, $6, $7, $8)",
@@ -798,15 +799,18 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Changed::New(Change::MessageUpdated(Edit {
-            conversation_id: edit.conversation_id,
-            seq,
-            target: edit.target,
-            user_id: edit.actor_id.clone(),
-            content: Some(edit.content.clone()),
-            edited_at: at,
-            version,
-        })))
+        Ok(Changed::New(
+            Change::MessageUpdated(Edit {
+                conversation_id: edit.conversation_id,
+                seq,
+                target: edit.target,
+                user_id: edit.actor_id.clone(),
+                content: Some(edit.content.clone()),
+                edited_at: at,
+                version,
+            }),
+            members_version,
+        ))
     }
 
     async fn delete_once(&self, deletion: &NewDeletion) -> Result<Changed, StoreError> {
@@ -862,7 +866,7 @@ impl PostgresStore {
             .bind(deletion.target)
             .execute(&mut *tx)
             .await?;
-        let seq = Self::next_seq(&mut tx, id).await?;
+        let (seq, members_version) = Self::next_seq(&mut tx, id).await?;
         sqlx::query(
             "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, created_at) \
              VALUES ($1, $2, 'delete', $3, $4, $5)",
@@ -875,13 +879,16 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Changed::New(Change::MessageDeleted(Deletion {
-            conversation_id: id,
-            seq,
-            target: deletion.target,
-            user_id: deletion.actor_id.clone(),
-            deleted_at: at,
-        })))
+        Ok(Changed::New(
+            Change::MessageDeleted(Deletion {
+                conversation_id: id,
+                seq,
+                target: deletion.target,
+                user_id: deletion.actor_id.clone(),
+                deleted_at: at,
+            }),
+            members_version,
+        ))
     }
 
     async fn react_once(&self, reaction: &NewReaction) -> Result<Changed, StoreError> {
@@ -949,7 +956,7 @@ impl PostgresStore {
             .await?;
         }
         let count = has_emoji + if reaction.on { 1 } else { -1 };
-        let seq = Self::next_seq(&mut tx, id).await?;
+        let (seq, members_version) = Self::next_seq(&mut tx, id).await?;
         sqlx::query(
             "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, emoji, reaction_on, reaction_count, created_at) \
              VALUES ($1, $2, 'reaction', $3, $4, $5, $6, $7, $8, $9)",
@@ -966,16 +973,19 @@ impl PostgresStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Changed::New(Change::ReactionUpdated(Reaction {
-            conversation_id: id,
-            seq,
-            target: reaction.target,
-            emoji: reaction.emoji.clone(),
-            user_id: reaction.actor_id.clone(),
-            on: reaction.on,
-            count,
-            reacted_at: at,
-        })))
+        Ok(Changed::New(
+            Change::ReactionUpdated(Reaction {
+                conversation_id: id,
+                seq,
+                target: reaction.target,
+                emoji: reaction.emoji.clone(),
+                user_id: reaction.actor_id.clone(),
+                on: reaction.on,
+                count,
+                reacted_at: at,
+            }),
+            members_version,
+        ))
     }
 }
 

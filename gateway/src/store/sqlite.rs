@@ -978,14 +978,15 @@ impl SqliteStore {
     async fn next_seq(
         conn: &mut sqlx::SqliteConnection,
         conversation: ConversationId,
-    ) -> Result<i64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar(
-            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+    ) -> Result<(i64, i64), StoreError> {
+        let next: Option<(i64, i64)> = sqlx::query_as(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? \
+             RETURNING last_seq, members_version",
         )
         .bind(conversation.to_string())
         .fetch_optional(conn)
         .await?;
-        seq.ok_or(StoreError::NoSuchConversation(conversation))
+        next.ok_or(StoreError::NoSuchConversation(conversation))
     }
 
     async fn edit_message_detached(&self, edit: NewEdit) -> Result<Changed, StoreError> {
@@ -1020,7 +1021,7 @@ impl SqliteStore {
         .bind(edit.target)
         .fetch_one(&mut *tx)
         .await?;
-        let seq = Self::next_seq(&mut tx, edit.conversation_id).await?;
+        let (seq, members_version) = Self::next_seq(&mut tx, edit.conversation_id).await?;
         sqlx::query(
             "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, content, version, created_at) \
              VALUES (?, ?, 'edit', ?, ?, ?, ?, ?, ?)",
@@ -1036,15 +1037,18 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Changed::New(Change::MessageUpdated(Edit {
-            conversation_id: edit.conversation_id,
-            seq,
-            target: edit.target,
-            user_id: edit.actor_id,
-            content: Some(edit.content),
-            edited_at: at,
-            version,
-        })))
+        Ok(Changed::New(
+            Change::MessageUpdated(Edit {
+                conversation_id: edit.conversation_id,
+                seq,
+                target: edit.target,
+                user_id: edit.actor_id,
+                content: Some(edit.content),
+                edited_at: at,
+                version,
+            }),
+            members_version,
+        ))
     }
 
     async fn delete_message_detached(&self, deletion: NewDeletion) -> Result<Changed, StoreError> {
@@ -1101,7 +1105,7 @@ impl SqliteStore {
             .bind(deletion.target)
             .execute(&mut *tx)
             .await?;
-        let seq = Self::next_seq(&mut tx, deletion.conversation_id).await?;
+        let (seq, members_version) = Self::next_seq(&mut tx, deletion.conversation_id).await?;
         sqlx::query(
             "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, created_at) \
              VALUES (?, ?, 'delete', ?, ?, ?)",
@@ -1115,13 +1119,16 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         self.erase_wal().await;
-        Ok(Changed::New(Change::MessageDeleted(Deletion {
-            conversation_id: deletion.conversation_id,
-            seq,
-            target: deletion.target,
-            user_id: deletion.actor_id,
-            deleted_at: at,
-        })))
+        Ok(Changed::New(
+            Change::MessageDeleted(Deletion {
+                conversation_id: deletion.conversation_id,
+                seq,
+                target: deletion.target,
+                user_id: deletion.actor_id,
+                deleted_at: at,
+            }),
+            members_version,
+        ))
     }
 
     /// The WAL keeps the frames of earlier commits (the message as it was inserted) until it
@@ -1211,7 +1218,7 @@ impl SqliteStore {
             .await?;
         }
         let count = has_emoji + if reaction.on { 1 } else { -1 };
-        let seq = Self::next_seq(&mut tx, reaction.conversation_id).await?;
+        let (seq, members_version) = Self::next_seq(&mut tx, reaction.conversation_id).await?;
         sqlx::query(
             "INSERT INTO message_changes (conversation_id, seq, kind, target, actor_id, client_msg_id, emoji, reaction_on, reaction_count, created_at) \
              VALUES (?, ?, 'reaction', ?, ?, ?, ?, ?, ?, ?)",
@@ -1228,16 +1235,19 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Changed::New(Change::ReactionUpdated(Reaction {
-            conversation_id: reaction.conversation_id,
-            seq,
-            target: reaction.target,
-            emoji: reaction.emoji,
-            user_id: reaction.actor_id,
-            on: reaction.on,
-            count,
-            reacted_at: at,
-        })))
+        Ok(Changed::New(
+            Change::ReactionUpdated(Reaction {
+                conversation_id: reaction.conversation_id,
+                seq,
+                target: reaction.target,
+                emoji: reaction.emoji,
+                user_id: reaction.actor_id,
+                on: reaction.on,
+                count,
+                reacted_at: at,
+            }),
+            members_version,
+        ))
     }
 
     async fn changes_after_each_detached(

@@ -36,13 +36,14 @@ impl Data {
         Some(c.members_version)
     }
 
-    fn next_seq(&mut self, id: ConversationId) -> Result<i64, StoreError> {
+    /// The next seq, and the membership version it commits under.
+    fn next_seq(&mut self, id: ConversationId) -> Result<(i64, i64), StoreError> {
         let c = self
             .conversations
             .get_mut(&id)
             .ok_or(StoreError::NoSuchConversation(id))?;
         c.last_seq += 1;
-        Ok(c.last_seq)
+        Ok((c.last_seq, c.members_version))
     }
 
     fn by_key(&self, id: ConversationId, actor: &str, key: &str) -> Option<Change> {
@@ -410,7 +411,7 @@ impl Store for MemoryStore {
         m.edited_at = Some(at);
         m.version += 1;
         let version = m.version;
-        let seq = d.next_seq(id)?;
+        let (seq, members_version) = d.next_seq(id)?;
         let change = Change::MessageUpdated(Edit {
             conversation_id: id,
             seq,
@@ -422,7 +423,7 @@ impl Store for MemoryStore {
         });
         d.changes
             .push((change.clone(), Some((edit.actor_id, edit.client_msg_id))));
-        Ok(Changed::New(change))
+        Ok(Changed::New(change, members_version))
     }
 
     async fn delete_message(&self, deletion: NewDeletion) -> Result<Changed, StoreError> {
@@ -471,7 +472,7 @@ impl Store for MemoryStore {
             }
         }
         d.reactions.retain(|r| !(r.0 == id && r.1 == target));
-        let seq = d.next_seq(id)?;
+        let (seq, members_version) = d.next_seq(id)?;
         let change = Change::MessageDeleted(Deletion {
             conversation_id: id,
             seq,
@@ -480,7 +481,7 @@ impl Store for MemoryStore {
             deleted_at: crate::chat::model::now(),
         });
         d.changes.push((change.clone(), None));
-        Ok(Changed::New(change))
+        Ok(Changed::New(change, members_version))
     }
 
     async fn react(&self, reaction: NewReaction) -> Result<Changed, StoreError> {
@@ -546,7 +547,7 @@ impl Store for MemoryStore {
                     && r.3 == reaction.actor_id)
             });
         }
-        let seq = d.next_seq(id)?;
+        let (seq, members_version) = d.next_seq(id)?;
         let change = Change::ReactionUpdated(Reaction {
             conversation_id: id,
             seq,
@@ -559,7 +560,7 @@ impl Store for MemoryStore {
         });
         let key = reaction.client_msg_id.map(|k| (reaction.actor_id, k));
         d.changes.push((change.clone(), key));
-        Ok(Changed::New(change))
+        Ok(Changed::New(change, members_version))
     }
 
     async fn changes_after_each(
