@@ -62,6 +62,17 @@ fn corrupt(what: &str, value: &str) -> StoreError {
     StoreError::Corrupt(format!("{what}: {value:?}"))
 }
 
+/// The entries of log `table` (selecting `columns`) after each cursor (`$1` conversations,
+/// `$2` seqs), at most `$3` per cursor, in cursor then seq order.
+fn after_each_sql(table: &str, columns: &str) -> String {
+    format!(
+        "SELECT e.* FROM unnest($1::uuid[], $2::bigint[]) WITH ORDINALITY AS k(c, a, o) \
+         CROSS JOIN LATERAL (SELECT {columns} FROM {table} \
+         WHERE conversation_id = k.c AND seq > k.a ORDER BY seq LIMIT $3) AS e \
+         ORDER BY k.o, e.seq"
+    )
+}
+
 fn conversation_from(row: &PgRow) -> Result<Conversation, StoreError> {
     let kind: String = row.try_get("kind")?;
     Ok(Conversation {
@@ -430,11 +441,9 @@ impl Store for PostgresStore {
         if cursors.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT m.* FROM unnest($1::uuid[], $2::bigint[]) WITH ORDINALITY AS k(c, a, o) \
-             CROSS JOIN LATERAL (SELECT {MESSAGE_COLUMNS} FROM messages \
-             WHERE conversation_id = k.c AND seq > k.a ORDER BY seq LIMIT $3) AS m \
-             ORDER BY k.o, m.seq"
+        let rows = sqlx::query(sqlx::AssertSqlSafe(after_each_sql(
+            "messages",
+            MESSAGE_COLUMNS,
         )))
         .bind(cursors.iter().map(|c| c.0).collect::<Vec<_>>())
         .bind(cursors.iter().map(|c| c.1).collect::<Vec<_>>())
@@ -567,11 +576,9 @@ impl Store for PostgresStore {
         if cursors.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT x.* FROM unnest($1::uuid[], $2::bigint[]) WITH ORDINALITY AS k(c, a, o) \
-             CROSS JOIN LATERAL (SELECT {CHANGE_COLUMNS} FROM message_changes \
-             WHERE conversation_id = k.c AND seq > k.a ORDER BY seq LIMIT $3) AS x \
-             ORDER BY k.o, x.seq"
+        let rows = sqlx::query(sqlx::AssertSqlSafe(after_each_sql(
+            "message_changes",
+            CHANGE_COLUMNS,
         )))
         .bind(cursors.iter().map(|c| c.0).collect::<Vec<_>>())
         .bind(cursors.iter().map(|c| c.1).collect::<Vec<_>>())

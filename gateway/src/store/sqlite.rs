@@ -81,6 +81,27 @@ fn parse_id(s: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(s).map_err(|_| corrupt("uuid", s))
 }
 
+/// Cursors as the JSON array `after_each_sql` reads: `[["<conversation>", afterSeq], …]`.
+fn cursors_json(cursors: &[(ConversationId, i64)]) -> Result<String, StoreError> {
+    let asked: Vec<(String, i64)> = cursors.iter().map(|(c, a)| (c.to_string(), *a)).collect();
+    serde_json::to_string(&asked)
+        .map_err(|e| StoreError::Corrupt(format!("cursors do not encode: {e}")))
+}
+
+/// The entries of log `table` (aliased `alias`, selecting `columns`) after each cursor of
+/// `?1` ([`cursors_json`]), at most `?2` per cursor, in cursor then seq order. Each cursor's
+/// window ends at its `?2`th entry (an index seek), so a cursor far behind reads no more rows.
+fn after_each_sql(table: &str, alias: &str, columns: &str) -> String {
+    format!(
+        "WITH k(c, a, o) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), key FROM json_each(?1)) \
+         SELECT {columns} \
+         FROM k JOIN {table} {alias} ON {alias}.conversation_id = k.c AND {alias}.seq > k.a \
+         AND {alias}.seq <= COALESCE((SELECT seq FROM {table} WHERE conversation_id = k.c AND seq > k.a \
+         ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 9223372036854775807) \
+         ORDER BY k.o, {alias}.seq"
+    )
+}
+
 fn conversation_from(row: &SqliteRow) -> Result<Conversation, StoreError> {
     let kind: String = row.try_get("kind")?;
     Ok(Conversation {
@@ -807,20 +828,12 @@ impl SqliteStore {
         if cursors.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
-        let asked: Vec<(String, i64)> = cursors.iter().map(|(c, a)| (c.to_string(), *a)).collect();
-        let asked = serde_json::to_string(&asked)
-            .map_err(|e| StoreError::Corrupt(format!("cursors do not encode: {e}")))?;
-        // Each cursor's window ends at its `limit`th message (an index seek), so a cursor far
-        // behind reads no more than `limit` rows.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH k(c, a, o) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), key FROM json_each(?1)) \
-             SELECT {MESSAGE_COLUMNS} \
-             FROM k JOIN messages m ON m.conversation_id = k.c AND m.seq > k.a \
-             AND m.seq <= COALESCE((SELECT seq FROM messages WHERE conversation_id = k.c AND seq > k.a \
-             ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 9223372036854775807) \
-             ORDER BY k.o, m.seq"
+        let rows = sqlx::query(sqlx::AssertSqlSafe(after_each_sql(
+            "messages",
+            "m",
+            MESSAGE_COLUMNS,
         )))
-        .bind(asked)
+        .bind(cursors_json(cursors)?)
         .bind(i64::from(limit))
         .fetch_all(&self.readers)
         .await?;
@@ -1258,19 +1271,12 @@ impl SqliteStore {
         if cursors.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
-        let asked: Vec<(String, i64)> = cursors.iter().map(|(c, a)| (c.to_string(), *a)).collect();
-        let asked = serde_json::to_string(&asked)
-            .map_err(|e| StoreError::Corrupt(format!("cursors do not encode: {e}")))?;
-        // As messages_after_each: each cursor's window ends at its `limit`th entry.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH k(c, a, o) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), key FROM json_each(?1)) \
-             SELECT {CHANGE_COLUMNS} \
-             FROM k JOIN message_changes x ON x.conversation_id = k.c AND x.seq > k.a \
-             AND x.seq <= COALESCE((SELECT seq FROM message_changes WHERE conversation_id = k.c AND seq > k.a \
-             ORDER BY seq LIMIT 1 OFFSET ?2 - 1), 9223372036854775807) \
-             ORDER BY k.o, x.seq"
+        let rows = sqlx::query(sqlx::AssertSqlSafe(after_each_sql(
+            "message_changes",
+            "x",
+            CHANGE_COLUMNS,
         )))
-        .bind(asked)
+        .bind(cursors_json(cursors)?)
         .bind(i64::from(limit))
         .fetch_all(&self.readers)
         .await?;
