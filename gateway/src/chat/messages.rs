@@ -1,6 +1,6 @@
 //! Messages: send (persist, then broadcast, then ack), read watermarks, history and sync.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tracing::Instrument;
@@ -347,25 +347,67 @@ impl ChatService {
         })
     }
 
-    /// For each cursor, up to `limit` entries of its log after it (messages and changes
-    /// merged in seq order), conversation after conversation. The first `limit` of the union
-    /// are among the first `limit` of each kind, so one read of each suffices.
+    /// The log after each cursor, at most `limit` entries per cursor, cursor after cursor,
+    /// each gap-free from its cursor on. Served from the conversation's state where an earlier
+    /// read still holds (see [`ConversationState::recent`]); the rest in one read of each kind
+    /// of entry (messages, changes).
     pub(super) async fn log_after(
         &self,
         cursors: &[(ConversationId, i64)],
         limit: u32,
     ) -> Result<Vec<LogEntry>, ChatError> {
-        let messages = self
-            .store
-            .messages_after_each(cursors, limit)
-            .await
-            .map_err(store_err)?;
-        let changes = self
-            .store
-            .changes_after_each(cursors, limit)
-            .await
-            .map_err(store_err)?;
-        Ok(merge_log(cursors, messages, changes, limit))
+        let epoch = self.bus.epoch();
+        let mut kept: HashMap<ConversationId, Vec<LogEntry>> = HashMap::new();
+        let mut misses = Vec::new();
+        for &(id, after) in cursors {
+            let state = self.conversations.get(id, epoch).ok();
+            match state.and_then(|s| s.recent(after, limit)) {
+                Some(entries) => {
+                    kept.insert(id, entries);
+                }
+                None => misses.push((id, after)),
+            }
+        }
+        if !misses.is_empty() {
+            let messages = self
+                .store
+                .messages_after_each(&misses, limit)
+                .await
+                .map_err(store_err)?;
+            let changes = self
+                .store
+                .changes_after_each(&misses, limit)
+                .await
+                .map_err(store_err)?;
+            let mut read = merge_log(&misses, messages, changes, limit)
+                .into_iter()
+                .peekable();
+            for &(id, after) in &misses {
+                let mut entries = Vec::new();
+                while let Some(entry) = read.next_if(|e| e.conversation_id() == id) {
+                    entries.push(entry);
+                }
+                // Messages and changes are two reads: an entry committed between them can be
+                // missing below one that was read. Cut at the gap; what follows arrives live
+                // (the connection is attached) or with the client's next sync.
+                let gap = entries
+                    .iter()
+                    .zip(after + 1..)
+                    .position(|(e, expected)| e.seq() != expected);
+                if let Some(gap) = gap {
+                    entries.truncate(gap);
+                } else if entries.len() < limit as usize
+                    && let Ok(state) = self.conversations.get(id, epoch)
+                {
+                    state.remember(after, &entries);
+                }
+                kept.insert(id, entries);
+            }
+        }
+        Ok(cursors
+            .iter()
+            .flat_map(|(id, _)| kept.remove(id).unwrap_or_default())
+            .collect())
     }
 
     /// The quote of the message a reply answers, or why there is none to answer.

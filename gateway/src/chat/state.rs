@@ -16,7 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::model::{Conversation, ConversationId, Member, MemberRole, UserId, now};
+use super::model::{Conversation, ConversationId, LogEntry, Member, MemberRole, UserId, now};
 use super::service::ChatService;
 
 /// A membership change, carried on the envelope of the event that announces it.
@@ -40,7 +40,20 @@ pub struct ConversationState {
     pub conversation: Conversation,
     members: RwLock<Members>,
     last_seq: AtomicI64,
+    /// The log after a few cursors as the store last returned it (see [`Self::recent`]).
+    recent: Mutex<Vec<Recent>>,
 }
+
+/// Every entry of the log after `after` up to `after + entries.len()`, read in one go: no gap,
+/// nothing left out.
+#[derive(Debug)]
+struct Recent {
+    after: i64,
+    entries: Arc<[LogEntry]>,
+}
+
+/// How many cursors' reads a conversation's state keeps.
+const RECENT_READS: usize = 4;
 
 #[derive(Debug)]
 struct Members {
@@ -78,6 +91,7 @@ impl ConversationState {
                 version: conversation.members_version,
                 ahead: BTreeSet::new(),
             }),
+            recent: Mutex::new(Vec::new()),
             conversation,
         }
     }
@@ -120,6 +134,40 @@ impl ConversationState {
             last_seq: self.last_seq(),
             ..self.conversation.clone()
         }
+    }
+
+    /// The log after `after`, fewer than `limit` entries, from an earlier read of the store,
+    /// if that read still holds everything after it: nothing later has reached this node (its
+    /// `last_seq` is no higher than the read's last entry). An entry committed since but not yet
+    /// arrived reaches a connection attached to the conversation live, as it would after a
+    /// fresh read. So a reconnect storm, every client of a room resuming from the same cursor,
+    /// reads the store once per room instead of once per client.
+    pub fn recent(&self, after: i64, limit: u32) -> Option<Vec<LogEntry>> {
+        let last_seq = self.last_seq();
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let read = recent.iter().find(|r| {
+            let top = r.after + r.entries.len() as i64;
+            r.after <= after && after <= top && last_seq <= top
+        })?;
+        let skip = usize::try_from(after - read.after).ok()?;
+        let entries = &read.entries[skip..];
+        (entries.len() < limit as usize).then(|| entries.to_vec())
+    }
+
+    /// Keeps a read of the log after `after` for [`Self::recent`]: `entries` must be every
+    /// entry after it, gap-free, as the store returned them.
+    pub fn remember(&self, after: i64, entries: &[LogEntry]) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let last_seq = self.last_seq();
+        // Reads that no longer hold everything are of no more use.
+        recent.retain(|r| last_seq <= r.after + r.entries.len() as i64 && r.after != after);
+        if recent.len() >= RECENT_READS {
+            recent.remove(0);
+        }
+        recent.push(Recent {
+            after,
+            entries: entries.into(),
+        });
     }
 
     fn apply(&self, change: &MembershipChange) {

@@ -394,3 +394,51 @@ async fn sends_joins_and_typing_by_members_of_a_held_conversation_make_no_store_
         .expect("join with members");
     assert_eq!(store.reads(), before + 1);
 }
+
+#[tokio::test]
+async fn clients_resuming_a_held_room_share_one_read_of_its_log_until_it_moves() {
+    let store = Arc::new(MemoryStore::default());
+    let svc = service_with(store.clone(), Arc::new(LocalBus::new()));
+    let alice = who("alice");
+    let c = group(&svc, &alice, &["u1", "u2", "u3", "u4", "u5"]).await;
+    let (_, _a) = connect(&svc, &alice).await;
+    for i in 1..=3 {
+        svc.send(&alice, text(&c, &format!("a{i}"), "x"))
+            .await
+            .expect("send");
+    }
+    // What a connect reads besides the log: one without cursors.
+    let before = store.reads();
+    let rec = Arc::new(Recorder::default());
+    svc.connect_resuming(&who("u1"), rec, None)
+        .await
+        .expect("connect");
+    let connect_reads = store.reads() - before;
+    let resume = |user: &str, after: i64| {
+        let svc = svc.clone();
+        let store = store.clone();
+        let user = who(user);
+        let c = c.clone();
+        async move {
+            let rec = Arc::new(Recorder::default());
+            let before = store.reads();
+            svc.connect_resuming(&user, rec.clone(), Some(vec![(c.id, after)]))
+                .await
+                .expect("connect");
+            (store.reads() - before, seqs(&rec, &c))
+        }
+    };
+    let (reads, got) = resume("u2", 1).await;
+    assert_eq!(got, vec![2, 3]);
+    assert_eq!(
+        reads,
+        connect_reads + 2,
+        "the log read: messages and changes"
+    );
+    // The same cursor, and a later one, from that read.
+    assert_eq!(resume("u3", 1).await, (connect_reads, vec![2, 3]));
+    assert_eq!(resume("u4", 2).await, (connect_reads, vec![3]));
+    // A new entry: the earlier read no longer holds everything, so the log is read again.
+    svc.send(&alice, text(&c, "a4", "x")).await.expect("send");
+    assert_eq!(resume("u5", 1).await, (connect_reads + 2, vec![2, 3, 4]));
+}
