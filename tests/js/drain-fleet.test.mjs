@@ -1,14 +1,18 @@
 // A fleet of three gateways (shared Postgres, Redis, RabbitMQ) with a few thousand clients in
-// shared conversations, senders sending all along. One gateway is drained with a 10 s window,
-// then all three are replaced one after the other. Every client of a drained gateway
-// reconnects elsewhere once and `sync`s the gap: 0 acked messages lost, 0 duplicates, and the
-// reconnect rate stays within the budget (+20 %) in every second.
+// shared conversations, with traffic all along: messages sent, edited and deleted, reactions
+// added and taken back, each an entry of the conversation's log. One gateway is drained with a
+// 10 s window, then all three are replaced one after the other. Every client of a drained
+// gateway reconnects elsewhere once and resumes from its last contiguous seq: 0 acked entries
+// lost, 0 duplicates, every device's view of its conversation (content, edits, deletions,
+// reaction counts) is what the store's history returns, and the reconnect rate stays within
+// the budget (+20 %) in every second.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { token, api, sleep, gatewayBin } from './lib/gateway.mjs';
 import { createFleetBackends, startFleetGateway } from './lib/cluster.mjs';
+import { View } from './lib/log-view.mjs';
 
 const CLIENTS = Number(process.env.CONFAB_DRAIN_CLIENTS ?? 2400);
 const MEMBERS = 50; // per conversation
@@ -23,8 +27,11 @@ const BUDGET = Number(process.env.CONFAB_DRAIN_BUDGET ?? 150);
 const CONVERSATIONS = Math.ceil(CLIENTS / MEMBERS);
 /** Worker threads holding the devices: one event loop for thousands of clients runs late. */
 const WORKERS = Number(process.env.CONFAB_DRAIN_WORKERS ?? 2);
-/** One sender per conversation; about 40 messages a second across the fleet. */
+/** One conversation's traffic at a time, an entry each; about 40 entries a second across the fleet. */
 const SEND_EVERY_MS = Math.max(300, Math.round((CONVERSATIONS * 1000) / 40));
+/** In each conversation, the member who sends (and edits, deletes, reacts), and one more who reacts. */
+const SENDER = 1;
+const REACTOR = 2;
 
 const uid = (p) => `${p}-${randomUUID().slice(0, 8)}`;
 
@@ -79,7 +86,7 @@ describe('draining gateways of a busy fleet', () => {
       const per = Math.ceil(CONVERSATIONS / WORKERS) * MEMBERS;
       const mine = users.map((u, index) => ({ ...u, index })).slice(w * per, (w + 1) * per);
       const worker = new Worker(new URL('./lib/fleet-devices.mjs', import.meta.url), {
-        workerData: { users: mine, conversations, sendEveryMs: SEND_EVERY_MS, senderOffset: 1, members: MEMBERS, worker: w },
+        workerData: { users: mine, conversations, sendEveryMs: SEND_EVERY_MS, senderOffset: SENDER, reactorOffset: REACTOR, members: MEMBERS, worker: w },
       });
       const pending = new Map();
       let next = 0;
@@ -174,40 +181,76 @@ describe('draining gateways of a busy fleet', () => {
     }
 
     const acked = (await all('stopSending')).flatMap((r) => r.acked);
-    // Live deliveries still in flight arrive; a message missing after this is lost.
+    const changes = acked.filter((e) => e.event !== 'new_message');
+    // Live deliveries still in flight arrive; an entry missing after this is lost.
     const lastSeq = {};
-    for (const m of acked) lastSeq[m.conversationId] = Math.max(lastSeq[m.conversationId] ?? 0, m.seq);
+    for (const e of acked) lastSeq[e.conversationId] = Math.max(lastSeq[e.conversationId] ?? 0, e.seq);
     const settled = await all('settle', { lastSeq });
     console.log(`# settled ${Math.max(...settled.map((r) => r.waitedMs))} ms after the last ack`);
-    // Losses: each device has every acked message of its conversation, gap-free.
-    const counted = await all('losses', { messages: acked });
+    // Losses: each device has every acked entry of its conversation, gap-free.
+    const counted = await all('losses', { entries: acked });
     const lost = counted.reduce((a, r) => a + r.lost, 0);
+    const lostChanges = counted.reduce((a, r) => a + r.lostChanges, 0);
     const losses = counted.flatMap((r) => r.losses);
     if (losses.length) console.log(`# losses: ${JSON.stringify(losses.slice(0, 10))}`);
     const liveDuplicates = settled.reduce((a, r) => a + r.liveDuplicates, 0);
     const refusedReconnects = settled.reduce((a, r) => a + r.refusedReconnects, 0);
     const gapSyncs = settled.reduce((a, r) => a + r.gapSyncs, 0);
-    if (gapSyncs) console.log(`# live gaps filled by sync: ${gapSyncs}: ${JSON.stringify(settled.flatMap((r) => r.gapSamples))}`);
+    if (gapSyncs) {
+      const by = {};
+      for (const r of settled) for (const [k, n] of Object.entries(r.gapsBy)) by[k] = (by[k] ?? 0) + n;
+      console.log(`# live gaps filled by sync: ${gapSyncs}, by the entry lacked: ${JSON.stringify(by)}; ${JSON.stringify(settled.flatMap((r) => r.gapSamples))}`);
+    }
     const duplicates = settled.flatMap((r) => r.duplicateSamples);
     if (duplicates.length) console.log(`# live duplicates: ${JSON.stringify(duplicates)}`);
-    // Duplicates in the store: one message per clientMsgId, seqs 1..n with no repeats.
-    let storeDuplicates = 0;
-    for (const [c, conversationId] of conversations.entries()) {
-      const owner = token(users[c * MEMBERS].id);
-      const ids = new Set(); const seqs = new Set(); let before;
+
+    /** Every message of a conversation as the HTTP history returns it to `userId`, oldest first. */
+    const stored = async (conversationId, userId) => {
+      const messages = []; let before;
       for (;;) {
         const q = before ? `?limit=100&beforeSeq=${before}` : '?limit=100';
-        const page = (await api(live[0].url, owner, 'GET', `/api/conversations/${conversationId}/messages${q}`)).body;
-        for (const m of page.messages) {
-          if (ids.has(m.id) || seqs.has(m.seq)) storeDuplicates += 1;
-          ids.add(m.id); seqs.add(m.seq);
-        }
-        if (!page.nextBeforeSeq) break;
-        before = page.nextBeforeSeq;
+        const page = await api(live[0].url, token(userId), 'GET', `/api/conversations/${conversationId}/messages${q}`);
+        assert.equal(page.status, 200, JSON.stringify(page.body));
+        messages.unshift(...page.body.messages);
+        if (!page.body.nextBeforeSeq) break;
+        before = page.body.nextBeforeSeq;
       }
-      assert.equal(ids.size, lastSeq[conversationId] ?? 0, `conversation ${c}: stored ${ids.size}, last acked seq ${lastSeq[conversationId]}`);
+      return messages;
+    };
+    const viewOf = (messages, userId) => {
+      const view = new View(userId);
+      for (const m of messages) view.apply('new_message', m);
+      return view.state();
+    };
+    // Duplicates in the store: one message per clientMsgId, seqs with no repeats, and exactly
+    // the messages acked. And the store's state of each conversation, as its members see it:
+    // the two who react see their own reactions (`me`), every other member what the owner
+    // (who never reacts) sees.
+    let storeDuplicates = 0;
+    const states = {};
+    for (const [c, conversationId] of conversations.entries()) {
+      const [owner, sender, reactor] = [0, SENDER, REACTOR].map((i) => users[c * MEMBERS + i].id);
+      const messages = await stored(conversationId, owner);
+      const ids = new Set(messages.map((m) => m.id));
+      const seqs = new Set(messages.map((m) => m.seq));
+      storeDuplicates += messages.length - ids.size + messages.length - seqs.size;
+      const ackedSeqs = acked.filter((e) => e.conversationId === conversationId && e.event === 'new_message').map((e) => e.seq);
+      assert.deepEqual([...seqs].sort((a, b) => a - b), ackedSeqs.sort((a, b) => a - b), `conversation ${c}: the stored messages are the acked ones`);
+      states[conversationId] = {
+        others: viewOf(messages, owner),
+        [sender]: viewOf(await stored(conversationId, sender), sender),
+        [reactor]: viewOf(await stored(conversationId, reactor), reactor),
+      };
     }
-    console.log(`# ${CLIENTS} clients in ${WORKERS} worker threads, ${conversations.length} conversations, ${acked.length} messages acked; lost ${lost}, live duplicates ${liveDuplicates}, store duplicates ${storeDuplicates}, refused reconnect attempts ${refusedReconnects}`);
+    // Convergence: each device applied its conversation's entries in seq order; its view is
+    // the store's, message by message.
+    const convergence = await all('converged', { states });
+    const diverged = convergence.reduce((a, r) => a + r.diverged, 0);
+    const divergences = convergence.flatMap((r) => r.samples);
+    if (divergences.length) console.log(`# diverged from the store: ${JSON.stringify(divergences.slice(0, 5))}`);
+    const count = (event) => changes.filter((e) => e.event === event).length;
+    console.log(`# ${acked.length} entries acked: ${acked.length - changes.length} messages, ${count('message_updated')} edits, ${count('message_deleted')} deletions, ${count('reaction_updated')} reactions; ${changes.filter((e) => e.event === 'reaction_updated' && e.key.endsWith(' off')).length} of them taken back`);
+    console.log(`# ${CLIENTS} clients in ${WORKERS} worker threads, ${conversations.length} conversations, ${acked.length} entries acked (${changes.length} changes); lost ${lost} (${lostChanges} changes), live duplicates ${liveDuplicates}, store duplicates ${storeDuplicates}, devices diverged from the store ${diverged}, refused reconnect attempts ${refusedReconnects}`);
     for (const r of report) {
       console.log(`# drain (${r.how}): ${r.clients} clients, ${r.reconnected} reconnected (${r.failed} failed attempts), peak ${r.peakPerSecond}/s (budget ${r.budget}/s), ${r.elapsedMs} ms`);
       console.log(`#   reconnected per second: ${r.perSecond}`);
@@ -217,6 +260,10 @@ describe('draining gateways of a busy fleet', () => {
     assert.equal(lost, 0);
     assert.equal(liveDuplicates, 0);
     assert.equal(storeDuplicates, 0);
-    assert.ok(acked.length > 0, 'messages were sent all along');
+    assert.equal(diverged, 0, 'every device converged to the store');
+    assert.ok(acked.length > changes.length, 'messages were sent all along');
+    for (const event of ['message_updated', 'message_deleted', 'reaction_updated']) {
+      assert.ok(count(event) > 0, `${event} entries were in the traffic`);
+    }
   });
 });

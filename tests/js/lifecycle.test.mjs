@@ -11,9 +11,9 @@ import { join } from 'node:path';
 import { token, api, sleep, startGateway } from './lib/gateway.mjs';
 import { socketio, ws } from './lib/clients.mjs';
 import { createFleetBackends, startFleetGateway } from './lib/cluster.mjs';
+import { LOG_EVENTS, View } from './lib/log-view.mjs';
 
 const uid = (p) => `${p}-${randomUUID().slice(0, 8)}`;
-const LOG_EVENTS = ['new_message', 'message_updated', 'message_deleted', 'reaction_updated'];
 
 async function until(what, check, timeoutMs = 8000) {
   const started = Date.now();
@@ -22,51 +22,6 @@ async function until(what, check, timeoutMs = 8000) {
     if (v) return v;
     if (Date.now() - started > timeoutMs) throw new Error(`timed out waiting for ${what}`);
     await sleep(50);
-  }
-}
-
-/** A device's view of one conversation, built by applying log events in the order received. */
-class View {
-  constructor(me) { this.me = me; this.messages = new Map(); this.lastSeq = 0; }
-
-  apply(name, p) {
-    this.lastSeq = Math.max(this.lastSeq, p.seq);
-    if (name === 'new_message') {
-      this.messages.set(p.seq, {
-        seq: p.seq,
-        content: p.deleted ? undefined : p.content,
-        deleted: Boolean(p.deleted),
-        version: p.version ?? 0,
-        reactions: new Map((p.reactions ?? []).map((r) => [r.emoji, { count: r.count, me: r.me }])),
-      });
-      return;
-    }
-    const m = this.messages.get(p.target);
-    if (!m) return;
-    if (name === 'message_updated' && !m.deleted) { m.content = p.content; m.version = p.version; }
-    if (name === 'message_deleted') { m.deleted = true; m.content = undefined; m.reactions = new Map(); }
-    if (name === 'reaction_updated' && !m.deleted) {
-      const r = m.reactions.get(p.emoji) ?? { count: 0, me: false };
-      r.count = p.count;
-      if (p.userId === this.me) r.me = p.on;
-      if (r.count === 0) m.reactions.delete(p.emoji); else m.reactions.set(p.emoji, r);
-    }
-  }
-
-  /** Sync's answer: messages and changes, merged back into seq order. */
-  applySync(synced) {
-    const entries = [
-      ...synced.messages.map((m) => ['new_message', m]),
-      ...synced.changes.map((c) => [c.type, c]),
-    ].sort((x, y) => x[1].seq - y[1].seq);
-    for (const [name, p] of entries) this.apply(name, p);
-  }
-
-  state() {
-    return [...this.messages.values()].sort((x, y) => x.seq - y.seq).map((m) => ({
-      seq: m.seq, content: m.content, deleted: m.deleted, version: m.version,
-      reactions: [...m.reactions.entries()].sort().map(([emoji, r]) => `${emoji}:${r.count}:${r.me}`),
-    }));
   }
 }
 

@@ -7,6 +7,10 @@
 // closes, and connects to another ready gateway with its last contiguous seq as the resume
 // cursor: the server attaches it to its conversation and replays what it missed (no join, no
 // sync).
+//
+// Every entry of the log counts, messages and changes alike (edits, deletions, reactions take
+// seqs of the same gap-free sequence): a device holds each entry by seq and applies them to its
+// view of the conversation in seq order, which the test compares with the store at the end.
 // The test thread calls in with {id, op, ...}; every call is answered with {id, result} or
 // {id, error}.
 import { parentPort, workerData } from 'node:worker_threads';
@@ -14,36 +18,55 @@ import { randomUUID } from 'node:crypto';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { token, sleep } from './gateway.mjs';
 import { socketio, ws } from './clients.mjs';
+import { LOG_EVENTS, View, entryKey, syncedEntries } from './log-view.mjs';
 
-const { users, conversations, sendEveryMs, senderOffset, members, worker } = workerData;
+const { users, conversations, sendEveryMs, senderOffset, reactorOffset, members, worker } = workerData;
 
 let live = []; // URLs of the gateways accepting connections: what a Service routes to
 let routed = worker; // this worker's round-robin position
 let phase = null; // {url, t0}: the drain being measured
 let reconnects = [];
 let failures = [];
-const stats = { refusedReconnects: 0, liveDuplicates: 0, duplicateSamples: [], gapSyncs: 0, gapSamples: [] };
+let drains = 0; // drains armed so far
+/** gapsBy: gaps counted by the entry the device lacked and when (before the first drain, or since drain #n began). */
+const stats = { refusedReconnects: 0, liveDuplicates: 0, duplicateSamples: [], gapSyncs: 0, gapSamples: [], gapsBy: {} };
 
 class Device {
   constructor(user) {
     this.user = user;
     this.tok = token(user.id);
     this.conversationId = conversations[user.conv];
-    this.seen = new Map(); // seq → id
-    this.liveIds = new Set();
+    this.seen = new Map(); // seq → entryKey: every entry of the log this device holds
+    this.ahead = new Map(); // seq → [event, payload]: held past a gap, not yet in the view
+    this.applied = 0; // entries 1..applied are in the view: the last contiguous seq
+    this.view = new View(user.id);
+    this.liveSeqs = new Set();
     this.moves = 0; this.drainings = 0; this.url = null; this.client = null; this.ready = null;
     this.kind = user.index % 4 === 3 ? ws : socketio; // a quarter on the plain WebSocket
     this.transport = this.kind === ws ? 'ws' : 'socketio';
   }
 
-  record(m) {
-    if (m.conversationId !== this.conversationId) return;
-    const had = this.seen.get(m.seq);
-    if (had !== undefined && had !== m.id) throw new Error(`seq ${m.seq} has two ids`);
-    this.seen.set(m.seq, m.id);
+  record(name, p) {
+    if (p.conversationId !== this.conversationId) return;
+    const key = entryKey(name, p);
+    const had = this.seen.get(p.seq);
+    if (had !== undefined) {
+      if (had !== key) throw new Error(`seq ${p.seq} is two entries: ${had} and ${key}`);
+      return;
+    }
+    this.seen.set(p.seq, key);
+    this.ahead.set(p.seq, [name, p]);
+    // Into the view in seq order only: a change carries absolute state (an edit's content, an
+    // emoji's count after it), so an earlier entry applied after a later one would undo it.
+    while (this.ahead.has(this.applied + 1)) {
+      const [n, entry] = this.ahead.get(this.applied + 1);
+      this.ahead.delete(this.applied + 1);
+      this.view.apply(n, entry);
+      this.applied += 1;
+    }
   }
 
-  contiguous() { let s = 0; while (this.seen.has(s + 1)) s += 1; return s; }
+  contiguous() { return this.applied; }
 
   async connect(url) {
     const generation = (this.generation ?? 0) + 1;
@@ -52,7 +75,7 @@ class Device {
     // by generation, not by the client object.
     const onEvent = (name, payload) => {
       if (generation !== this.generation) return;
-      if (name === 'new_message') this.onLive(payload);
+      if (LOG_EVENTS.includes(name)) this.onLive(name, payload);
       else if (name === 'server_draining') this.onDraining(payload);
     };
     const cursors = { [this.conversationId]: this.contiguous() };
@@ -62,38 +85,48 @@ class Device {
     this.client = client; this.url = url;
   }
 
-  onLive(m) {
-    const key = `${this.transport}:${m.id}:${this.moves}`;
-    if (this.liveIds.has(key)) {
+  onLive(name, p) {
+    // One connection (`moves` counts them) delivers each entry once, live or replayed.
+    const key = `${p.seq}:${this.moves}`;
+    if (this.liveSeqs.has(key)) {
       stats.liveDuplicates += 1;
       if (stats.duplicateSamples.length < 5) {
-        stats.duplicateSamples.push({ device: this.user.index, transport: this.transport, seq: m.seq, moves: this.moves, sender: m.senderId === this.user.id, contiguous: this.contiguous() });
+        stats.duplicateSamples.push({ device: this.user.index, transport: this.transport, event: name, seq: p.seq, moves: this.moves, actor: (p.senderId ?? p.userId) === this.user.id, contiguous: this.contiguous() });
       }
     }
-    this.liveIds.add(key);
+    this.liveSeqs.add(key);
     const before = this.contiguous();
-    this.record(m);
+    this.record(name, p);
     // The client contract (DESIGN): a gap in seq means something is missing, and `sync` fills
     // it. Counted and reported: a gap is a live delivery that did not happen.
-    if (m.seq > before + 1 && !this.filling) this.fill(before);
+    if (p.seq > before + 1 && !this.filling) this.fill(before);
   }
 
   async fill(after) {
     this.filling = true;
     stats.gapSyncs += 1;
-    if (stats.gapSamples.length < 5) stats.gapSamples.push({ device: this.user.index, transport: this.transport, after, url: this.url });
+    const when = drains ? `since drain #${drains}` : 'before the first drain';
+    if (stats.gapSamples.length < 5) stats.gapSamples.push({ device: this.user.index, transport: this.transport, after, url: this.url, when });
+    let lacked = 'unfilled';
     try {
-      for (let attempt = 0; attempt < 20; attempt += 1) {
-        const c = this.client;
-        if (c) {
-          try {
-            const synced = await c.request('sync', { conversations: [{ conversationId: this.conversationId, afterSeq: after }] }, 5000);
-            if (synced?.messages) { for (const m of synced.messages) this.record(m); return; }
-          } catch { /* moved under it: retry on the next connection */ }
+      for (let attempt = 0; attempt < 20;) {
+        const synced = await this.client?.request('sync', { conversations: [{ conversationId: this.conversationId, afterSeq: after }] }, 5000)
+          .catch(() => null); // moved under it: retry on the next connection
+        if (synced?.messages) {
+          // Messages as they are now and the change entries, each recorded at its seq.
+          const entries = syncedEntries(synced);
+          if (lacked === 'unfilled') lacked = entries.find(([, p]) => p.seq === after + 1)?.[0] ?? 'none';
+          for (const [name, p] of entries) this.record(name, p);
+          if (!synced.truncated || !entries.length) return;
+          after = entries.at(-1)[1].seq; // a page of the log: the rest follows
+          continue;
         }
+        attempt += 1;
         await sleep(200);
       }
     } finally {
+      const by = `${lacked} ${when}`;
+      stats.gapsBy[by] = (stats.gapsBy[by] ?? 0) + 1;
       this.filling = false;
     }
   }
@@ -159,6 +192,53 @@ let senders = [];
 let sendError = null;
 let armed = null; // the drain being waited for: {mine, told, movesBefore, lag}
 
+const REACTIONS = ['👍', '🎉', ':eyes:'];
+const pick = (xs) => xs[Math.floor(Math.random() * xs.length)];
+
+/**
+ * One conversation's traffic, an entry every `sendEveryMs`: its sender sends (about half the
+ * entries), edits and deletes its own messages, and it and one more member react and take
+ * reactions back. One request at a time, each retried with the same payload across moves
+ * (edits and reactions carry a clientMsgId, a second deletion returns the tombstone), so the
+ * state known here is the store's and every request commits an entry.
+ */
+async function converse(sender, reactor) {
+  const { conversationId } = sender;
+  const alive = []; // seqs of the sender's messages not deleted
+  const reacting = new Set(); // `${userId} ${target} ${emoji}` now on
+  while (sending) {
+    const roll = Math.random();
+    let device = sender;
+    let event;
+    let payload;
+    if (alive.length < 3 || roll < 0.5) {
+      const clientMsgId = randomUUID();
+      [event, payload] = ['send_message', { content: `m ${clientMsgId}`, type: 'text', clientMsgId }];
+    } else if (roll < 0.7) {
+      const clientMsgId = randomUUID();
+      [event, payload] = ['edit_message', { seq: pick(alive), content: `e ${clientMsgId}`, clientMsgId }];
+    } else if (roll < 0.93) {
+      device = pick([sender, reactor].filter(Boolean));
+      const [target, emoji] = [pick(alive), pick(REACTIONS)];
+      const on = !reacting.has(`${device.user.id} ${target} ${emoji}`);
+      [event, payload] = ['react', { target, emoji, on, clientMsgId: randomUUID() }];
+    } else {
+      [event, payload] = ['delete_message', { seq: pick(alive) }];
+    }
+    const ack = await device.request(event, { conversationId, ...payload });
+    const [name, entry] = ack?.message ? ['new_message', ack.message] : [ack?.change?.type, ack?.change];
+    if (!entry) throw new Error(`${event} ${JSON.stringify(payload)} committed nothing: ${JSON.stringify(ack)}`);
+    if (name === 'new_message') alive.push(entry.seq);
+    if (name === 'message_deleted') alive.splice(alive.indexOf(entry.target), 1);
+    if (name === 'reaction_updated') {
+      const key = `${entry.userId} ${entry.target} ${entry.emoji}`;
+      if (entry.on) reacting.add(key); else reacting.delete(key);
+    }
+    acked.push({ conversationId, seq: entry.seq, key: entryKey(name, entry), event: name });
+    await sleep(sendEveryMs);
+  }
+}
+
 const ops = {
   async live({ urls }) { live = urls; },
 
@@ -169,24 +249,19 @@ const ops = {
     }
   },
 
-  /** One sender per conversation whose sending member lives here. */
+  /** The traffic of every conversation whose sending member lives here (see `converse`). */
   async startSending() {
     sending = true;
-    senders = devices.filter((d) => d.user.index % members === senderOffset).map(async (d) => {
-      while (sending) {
-        const clientMsgId = randomUUID();
-        const ack = await d.request('send_message', { conversationId: d.conversationId, content: `m ${clientMsgId}`, type: 'text', clientMsgId });
-        if (!ack?.message) throw new Error(`send refused: ${JSON.stringify(ack)}`);
-        acked.push({ conversationId: ack.message.conversationId, seq: ack.message.seq, id: ack.message.id });
-        await sleep(sendEveryMs);
-      }
-    }).map((p) => p.catch((e) => { sendError ??= e; }));
+    const reactors = new Map(devices.filter((d) => d.user.index % members === reactorOffset).map((d) => [d.conversationId, d]));
+    senders = devices.filter((d) => d.user.index % members === senderOffset)
+      .map((d) => converse(d, reactors.get(d.conversationId)).catch((e) => { sendError ??= e; }));
   },
 
   /** Before a drain: which devices are on `url`; the clock starts at t0 (the test thread's). */
   async arm({ url, t0 }) {
     reconnects = [];
     failures = [];
+    drains += 1;
     phase = { url, t0 };
     const mine = devices.filter((d) => d.url === url && d.client);
     const lag = monitorEventLoopDelay({ resolution: 10 });
@@ -227,7 +302,6 @@ const ops = {
     return { acked };
   },
 
-  /** Waits (≤ 15 s) until every device has each conversation's last acked seq, then counts losses. */
   /** Waits until every device has a live message of its conversation: all are attached. */
   async attached() {
     const started = Date.now();
@@ -242,6 +316,7 @@ const ops = {
     return { waitedMs: Date.now() - started };
   },
 
+  /** Waits (≤ 15 s) until every device has its conversation's last acked seq. */
   async settle({ lastSeq }) {
     const last = (d) => lastSeq[d.conversationId] ?? 0;
     const started = Date.now();
@@ -249,23 +324,50 @@ const ops = {
     return { waitedMs: Date.now() - started, ...stats };
   },
 
-  /** Acked messages each device lacks (seq → id must match the ack). */
-  async losses({ messages }) {
+  /**
+   * Acked entries each device lacks: the entry at each acked seq must be the one acked (a
+   * message by id, a change by what it changed).
+   */
+  async losses({ entries }) {
     let lost = 0;
+    let lostChanges = 0;
     const losses = [];
     const byConversation = new Map();
-    for (const m of messages) {
-      if (!byConversation.has(m.conversationId)) byConversation.set(m.conversationId, []);
-      byConversation.get(m.conversationId).push(m);
+    for (const e of entries) {
+      if (!byConversation.has(e.conversationId)) byConversation.set(e.conversationId, []);
+      byConversation.get(e.conversationId).push(e);
     }
     for (const d of devices) {
-      const missing = (byConversation.get(d.conversationId) ?? []).filter((m) => d.seen.get(m.seq) !== m.id).map((m) => m.seq);
+      const missing = (byConversation.get(d.conversationId) ?? []).filter((e) => d.seen.get(e.seq) !== e.key);
       lost += missing.length;
+      lostChanges += missing.filter((e) => e.event !== 'new_message').length;
       if (missing.length && losses.length < 10) {
-        losses.push({ device: d.user.index, transport: d.client?.transport, moves: d.moves, gateway: d.url, missing: missing.sort((a, b) => a - b).join(','), contiguous: d.contiguous() });
+        losses.push({ device: d.user.index, transport: d.client?.transport, moves: d.moves, gateway: d.url, missing: missing.sort((a, b) => a.seq - b.seq).map((e) => `${e.seq} ${e.event}`).join(','), contiguous: d.contiguous() });
       }
     }
-    return { lost, losses };
+    return { lost, lostChanges, losses };
+  },
+
+  /**
+   * Devices whose view differs from the store's: `states[conversationId]` holds what history
+   * returns to each member who reacted (by user id) and, as `others`, to one who never did.
+   */
+  async converged({ states }) {
+    let diverged = 0;
+    const samples = [];
+    for (const d of devices) {
+      const truth = states[d.conversationId];
+      const expected = truth[d.user.id] ?? truth.others;
+      const seen = d.view.state();
+      if (JSON.stringify(seen) === JSON.stringify(expected)) continue;
+      diverged += 1;
+      if (samples.length < 5) {
+        const at = seen.findIndex((m, i) => JSON.stringify(m) !== JSON.stringify(expected[i]));
+        const first = at === -1 ? seen.length : at;
+        samples.push({ device: d.user.index, transport: d.transport, moves: d.moves, messages: `${seen.length} of ${expected.length}`, deviceHas: seen[first], storeHas: expected[first] });
+      }
+    }
+    return { diverged, samples };
   },
 
   async close() {
