@@ -1,10 +1,12 @@
 //! Fan-out: bus bindings that follow local interest, publishing, and delivery of what arrives
 //! to this node's connections (through the [`Hub`](super::hub::Hub)).
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::event::{Envelope, Event, Outgoing, Route, Topic};
@@ -15,42 +17,113 @@ use super::state::MembershipChange;
 /// Longest a join waits for another join's bus binding of its conversation.
 const BINDING_WAIT: Duration = Duration::from_secs(5);
 
+/// Shards of the per-topic lock: changes of different topics rarely wait on each other.
+const BINDING_SHARDS: usize = 256;
+
+/// Which bus topics this node has bound, changed one topic at a time.
+///
+/// A reconnect storm binds thousands of conversations at once. One lock for all of them made
+/// every binding wait on every other one's round trip to the broker, and one wake-up for all
+/// of them woke every waiting join on every change; here a change locks only its topic's
+/// shard, and a join waiting for a topic is woken only by that topic.
+pub(super) struct Bindings {
+    shards: Box<[tokio::sync::Mutex<()>]>,
+    /// Keys of the topics whose binding has been applied (bound, or refused by the bus and
+    /// logged).
+    bound: Mutex<HashSet<String>>,
+    /// Joins waiting for a topic's binding, by key.
+    waiting: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+impl Default for Bindings {
+    fn default() -> Self {
+        Self {
+            shards: (0..BINDING_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            bound: Mutex::default(),
+            waiting: Mutex::default(),
+        }
+    }
+}
+
+impl Bindings {
+    /// Holds the changes of `key` (and of the few keys sharing its shard) to one at a time.
+    async fn lock(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut hasher);
+        let shard = (hasher.finish() as usize) % self.shards.len();
+        self.shards[shard].lock().await
+    }
+
+    pub(super) fn contains(&self, key: &str) -> bool {
+        lock(&self.bound).contains(key)
+    }
+
+    fn set(&self, key: &str, bound: bool) {
+        let mut keys = lock(&self.bound);
+        if bound {
+            keys.insert(key.to_owned());
+        } else {
+            keys.remove(key);
+        }
+    }
+
+    /// The wake-up of `key`'s next change.
+    fn waiter(&self, key: &str) -> Arc<Notify> {
+        lock(&self.waiting)
+            .entry(key.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Wakes the joins waiting for `key`.
+    fn settled(&self, key: &str) {
+        if let Some(waiting) = lock(&self.waiting).remove(key) {
+            waiting.notify_waiters();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl ChatService {
     /// Binds and unbinds bus topics as local interest changes. Failures are logged: the bus
     /// reports not-ready and clients recover with `sync`.
     ///
     /// Changes are computed under the hub's lock but applied later, so two of them can reach
     /// the bus out of order (a last member leaving and a new one joining the same
-    /// conversation): one at a time, each topic is bound or unbound after what the hub wants
-    /// *now*, so the bus always ends up as the hub is.
+    /// conversation): one at a time per topic, each is bound or unbound after what the hub
+    /// wants *now*, and only if the bus is not that way already, so the bus always ends up as
+    /// the hub is, with one subscribe per binding however the changes overtook each other.
     pub(super) async fn apply(&self, change: TopicChange) {
-        if change.acquired.is_empty() && change.released.is_empty() {
-            return;
-        }
-        let _one_at_a_time = self.topics.lock().await;
         for topic in change.acquired.into_iter().chain(change.released) {
             let key = topic.key();
-            let result = if self.hub.wants(&topic) {
-                let result = self.bus.subscribe(topic).await;
-                self.lock_bindings().insert(key);
-                result
-            } else {
-                self.lock_bindings().remove(&key);
-                if let Topic::Conversation(id) = &topic {
-                    // Its membership events no longer arrive here.
-                    self.conversations.forget(*id);
+            let _one_at_a_time = self.bindings.lock(&key).await;
+            let wanted = self.hub.wants(&topic);
+            let result = match (wanted, self.bindings.contains(&key)) {
+                (true, false) => {
+                    let result = self.bus.subscribe(topic).await;
+                    self.bindings.set(&key, true);
+                    result
                 }
-                self.bus.unsubscribe(topic).await
+                (false, true) => {
+                    self.bindings.set(&key, false);
+                    if let Topic::Conversation(id) = &topic {
+                        // Its membership events no longer arrive here.
+                        self.conversations.forget(*id);
+                    }
+                    self.bus.unsubscribe(topic).await
+                }
+                _ => Ok(()),
             };
-            self.bindings_changed.notify_waiters();
+            self.bindings.settled(&key);
             if let Err(e) = result {
                 tracing::warn!(error = %e, "bus binding failed");
             }
         }
-    }
-
-    pub(super) fn lock_bindings(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.bindings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until the bus binding of `topic` has been applied. A connection that joins a
@@ -60,10 +133,15 @@ impl ChatService {
     /// Bounded: a bus that does not answer is reported by readiness, and `sync` recovers.
     pub(super) async fn bound(&self, topic: &Topic) {
         let key = topic.key();
+        if self.bindings.contains(&key) || !self.hub.wants(topic) {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + BINDING_WAIT;
         loop {
-            let changed = self.bindings_changed.notified();
-            if self.lock_bindings().contains(&key) || !self.hub.wants(topic) {
+            let waiter = self.bindings.waiter(&key);
+            // Registered from here on: a change settled before the check below still wakes it.
+            let changed = waiter.notified();
+            if self.bindings.contains(&key) || !self.hub.wants(topic) {
                 return;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {

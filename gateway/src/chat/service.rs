@@ -1,10 +1,11 @@
 //! `ChatService`: the domain's entry point, its backends, connections and common lookups.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::error::ChatError;
 use super::event::Topic;
+use super::fanout::Bindings;
 use super::hub::{ConnId, Hub, Outbound, TopicChange};
 use super::model::{Conversation, ConversationId, Identity, Member, UserId};
 use super::resume::Cursors;
@@ -25,12 +26,8 @@ pub struct ChatService {
     /// Users whose last connection closed and whose `user_offline` waits out the grace period.
     pub(super) offline_pending: Mutex<HashMap<UserId, u64>>,
     pub(super) pending_generation: Mutex<u64>,
-    /// Serialises bus (un)binding: see [`ChatService::apply`].
-    pub(super) topics: tokio::sync::Mutex<()>,
-    /// Keys of the topics whose binding has been applied (bound, or refused by the bus and
-    /// logged), and a wake-up for joins waiting on one: see [`ChatService::bound`].
-    pub(super) bindings: Mutex<HashSet<String>>,
-    pub(super) bindings_changed: tokio::sync::Notify,
+    /// The bus topics bound here: see [`ChatService::apply`] and [`ChatService::bound`].
+    pub(super) bindings: Bindings,
     /// Conversations this node holds, kept exact by membership events: see [`super::state`].
     pub(super) conversations: ConversationCache,
     pub(super) settings: ChatSettings,
@@ -65,10 +62,8 @@ impl ChatService {
             hub: Hub::default(),
             offline_pending: Mutex::default(),
             conversations: ConversationCache::default(),
-            bindings: Mutex::default(),
-            bindings_changed: tokio::sync::Notify::new(),
+            bindings: Bindings::default(),
             pending_generation: Mutex::new(0),
-            topics: tokio::sync::Mutex::new(()),
             settings,
             metrics,
         });
@@ -330,9 +325,7 @@ impl ChatService {
             Ok(state) => return Ok(state),
             Err(ticket) => ticket,
         };
-        let bound = self
-            .lock_bindings()
-            .contains(&Topic::Conversation(id).key());
+        let bound = self.bindings.contains(&Topic::Conversation(id).key());
         let conversation = self.load(id).await?;
         let members = self.store.members(id).await.map_err(store_err)?;
         let state = Arc::new(ConversationState::new(conversation, members));

@@ -5,6 +5,7 @@ mod lifecycle;
 mod memory_store;
 mod resume;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -959,11 +960,34 @@ struct SlowBus {
     bound: Mutex<std::collections::HashSet<String>>,
     bind_delay: Duration,
     unbind_delay: Duration,
+    /// Topics whose subscribe hangs until [`SlowBus::release`].
+    held: Mutex<std::collections::HashSet<String>>,
+    released: tokio::sync::Notify,
+    /// Subscribe calls by topic key.
+    calls: Mutex<HashMap<String, usize>>,
 }
 
 impl SlowBus {
     fn is_bound(&self, key: &str) -> bool {
         self.bound.lock().expect("lock").contains(key)
+    }
+
+    fn hold(&self, key: &str) {
+        self.held.lock().expect("lock").insert(key.to_owned());
+    }
+
+    fn release(&self, key: &str) {
+        self.held.lock().expect("lock").remove(key);
+        self.released.notify_waiters();
+    }
+
+    fn calls_of(&self, key: &str) -> usize {
+        self.calls
+            .lock()
+            .expect("lock")
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -976,6 +1000,20 @@ impl crate::bus::Bus for SlowBus {
         self.inner.publish(envelope).await
     }
     async fn subscribe(&self, topic: event::Topic) -> Result<(), crate::bus::BusError> {
+        let key = topic.key();
+        *self
+            .calls
+            .lock()
+            .expect("lock")
+            .entry(key.clone())
+            .or_default() += 1;
+        loop {
+            let released = self.released.notified();
+            if !self.held.lock().expect("lock").contains(&key) {
+                break;
+            }
+            released.await;
+        }
         tokio::time::sleep(self.bind_delay).await;
         self.bound.lock().expect("lock").insert(topic.key());
         Ok(())
@@ -1047,6 +1085,99 @@ async fn a_join_returns_only_once_its_conversation_is_bound_even_by_another_join
         "Bob's join (and so his sync) must not run ahead of the node's binding"
     );
     first.await.expect("task").expect("alice joins");
+}
+
+#[tokio::test]
+async fn a_binding_that_hangs_holds_up_only_its_own_topic() {
+    let bus = Arc::new(SlowBus::default());
+    let svc = service_on(bus.clone());
+    let (alice, carol) = (who("alice"), who("carol"));
+    let stuck = group(&svc, &alice, &["bob"]).await;
+    let free = group(&svc, &carol, &["bob"]).await;
+    let stuck_key = event::Topic::Conversation(stuck.id).key();
+    let free_key = event::Topic::Conversation(free.id).key();
+    bus.hold(&stuck_key);
+    // Alice's connection binds her conversation, and the broker does not answer.
+    let first = {
+        let (svc, alice) = (svc.clone(), alice.clone());
+        tokio::spawn(async move { connect(&svc, &alice).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !first.is_finished(),
+        "the held subscribe must keep Alice's connect waiting"
+    );
+    // Carol's conversation has nothing to do with it: her connection is bound at once.
+    let (c, _) = tokio::time::timeout(Duration::from_secs(2), connect(&svc, &carol))
+        .await
+        .expect("a binding of another topic must not wait for the held one");
+    assert!(bus.is_bound(&free_key));
+    svc.join(c, &carol, free.id).await.expect("carol joins");
+    assert!(!bus.is_bound(&stuck_key));
+    bus.release(&stuck_key);
+    first.await.expect("alice connects");
+    assert!(bus.is_bound(&stuck_key));
+}
+
+#[tokio::test]
+async fn each_topic_is_bound_once_however_its_changes_overtake_each_other() {
+    let bus = Arc::new(SlowBus {
+        bind_delay: Duration::from_millis(50),
+        ..SlowBus::default()
+    });
+    let svc = service_on(bus.clone());
+    let alice = who("alice");
+    let c = group(&svc, &alice, &["bob"]).await;
+    let topic = event::Topic::Conversation(c.id);
+    let key = topic.key();
+    let (a, _) = connect(&svc, &alice).await;
+    assert!(bus.is_bound(&key));
+    assert_eq!(bus.calls_of(&key), 1);
+    // Stale changes of the same topic arrive late and in any order, while the hub still
+    // wants it: none of them may bind it again, nor unbind it.
+    let stale = [
+        hub::TopicChange {
+            acquired: vec![topic.clone()],
+            released: vec![],
+        },
+        hub::TopicChange {
+            acquired: vec![],
+            released: vec![topic.clone()],
+        },
+        hub::TopicChange {
+            acquired: vec![topic.clone()],
+            released: vec![],
+        },
+    ];
+    let applied: Vec<_> = stale
+        .into_iter()
+        .map(|change| {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.apply(change).await })
+        })
+        .collect();
+    for task in applied {
+        task.await.expect("applied");
+    }
+    assert!(bus.is_bound(&key), "the hub still wants the conversation");
+    assert_eq!(
+        bus.calls_of(&key),
+        1,
+        "bound once, however many changes named it"
+    );
+    // Its last connection going away unbinds it; a stale release after that changes nothing.
+    svc.disconnect(a).await;
+    assert!(!bus.is_bound(&key));
+    svc.apply(hub::TopicChange {
+        acquired: vec![topic.clone()],
+        released: vec![],
+    })
+    .await;
+    assert!(
+        !bus.is_bound(&key),
+        "nothing here wants the conversation any more"
+    );
+    assert_eq!(bus.calls_of(&key), 1);
 }
 
 #[tokio::test]
