@@ -33,6 +33,12 @@ impl Pinning {
         }
     }
 
+    /// The cores of the server and of the generator, when pinned.
+    pub fn cores(&self) -> (Vec<usize>, Vec<usize>) {
+        let list = |c: &Option<String>| c.as_deref().map(cpu_list).unwrap_or_default();
+        (list(&self.server), list(&self.generator))
+    }
+
     pub fn detect(disabled: bool) -> Pinning {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let taskset = std::path::Path::new("/usr/bin/taskset").exists();
@@ -47,6 +53,79 @@ impl Pinning {
             generator: Some(format!("1-{}", cores - 1)),
         }
     }
+}
+
+/// The cores a taskset list names: `0`, `1-3`, `0,2-3`.
+pub fn cpu_list(list: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => out.extend(part.parse::<usize>().ok()),
+        }
+    }
+    out
+}
+
+/// Per core, `(busy, all)` jiffies from the `cpuN` lines of /proc/stat: busy is everything but
+/// idle and iowait, over the first eight fields (guest time is already in user).
+pub fn parse_core_ticks(stat: &str) -> std::collections::BTreeMap<usize, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in stat.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(core) = fields
+            .next()
+            .and_then(|name| name.strip_prefix("cpu"))
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        let ticks: Vec<u64> = fields.take(8).filter_map(|f| f.parse().ok()).collect();
+        if ticks.len() < 5 {
+            continue;
+        }
+        let all: u64 = ticks.iter().sum();
+        out.insert(core, (all - ticks[3] - ticks[4], all));
+    }
+    out
+}
+
+fn core_ticks() -> std::collections::BTreeMap<usize, (u64, u64)> {
+    std::fs::read_to_string("/proc/stat")
+        .map(|s| parse_core_ticks(&s))
+        .unwrap_or_default()
+}
+
+/// The busy share of `cores` between two readings of [`core_ticks`] (NaN when unknown).
+pub fn busy_share(
+    first: &std::collections::BTreeMap<usize, (u64, u64)>,
+    last: &std::collections::BTreeMap<usize, (u64, u64)>,
+    cores: &[usize],
+) -> f64 {
+    let (mut busy, mut all) = (0u64, 0u64);
+    for core in cores {
+        if let (Some(a), Some(b)) = (first.get(core), last.get(core)) {
+            busy += b.0.saturating_sub(a.0);
+            all += b.1.saturating_sub(a.1);
+        }
+    }
+    if all == 0 {
+        f64::NAN
+    } else {
+        busy as f64 / all as f64
+    }
+}
+
+/// How busy the server's core and the generator's cores were in a round's send window (from a
+/// fifth into it to its end, so connection setup and the drain after it are left out).
+#[derive(Debug, Clone, Copy)]
+pub struct CoreBusy {
+    pub server: f64,
+    pub generator: f64,
 }
 
 fn pinned(cpus: &Option<String>, program: &str) -> Command {
@@ -264,13 +343,24 @@ impl Fleet {
     }
 
     /// Runs one round everywhere from one common instant (a little ahead, so every process has
-    /// the line before it) and collects the results.
+    /// the line before it) and collects the results, with how busy the server's and the
+    /// generator's cores were while it sent for `window`.
     pub async fn go(
         &mut self,
+        pin: &Pinning,
         rate_per_sender: f64,
+        window: Duration,
         timeout: Duration,
-    ) -> Result<Vec<WorkerResult>> {
-        let start = crate::worker::unix_nanos() + 300_000_000;
+    ) -> Result<(Vec<WorkerResult>, CoreBusy)> {
+        const LEAD: Duration = Duration::from_millis(300);
+        let start = crate::worker::unix_nanos() + LEAD.as_nanos() as u64;
+        let begun = tokio::time::Instant::now() + LEAD;
+        let reading = tokio::spawn(async move {
+            tokio::time::sleep_until(begun + window / 5).await;
+            let first = core_ticks();
+            tokio::time::sleep_until(begun + window).await;
+            (first, core_ticks())
+        });
         self.tell(&format!("go {rate_per_sender} {start}\n"))
             .await?;
         let mut out = Vec::new();
@@ -278,7 +368,13 @@ impl Fleet {
             let v = Self::next_event(lines, "result", timeout).await?;
             out.push(serde_json::from_value(v["result"].clone())?);
         }
-        Ok(out)
+        let (first, last) = reading.await.unwrap_or_default();
+        let (server, generator) = pin.cores();
+        let busy = CoreBusy {
+            server: busy_share(&first, &last, &server),
+            generator: busy_share(&first, &last, &generator),
+        };
+        Ok((out, busy))
     }
 
     /// Waits until no worker has received anything for 0.5 s (at most `max`): an overloaded
@@ -340,6 +436,10 @@ pub struct Totals {
     /// The generator's CPU time in the round, all processes: senders and receivers.
     pub generator_cpu_ms: f64,
     pub receiver_cpu_ms: f64,
+    /// Busy shares of the server's core and of the generator's cores in the send window
+    /// (NaN, serialised as null, when not pinned).
+    pub server_core_busy: f64,
+    pub generator_core_busy: f64,
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -387,6 +487,8 @@ pub fn fold(results: &[WorkerResult], duration_s: f64, storm: bool) -> Result<To
         lost: 0,
         generator_cpu_ms: 0.0,
         receiver_cpu_ms: 0.0,
+        server_core_busy: f64::NAN,
+        generator_core_busy: f64::NAN,
     };
     for r in results {
         ack.add(decode_hist(&r.ack_hist)?)?;
@@ -453,6 +555,30 @@ pub fn sibling_bin(env: &str, name: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn core_busy_shares_come_from_the_per_core_lines_of_proc_stat() {
+        let first = parse_core_ticks(
+            "cpu  300 0 100 1000 0 0 0 0 0 0\n\
+             cpu0 100 0 50 500 0 0 0 0 0 0\n\
+             cpu1 200 0 50 500 0 0 0 0 0 0\n\
+             intr 1 2 3\n",
+        );
+        // Core 0: 90 busy of 100; core 1: 10 busy (plus 10 iowait, idle) of 100.
+        let last = parse_core_ticks(
+            "cpu  400 0 200 1080 10 0 0 0 0 0\n\
+             cpu0 180 0 60 510 0 0 0 0 0 0\n\
+             cpu1 205 0 55 580 10 0 0 0 0 0\n",
+        );
+        assert_eq!(first.len(), 2, "the aggregate line is not a core");
+        assert!((busy_share(&first, &last, &[0]) - 0.9).abs() < 1e-9);
+        assert!((busy_share(&first, &last, &[1]) - 0.1).abs() < 1e-9);
+        assert!((busy_share(&first, &last, &[0, 1]) - 0.5).abs() < 1e-9);
+        assert!(busy_share(&first, &last, &[7]).is_nan());
+        assert_eq!(cpu_list("1-3"), vec![1, 2, 3]);
+        assert_eq!(cpu_list("0,2-3"), vec![0, 2, 3]);
+        assert_eq!(cpu_list("0"), vec![0]);
+    }
 
     #[test]
     fn senders_get_a_process_of_their_own_and_receivers_are_spread() {

@@ -298,19 +298,30 @@ impl Bench {
         Ok(fleet)
     }
 
-    async fn round(fleet: &mut Fleet, spec: &WorkerSpec, rate_per_sender: f64) -> Result<Totals> {
+    async fn round(
+        &self,
+        fleet: &mut Fleet,
+        spec: &WorkerSpec,
+        rate_per_sender: f64,
+    ) -> Result<Totals> {
         eprintln!(
             "   go: {rate_per_sender:.2} msg/s per sender (load {})",
             loadavg()
         );
         let timeout = Duration::from_millis(spec.duration_ms + spec.drain_ms + 120_000);
-        let results = fleet.go(rate_per_sender, timeout).await?;
-        harness::fold(&results, spec.duration_ms as f64 / 1000.0, spec.storm)
+        let window = Duration::from_millis(spec.duration_ms);
+        let (results, busy) = fleet
+            .go(&self.opts.pin, rate_per_sender, window, timeout)
+            .await?;
+        let mut t = harness::fold(&results, spec.duration_ms as f64 / 1000.0, spec.storm)?;
+        t.server_core_busy = busy.server;
+        t.generator_core_busy = busy.generator;
+        Ok(t)
     }
 
     async fn measure(&self, spec: &WorkerSpec, rate_per_sender: f64) -> Result<Totals> {
         let mut fleet = self.fleet(spec).await?;
-        let t = Self::round(&mut fleet, spec, rate_per_sender).await;
+        let t = self.round(&mut fleet, spec, rate_per_sender).await;
         fleet.stop().await;
         t
     }
@@ -598,7 +609,7 @@ impl Bench {
                 }
             };
             for &rate in rates {
-                let t = match Self::round(&mut fleet, &spec, rate / pairs as f64).await {
+                let t = match self.round(&mut fleet, &spec, rate / pairs as f64).await {
                     Ok(t) => t,
                     Err(e) => {
                         fleet.stop().await;
@@ -699,7 +710,7 @@ impl Bench {
         let targets = self.targets().await?;
         self.section(
             "S3 — room fan-out: one open-loop sender per room; sustained = 100 % of accepted × members delivered and p99 < 100 ms",
-            &["rooms × members", "server", "transport", "offered deliveries/s", "sends accepted", "refused (rate_limited)", "deliveries", "delivered % of accepted × members", "delivered/s", "p50 (ms)", "p99 (ms)", "max (ms)", "sustained", "generator CPU per delivery (ns)"],
+            &["rooms × members", "server", "transport", "offered deliveries/s", "sends accepted", "refused (rate_limited)", "deliveries", "delivered % of accepted × members", "delivered/s", "p50 (ms)", "p99 (ms)", "max (ms)", "sustained", "generator CPU per delivery (ns)", "server core busy %", "generator cores busy %"],
         );
         self.note(format!(
             "Each step sends for {secs} s from a common start; delivered/s = deliveries ÷ (start → last delivery). \
@@ -749,7 +760,7 @@ impl Bench {
                         break;
                     };
                     let msgs = offered / members as f64;
-                    let t = match Self::round(&mut fleet, &spec, msgs / n_rooms as f64).await {
+                    let t = match self.round(&mut fleet, &spec, msgs / n_rooms as f64).await {
                         Ok(t) => t,
                         Err(e) => {
                             fleet.stop().await;
@@ -803,6 +814,8 @@ impl Bench {
                             }
                         },
                         cpu_per(&t),
+                        busy_pct(t.server_core_busy),
+                        busy_pct(t.generator_core_busy),
                     ]);
                     rows.push(
                         json!({"rooms": n_rooms, "members": members, "server": target.name(),
@@ -841,8 +854,8 @@ impl Bench {
                 let above = tried
                     .iter()
                     .filter(|s| !s.sustained && best.as_ref().is_none_or(|b| s.offered > b.offered))
-                    .map(|s| s.offered)
-                    .min_by(f64::total_cmp);
+                    .min_by(|a, b| a.offered.total_cmp(&b.offered))
+                    .cloned();
                 if let Some(b) = &best {
                     hint.insert((target, transport), b.offered);
                 }
@@ -886,6 +899,7 @@ impl Bench {
                 "highest sustained deliveries/s",
                 "its p99 (ms)",
                 "lowest unsustained offered above it",
+                "there: server core / generator cores busy %",
                 "Confab ÷ bare",
                 "Confab ÷ Node",
             ],
@@ -915,13 +929,24 @@ impl Bench {
                     format!("{r:.0}")
                 },
                 f1(p99),
-                above.map_or("none (search ended)".into(), |a| format!("{a:.0}")),
+                above.as_ref().map_or("none (search ended)".into(), |a| {
+                    format!("{:.0}", a.offered)
+                }),
+                above.as_ref().map_or("–".into(), |a| {
+                    format!(
+                        "{} / {}",
+                        busy_pct(a.server_busy),
+                        busy_pct(a.generator_busy)
+                    )
+                }),
                 if confab { ratio(r, bare) } else { "–".into() },
                 if confab { ratio(r, node) } else { "–".into() },
             ]);
             js.push(json!({"rooms": shape.0, "members": shape.1, "server": target.name(),
                 "transport": tr.name(), "sustained_per_s": if r.is_nan() { Value::Null } else { json!(r) },
-                "lowest_unsustained": above}));
+                "lowest_unsustained": above.as_ref().map(|a| a.offered),
+                "there_server_core_busy": above.as_ref().map(|a| a.server_busy).filter(|b| b.is_finite()),
+                "there_generator_cores_busy": above.as_ref().map(|a| a.generator_busy).filter(|b| b.is_finite())}));
             if confab {
                 let met = r >= 20.0 * node && r >= 0.7 * bare;
                 self.goal(
@@ -1145,7 +1170,7 @@ impl Bench {
             let mut fleet = self.fleet(&spec).await?;
             for &offered in steps {
                 let msgs = offered / members as f64;
-                let t = match Self::round(&mut fleet, &spec, msgs / n_rooms as f64).await {
+                let t = match self.round(&mut fleet, &spec, msgs / n_rooms as f64).await {
                     Ok(t) => t,
                     Err(e) => {
                         fleet.stop().await;
@@ -1254,7 +1279,13 @@ pub const KNEE_WITHIN: f64 = 1.25;
 pub const S3_START: f64 = 20_000.0;
 
 /// Per S3 shape and server: the highest sustained step and the lowest unsustained rate above it.
-type Knee = ((usize, usize), Target, Transport, Option<Step>, Option<f64>);
+type Knee = (
+    (usize, usize),
+    Target,
+    Transport,
+    Option<Step>,
+    Option<Step>,
+);
 
 /// One S3 (or S5) step, judged.
 #[derive(Debug, Clone)]
@@ -1266,6 +1297,9 @@ pub struct Step {
     pub fraction: f64,
     pub delivered_per_s: f64,
     pub p99_ms: f64,
+    /// Busy shares of the server's core and the generator's cores in the step's send window.
+    pub server_busy: f64,
+    pub generator_busy: f64,
 }
 
 impl Step {
@@ -1286,6 +1320,8 @@ impl Step {
             fraction,
             delivered_per_s,
             p99_ms: t.recv_p99_ms,
+            server_busy: t.server_core_busy,
+            generator_busy: t.generator_core_busy,
         }
     }
 }
@@ -1335,6 +1371,15 @@ fn cpu_per(t: &Totals) -> String {
         return "–".into();
     }
     format!("{:.0}", t.receiver_cpu_ms * 1e6 / t.received as f64)
+}
+
+/// A busy share as a percentage, or "–" when it is unknown (nothing pinned).
+fn busy_pct(share: f64) -> String {
+    if share.is_finite() {
+        format!("{:.0}", share * 100.0)
+    } else {
+        "–".into()
+    }
 }
 
 fn pct(f: f64) -> String {
@@ -1428,6 +1473,8 @@ mod tests {
             fraction: if sustained { 1.0 } else { 0.9 },
             delivered_per_s: offered,
             p99_ms: p99,
+            server_busy: f64::NAN,
+            generator_busy: f64::NAN,
         }
     }
 
@@ -1505,6 +1552,8 @@ mod tests {
             lost: 0,
             generator_cpu_ms: 1.0,
             receiver_cpu_ms: 1.0,
+            server_core_busy: 0.5,
+            generator_core_busy: f64::NAN,
         };
         let s = Step::of(10_000.0, 10, &t(4000, 40_000, 20.0));
         assert!(s.sustained && s.easy);
@@ -1514,5 +1563,7 @@ mod tests {
         assert!(!Step::of(10_000.0, 10, &t(0, 0, f64::NAN)).sustained);
         assert_eq!(pct(39_999.0 / 40_000.0), "99.9");
         assert_eq!(pct(1.0), "100.0");
+        assert_eq!(busy_pct(s.server_busy), "50");
+        assert_eq!(busy_pct(s.generator_busy), "–");
     }
 }
