@@ -218,6 +218,9 @@ impl ChatService {
         }
         match (&envelope.event, &envelope.route) {
             // Messages and change entries share the seq: both move the cached last seq.
+            (Event::NewMessage(message), Route::Conversation { .. }) => {
+                self.conversations.appended(message);
+            }
             (event, Route::Conversation { .. }) if event.log_position().is_some() => {
                 if let Some((conversation, seq)) = event.log_position() {
                     self.conversations.committed(conversation, seq);

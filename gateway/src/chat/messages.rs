@@ -368,6 +368,34 @@ impl ChatService {
                 None => misses.push((id, after)),
             }
         }
+        // One store read of a conversation's log at a time: the look-ups that missed wait for
+        // one in flight and are served from it (a storm's resumes of one room all miss at
+        // once). The states are locked in id order, so two look-ups never wait on each other.
+        let mut loading: Vec<Arc<ConversationState>> = misses
+            .iter()
+            .filter_map(|&(id, _)| self.conversations.get(id, epoch).ok())
+            .collect();
+        loading.sort_by_key(|s| s.conversation.id);
+        loading.dedup_by_key(|s| s.conversation.id);
+        let mut held = Vec::with_capacity(loading.len());
+        for state in &loading {
+            held.push(state.loading.lock().await);
+        }
+        if !held.is_empty() {
+            misses.retain(|&(id, after)| {
+                let served = loading
+                    .iter()
+                    .find(|s| s.conversation.id == id)
+                    .and_then(|s| s.recent(after, limit));
+                match served {
+                    Some(entries) => {
+                        kept.insert(id, entries);
+                        false
+                    }
+                    None => true,
+                }
+            });
+        }
         if !misses.is_empty() {
             let messages = self
                 .store

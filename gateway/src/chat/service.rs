@@ -8,6 +8,7 @@ use super::event::Topic;
 use super::fanout::Bindings;
 use super::hub::{ConnId, Hub, Outbound, TopicChange};
 use super::model::{Conversation, ConversationId, Identity, Member, UserId};
+use super::presence::{Announcement, Announcer};
 use super::resume::Cursors;
 use super::state::{ConversationCache, ConversationState};
 use super::{ChatSettings, rules, store_err, unavailable};
@@ -26,6 +27,8 @@ pub struct ChatService {
     /// Users whose last connection closed and whose `user_offline` waits out the grace period.
     pub(super) offline_pending: Mutex<HashMap<UserId, u64>>,
     pub(super) pending_generation: Mutex<u64>,
+    /// Presence changes on their way out: see [`Announcer`].
+    pub(super) announcer: Announcer,
     /// The bus topics bound here: see [`ChatService::apply`] and [`ChatService::bound`].
     pub(super) bindings: Bindings,
     /// Conversations this node holds, kept exact by membership events: see [`super::state`].
@@ -64,6 +67,7 @@ impl ChatService {
             conversations: ConversationCache::default(),
             bindings: Bindings::default(),
             pending_generation: Mutex::new(0),
+            announcer: Announcer::default(),
             settings,
             metrics,
         });
@@ -111,7 +115,7 @@ impl ChatService {
 
     /// A user's connection opened on the main namespace.
     pub async fn connect(
-        &self,
+        self: &Arc<Self>,
         who: &Identity,
         out: Arc<dyn Outbound>,
     ) -> Result<ConnId, ChatError> {
@@ -121,7 +125,7 @@ impl ChatService {
     /// [`connect`](Self::connect) with the client's resume cursors (see
     /// [`connected_resuming`](Self::connected_resuming)).
     pub async fn connect_resuming(
-        &self,
+        self: &Arc<Self>,
         who: &Identity,
         out: Arc<dyn Outbound>,
         cursors: Option<Cursors>,
@@ -142,7 +146,7 @@ impl ChatService {
     /// The asynchronous half of [`connect`](Self::connect): subscriptions, bus topics and
     /// presence.
     pub async fn connected(
-        &self,
+        self: &Arc<Self>,
         who: &Identity,
         conn: ConnId,
         change: TopicChange,
@@ -153,7 +157,7 @@ impl ChatService {
     /// [`connected`](Self::connected), then the replay of what the client missed since its
     /// cursors, before any live event.
     pub async fn connected_resuming(
-        &self,
+        self: &Arc<Self>,
         who: &Identity,
         conn: ConnId,
         change: TopicChange,
@@ -176,7 +180,11 @@ impl ChatService {
         // inside the grace is no new "online" either.
         self.take_pending_offline(&who.user_id);
         if first {
-            self.announce_online_in(&who.user_id, &conversations).await;
+            // Queued, not awaited: the connection's requests do not wait for its co-members.
+            self.announce(Announcement::Online {
+                user: who.user_id.clone(),
+                conversations,
+            });
         }
         Ok(())
     }
@@ -259,28 +267,10 @@ impl ChatService {
         let grace = self.settings.presence_grace;
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            let Some(service) = service.upgrade() else {
-                return;
-            };
-            let still_pending = {
-                let mut pending = service
-                    .offline_pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if pending.get(&user) == Some(&generation) {
-                    pending.remove(&user);
-                    true
-                } else {
-                    false
-                }
-            };
-            if !still_pending {
-                return;
-            }
-            match service.presence.settle_offline(&user).await {
-                Ok(true) => service.announce_presence(&user, false).await,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "presence settle failed"),
+            if let Some(service) = service.upgrade()
+                && service.offline_is_pending(&user, generation)
+            {
+                service.announce(Announcement::Offline { user, generation });
             }
         });
     }

@@ -16,7 +16,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::model::{Conversation, ConversationId, LogEntry, Member, MemberRole, UserId, now};
+use super::model::{
+    Conversation, ConversationId, LogEntry, Member, MemberRole, Message, UserId, now,
+};
 use super::service::ChatService;
 
 /// A membership change, carried on the envelope of the event that announces it.
@@ -42,6 +44,10 @@ pub struct ConversationState {
     last_seq: AtomicI64,
     /// The log after a few cursors as the store last returned it (see [`Self::recent`]).
     recent: Mutex<Vec<Recent>>,
+    /// Held by the one look-up that reads the store for this conversation's log, so that the
+    /// others (a storm's resumes of one room, all from the same cursor) wait for its read and
+    /// are served from it instead of each reading the store.
+    pub(super) loading: tokio::sync::Mutex<()>,
 }
 
 /// Every entry of the log after `after` up to `after + entries.len()`, read in one go: no gap,
@@ -49,11 +55,21 @@ pub struct ConversationState {
 #[derive(Debug)]
 struct Recent {
     after: i64,
-    entries: Arc<[LogEntry]>,
+    entries: Vec<LogEntry>,
+}
+
+impl Recent {
+    fn top(&self) -> i64 {
+        self.after + self.entries.len() as i64
+    }
 }
 
 /// How many cursors' reads a conversation's state keeps.
 const RECENT_READS: usize = 4;
+
+/// Past this many entries a read is no longer extended by new messages (it is dropped once a
+/// later one makes it stale).
+const RECENT_ENTRIES: usize = 1024;
 
 #[derive(Debug)]
 struct Members {
@@ -92,6 +108,7 @@ impl ConversationState {
                 ahead: BTreeSet::new(),
             }),
             recent: Mutex::new(Vec::new()),
+            loading: tokio::sync::Mutex::new(()),
             conversation,
         }
     }
@@ -146,7 +163,7 @@ impl ConversationState {
         let last_seq = self.last_seq();
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let read = recent.iter().find(|r| {
-            let top = r.after + r.entries.len() as i64;
+            let top = r.top();
             r.after <= after && after <= top && last_seq <= top
         })?;
         let skip = usize::try_from(after - read.after).ok()?;
@@ -160,14 +177,28 @@ impl ConversationState {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         let last_seq = self.last_seq();
         // Reads that no longer hold everything are of no more use.
-        recent.retain(|r| last_seq <= r.after + r.entries.len() as i64 && r.after != after);
+        recent.retain(|r| last_seq <= r.top() && r.after != after);
         if recent.len() >= RECENT_READS {
             recent.remove(0);
         }
         recent.push(Recent {
             after,
-            entries: entries.into(),
+            entries: entries.to_vec(),
         });
+    }
+
+    /// A new message reached this node (before its local delivery): every read that ends just
+    /// below it grows by it, so reads keep serving resumes while the room goes on talking (a
+    /// storm's resumes are spread over seconds, and each message would otherwise make every
+    /// read of its room stale). Only messages: a change alters an earlier message, which a
+    /// read holds as it was, so a change leaves the reads below it stale.
+    fn extend_recent(&self, message: &Message) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        for read in recent.iter_mut() {
+            if read.top() + 1 == message.seq && read.entries.len() < RECENT_ENTRIES {
+                read.entries.push(LogEntry::Message(message.clone()));
+            }
+        }
     }
 
     fn apply(&self, change: &MembershipChange) {
@@ -348,11 +379,21 @@ impl ConversationCache {
         }
     }
 
-    /// A message was committed: the entry's last seq follows.
+    /// A message or change was committed: the entry's last seq follows.
     pub(super) fn committed(&self, id: ConversationId, seq: i64) {
         let entry = self.lock().map.get(&id).cloned();
         if let Some(entry) = entry {
             entry.last_seq.fetch_max(seq, Ordering::AcqRel);
+        }
+    }
+
+    /// A new message reached this node: its entry's reads grow by it (see
+    /// [`ConversationState::extend_recent`]), then its last seq follows.
+    pub(super) fn appended(&self, message: &Message) {
+        let state = self.lock().map.get(&message.conversation_id).cloned();
+        if let Some(state) = state {
+            state.extend_recent(message);
+            state.last_seq.fetch_max(message.seq, Ordering::AcqRel);
         }
     }
 

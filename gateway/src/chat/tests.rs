@@ -129,6 +129,7 @@ fn service_with(
 async fn connect(svc: &Arc<ChatService>, user: &Identity) -> (ConnId, Arc<Recorder>) {
     let rec = Arc::new(Recorder::default());
     let conn = svc.connect(user, rec.clone()).await.expect("connect");
+    svc.presence_announced().await;
     (conn, rec)
 }
 
@@ -846,6 +847,75 @@ async fn presence_is_per_user_across_devices_with_a_grace_period_against_flappin
     assert_eq!(statuses["alice"].status, model::Status::Offline);
     assert!(statuses["alice"].last_seen.is_some());
     assert_eq!(statuses["bob"].status, model::Status::Online);
+}
+
+/// A storm: every user of a room drops, the grace runs out while half of them are still away,
+/// and they come back while their offlines wait in the announcer's queue. Whatever was dropped
+/// unannounced, a co-member's view of each user ends right: offline and online alternate,
+/// starting with offline, and the last says what is true.
+#[tokio::test(start_paused = true)]
+async fn presence_announced_through_a_storm_ends_as_the_truth_for_every_co_member() {
+    let svc = service();
+    let names: Vec<String> = (0..40).map(|i| format!("u{i}")).collect();
+    let others: Vec<&str> = names.iter().map(String::as_str).collect();
+    let watcher = who("watcher");
+    group(&svc, &watcher, &others).await;
+    let (_w, w_rec) = connect(&svc, &watcher).await;
+    let mut conns = Vec::new();
+    for name in &names {
+        conns.push(connect(&svc, &who(name)).await.0);
+    }
+    assert_eq!(w_rec.named("user_online").len(), names.len());
+    w_rec.clear();
+    for conn in conns {
+        svc.disconnect(conn).await;
+    }
+    // The first half comes back inside the grace, the rest just after it ran out.
+    for name in &names[..20] {
+        connect(&svc, &who(name)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(3050)).await;
+    let mut back = Vec::new();
+    for name in &names[20..] {
+        let rec = Arc::new(Recorder::default());
+        back.push(svc.connect(&who(name), rec).await.expect("connect"));
+    }
+    // And a few leave again for good.
+    for conn in back.drain(..5) {
+        svc.disconnect(conn).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    svc.presence_announced().await;
+
+    let mut heard: HashMap<String, Vec<bool>> = HashMap::new();
+    for (event, payload) in w_rec.events.lock().expect("lock").iter() {
+        let online = match event.as_str() {
+            "user_online" => true,
+            "user_offline" => false,
+            _ => continue,
+        };
+        let user = payload["userId"].as_str().expect("userId").to_owned();
+        heard.entry(user).or_default().push(online);
+    }
+    for (i, name) in names.iter().enumerate() {
+        let said = heard.get(name).cloned().unwrap_or_default();
+        for (k, online) in said.iter().enumerate() {
+            assert_eq!(
+                *online,
+                k % 2 == 1,
+                "{name}: {said:?} does not alternate from offline"
+            );
+        }
+        let online_now = !(20..25).contains(&i);
+        let last_said_online = said.last().copied().unwrap_or(true);
+        assert_eq!(last_said_online, online_now, "{name}: heard {said:?}");
+    }
+    for name in &names[..20] {
+        assert!(
+            !heard.contains_key(name),
+            "{name} came back inside the grace: {heard:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -70,6 +70,9 @@ pub struct MemoryStore {
     /// When set, a commit returns only after a few yields, as a real store's round trip does:
     /// a caller can go away between the commit and what follows it.
     pub yield_after_commit: std::sync::atomic::AtomicBool,
+    /// When set, a read of messages returns only after a few yields, so that concurrent
+    /// look-ups overlap as they do against a real store.
+    pub yield_in_log_reads: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -274,6 +277,11 @@ impl Store for MemoryStore {
         before_seq: Option<i64>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
+        if self.yield_in_log_reads.load(Ordering::Relaxed) {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+        }
         let d = self.read();
         let mut v: Vec<Message> = d
             .messages

@@ -438,7 +438,85 @@ async fn clients_resuming_a_held_room_share_one_read_of_its_log_until_it_moves()
     // The same cursor, and a later one, from that read.
     assert_eq!(resume("u3", 1).await, (connect_reads, vec![2, 3]));
     assert_eq!(resume("u4", 2).await, (connect_reads, vec![3]));
-    // A new entry: the earlier read no longer holds everything, so the log is read again.
+    // A new message grows the reads that end just below it: still no read.
     svc.send(&alice, text(&c, "a4", "x")).await.expect("send");
-    assert_eq!(resume("u5", 1).await, (connect_reads + 2, vec![2, 3, 4]));
+    assert_eq!(resume("u5", 1).await, (connect_reads, vec![2, 3, 4]));
+    // A change alters an earlier message, which the reads hold as it was: the log is read
+    // again, and the message comes as it is now.
+    svc.change(
+        &alice,
+        ChangeRequest::Edit {
+            conversation_id: c.id,
+            target: 2,
+            content: "edited".into(),
+            client_msg_id: "e1".into(),
+        },
+    )
+    .await
+    .expect("edit");
+    let rec = Arc::new(Recorder::default());
+    let before = store.reads();
+    svc.connect_resuming(&who("u1"), rec.clone(), Some(vec![(c.id, 1)]))
+        .await
+        .expect("connect");
+    assert_eq!(store.reads() - before, connect_reads + 2);
+    let replayed: Vec<(String, Value)> = rec
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(n, _)| n == "new_message" || n == "message_updated")
+        .cloned()
+        .collect();
+    assert_eq!(replayed[0].1["content"], "edited", "{replayed:?}");
+    assert_eq!(
+        replayed
+            .iter()
+            .map(|(n, p)| (n.as_str(), p["seq"].as_i64()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("new_message", Some(2)),
+            ("new_message", Some(3)),
+            ("new_message", Some(4)),
+            ("message_updated", Some(5)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_storm_of_resumes_of_one_room_reads_its_log_once_and_each_gets_all_it_missed() {
+    let store = Arc::new(MemoryStore::default());
+    let svc = service_with(store.clone(), Arc::new(LocalBus::new()));
+    let alice = who("alice");
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    let c = group(&svc, &alice, &names).await;
+    let (_, _a) = connect(&svc, &alice).await;
+    for i in 1..=4 {
+        svc.send(&alice, text(&c, &format!("a{i}"), "x"))
+            .await
+            .expect("send");
+    }
+    store
+        .yield_in_log_reads
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let before = store.reads();
+    let storm = users.iter().map(|u| {
+        let svc = svc.clone();
+        let c = c.clone();
+        let user = who(u);
+        async move {
+            let rec = Arc::new(Recorder::default());
+            svc.connect_resuming(&user, rec.clone(), Some(vec![(c.id, 1)]))
+                .await
+                .expect("connect");
+            seqs(&rec, &c)
+        }
+    });
+    let got = futures::future::join_all(storm).await;
+    for seqs in &got {
+        assert_eq!(seqs, &vec![2, 3, 4]);
+    }
+    // Each connect lists its user's conversations (one read); the log is read once.
+    assert_eq!(store.reads() - before, users.len() + 2);
 }
