@@ -8,11 +8,13 @@
 //! - `attachments`: uploads, downloads and thumbnails of the files messages refer to;
 //! - `presence` and `typing`: who is online, who is typing;
 //! - `resume`: server-side subscriptions at connect, and the replay of what a client missed;
+//!   `batch`: the users' conversation lists those connects read, batched;
 //! - `state`: the per-node conversation cache (kind, department, members, last seq);
 //! - `fanout`: bus bindings, publishing and delivery of what arrives to local connections
 //!   (`hub`).
 
 pub mod attachments;
+mod batch;
 pub mod error;
 pub mod event;
 mod fanout;

@@ -11,7 +11,6 @@ use super::event::{Event, Outgoing, Topic};
 use super::hub::{ConnId, TopicChange};
 use super::model::{ConversationId, Identity, LogEntry};
 use super::service::ChatService;
-use super::store_err;
 
 /// The last seq a client saw per conversation, as it sends them in the handshake.
 pub type Cursors = Vec<(ConversationId, i64)>;
@@ -60,10 +59,9 @@ impl ChatService {
         conn: ConnId,
     ) -> Result<HashSet<ConversationId>, ChatError> {
         let ids: HashSet<ConversationId> = self
-            .store
-            .conversation_ids_of(&who.user_id)
-            .await
-            .map_err(store_err)?
+            .conversation_ids
+            .of(&self.store, &who.user_id)
+            .await?
             .into_iter()
             .collect();
         let mut change = TopicChange::default();

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
+use super::batch::ConversationIds;
 use super::error::ChatError;
 use super::event::Topic;
 use super::fanout::Bindings;
@@ -29,6 +30,8 @@ pub struct ChatService {
     pub(super) pending_generation: Mutex<u64>,
     /// Presence changes on their way out: see [`Announcer`].
     pub(super) announcer: Announcer,
+    /// Connects' look-ups of their users' conversations, batched: see [`ConversationIds`].
+    pub(super) conversation_ids: ConversationIds,
     /// The bus topics bound here: see [`ChatService::apply`] and [`ChatService::bound`].
     pub(super) bindings: Bindings,
     /// Conversations this node holds, kept exact by membership events: see [`super::state`].
@@ -68,6 +71,7 @@ impl ChatService {
             bindings: Bindings::default(),
             pending_generation: Mutex::new(0),
             announcer: Announcer::default(),
+            conversation_ids: ConversationIds::default(),
             settings,
             metrics,
         });

@@ -2,7 +2,7 @@
 
 mod attachments;
 mod lifecycle;
-mod memory_store;
+pub(super) mod memory_store;
 mod resume;
 
 use std::collections::HashMap;

@@ -1196,6 +1196,16 @@ async fn unread_and_mentions_count_others_messages_after_the_watermark(store: &d
     );
     let ids = store.conversation_ids_of(&bob).await.expect("ids");
     assert_eq!(ids, vec![c]);
+    let carol = unique("carol");
+    let d = group_of(store, &[&alice, &carol]).await;
+    let mut each = store
+        .conversation_ids_of_each(&[alice.clone(), bob.clone(), carol.clone(), unique("nobody")])
+        .await
+        .expect("ids of each");
+    each.sort();
+    let mut want = vec![(alice.clone(), c), (alice.clone(), d), (bob.clone(), c), (carol, d)];
+    want.sort();
+    assert_eq!(each, want, "every pair of the users asked, none of anyone else");
 }
 
 async fn delivery_watermark_names_each_sender_once_per_rise(store: &dyn Store) {

@@ -212,6 +212,20 @@ pub trait Store: Send + Sync + 'static {
     /// The ids of the user's conversations (cheaper than [`conversations_of`](Self::conversations_of),
     /// which counts).
     async fn conversation_ids_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError>;
+    /// [`conversation_ids_of`](Self::conversation_ids_of) of several users at once, as
+    /// `(user, conversation)` pairs in no particular order: one round trip where the store can.
+    async fn conversation_ids_of_each(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationId)>, StoreError> {
+        let mut pairs = Vec::new();
+        for user in users {
+            for id in self.conversation_ids_of(user).await? {
+                pairs.push((user.clone(), id));
+            }
+        }
+        Ok(pairs)
+    }
     /// The message with this seq (as it is now), if that seq is a message's.
     async fn message_at(
         &self,

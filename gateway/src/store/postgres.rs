@@ -541,6 +541,21 @@ impl Store for PostgresStore {
         .await?)
     }
 
+    async fn conversation_ids_of_each(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationId)>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_as(
+            "SELECT user_id, conversation_id FROM conversation_members WHERE user_id = ANY($1)",
+        )
+        .bind(users)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     async fn message_at(
         &self,
         conversation: ConversationId,

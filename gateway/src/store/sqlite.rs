@@ -455,6 +455,14 @@ impl Store for SqliteStore {
             .with_subscriber(Dispatch::none())
             .await
     }
+    async fn conversation_ids_of_each(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationId)>, StoreError> {
+        self.conversation_ids_of_each_detached(users)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
     async fn message_at(
         &self,
         conversation: ConversationId,
@@ -937,6 +945,27 @@ impl SqliteStore {
         .fetch_all(&self.readers)
         .await?;
         ids.iter().map(|id| parse_id(id)).collect()
+    }
+
+    async fn conversation_ids_of_each_detached(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationId)>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked = serde_json::to_string(users)
+            .map_err(|e| StoreError::Corrupt(format!("user ids do not encode: {e}")))?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT user_id, conversation_id FROM conversation_members \
+             WHERE user_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(asked)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.into_iter()
+            .map(|(user, id)| Ok((user, parse_id(&id)?)))
+            .collect()
     }
 
     async fn message_at_detached(

@@ -60,6 +60,7 @@ impl InstrumentedStore {
                 "mark_read",
                 "co_members",
                 "conversation_ids_of",
+                "conversation_ids_of_each",
                 "message_at",
                 "edit_message",
                 "delete_message",
@@ -179,6 +180,13 @@ impl Store for InstrumentedStore {
     async fn conversation_ids_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError> {
         let call = self.inner.conversation_ids_of(user);
         timed(&self.calls, "conversation_ids_of", call).await
+    }
+    async fn conversation_ids_of_each(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationId)>, StoreError> {
+        let call = self.inner.conversation_ids_of_each(users);
+        timed(&self.calls, "conversation_ids_of_each", call).await
     }
     async fn message_at(
         &self,

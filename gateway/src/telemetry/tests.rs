@@ -414,6 +414,7 @@ async fn one_message_is_one_trace_from_receive_through_persist_to_publish() {
     )
     .await
     .expect("sent");
+    let ack: serde_json::Value = serde_json::from_str(ack.get()).expect("the ack is JSON");
     let seq = ack["message"]["seq"].as_i64().expect("seq");
     // A span is exported when its last handle drops: sqlx's SQLite worker thread holds one of
     // the persist span (for its own logs) a moment past the reply, and a child keeps its parents

@@ -668,7 +668,7 @@ fn request_queue<R: std::marker::Send + 'static>(
 
 /// How a transport encodes the answer to one request, or `None` when nothing is owed (a request
 /// without an id or ack).
-pub type Answer<R> = fn(&R, &Result<Value, ChatError>) -> Option<Bytes>;
+pub type Answer<R> = fn(&R, &Result<super::Reply, ChatError>) -> Option<Bytes>;
 
 /// The refusal of a request past the in-flight cap.
 pub fn too_many_requests() -> ChatError {

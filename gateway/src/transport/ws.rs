@@ -469,7 +469,7 @@ const CODEC: Codec = Codec {
 
 /// The `ack` or `error` frame answering a request; nothing for a request without an id that
 /// succeeded.
-fn answer(id: &Option<RequestId>, result: &Result<serde_json::Value, ChatError>) -> Option<Bytes> {
+fn answer(id: &Option<RequestId>, result: &Result<super::Reply, ChatError>) -> Option<Bytes> {
     let frame = match result {
         Ok(v) if id.is_some() => ServerFrame::ack(id.as_ref(), v).encode(),
         Ok(_) => return None,

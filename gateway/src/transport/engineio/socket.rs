@@ -16,7 +16,7 @@ use super::packet::{
 use super::{EngineSession, Handler, Handlers, Handshake};
 use crate::chat::error::ChatError;
 use crate::telemetry::{Stamp, Transport};
-use crate::transport::Gateway;
+use crate::transport::{Gateway, Reply};
 use crate::transport::connection::{
     Codec, Connection, Disconnect, Endpoint, Pending, Requests, Role, Worker, admit, authenticate,
     spawn_worker, too_many_requests,
@@ -298,15 +298,15 @@ impl SocketSession {
 }
 
 /// The ACK of a main-namespace request: the reply, or `{error: {code, message}}`.
-fn ack(nsp: &str, id: u64, result: &Result<Value, ChatError>) -> Bytes {
+fn ack(nsp: &str, id: u64, result: &Result<Reply, ChatError>) -> Bytes {
     let body = match result {
-        Ok(v) => json!([v]),
-        Err(e) => json!([ErrorReply::from(e)]),
+        Ok(v) => format!("[{}]", v.get()),
+        Err(e) => json!([ErrorReply::from(e)]).to_string(),
     };
-    encode_socket(SocketKind::Ack, nsp, Some(id), &body.to_string())
+    encode_socket(SocketKind::Ack, nsp, Some(id), &body)
 }
 
-fn answer(id: &Option<u64>, result: &Result<Value, ChatError>) -> Option<Bytes> {
+fn answer(id: &Option<u64>, result: &Result<Reply, ChatError>) -> Option<Bytes> {
     id.map(|id| ack(MAIN, id, result))
 }
 
