@@ -123,8 +123,8 @@ async fn drain(state: Arc<Mutex<State>>, store: Arc<dyn Store>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::tests::memory_store::MemoryStore;
     use crate::chat::model::MemberRole;
+    use crate::chat::tests::memory_store::MemoryStore;
     use crate::store::NewConversation;
 
     #[tokio::test]

@@ -1203,9 +1203,17 @@ async fn unread_and_mentions_count_others_messages_after_the_watermark(store: &d
         .await
         .expect("ids of each");
     each.sort();
-    let mut want = vec![(alice.clone(), c), (alice.clone(), d), (bob.clone(), c), (carol, d)];
+    let mut want = vec![
+        (alice.clone(), c),
+        (alice.clone(), d),
+        (bob.clone(), c),
+        (carol, d),
+    ];
     want.sort();
-    assert_eq!(each, want, "every pair of the users asked, none of anyone else");
+    assert_eq!(
+        each, want,
+        "every pair of the users asked, none of anyone else"
+    );
 }
 
 async fn delivery_watermark_names_each_sender_once_per_rise(store: &dyn Store) {

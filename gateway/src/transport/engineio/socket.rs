@@ -16,12 +16,12 @@ use super::packet::{
 use super::{EngineSession, Handler, Handlers, Handshake};
 use crate::chat::error::ChatError;
 use crate::telemetry::{Stamp, Transport};
-use crate::transport::{Gateway, Reply};
 use crate::transport::connection::{
     Codec, Connection, Disconnect, Endpoint, Pending, Requests, Role, Worker, admit, authenticate,
     spawn_worker, too_many_requests,
 };
 use crate::transport::protocol::{ErrorReply, parse_cursors};
+use crate::transport::{Gateway, Reply};
 
 /// The main namespace.
 pub const MAIN: &str = "/";
