@@ -1,49 +1,79 @@
-//! Users' conversation ids, read in batches: while one read is in flight, the look-ups that
-//! arrive meanwhile wait for the next, which serves them all in one query.
+//! Per-user look-ups read in batches: while one read is in flight, the look-ups that arrive
+//! meanwhile wait for the next, which serves them all in one query.
 //!
-//! Every connect lists its user's conversations (to attach the connection to them). One at a
-//! time that is one small query, but a reconnect storm of thousands makes it thousands of round
-//! trips to the store's reader threads, each a hand-off between threads on the same core. So a
-//! look-up joins a queue, one task drains it [`BATCH`] users per query, and a quiet node pays
-//! only the task's start: the first look-up's read starts at once.
+//! Every connect lists its user's conversations (to attach the connection to them), and what a
+//! client asks for right after a reconnect (`sync`'s counts, `GET /api/conversations`) lists them
+//! with their unread counts. One at a time each is one small query, but a reconnect storm of
+//! thousands makes them thousands of round trips to the store's reader threads, each a hand-off
+//! between threads on the same core. So a look-up joins a queue, one task drains it [`BATCH`]
+//! users per query, and a quiet node pays only the task's start: the first look-up's read starts
+//! at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
 use tokio::sync::oneshot;
 
 use super::error::ChatError;
-use super::model::{ConversationId, UserId};
-use crate::store::Store;
+use super::model::{ConversationId, ConversationSummary, UserId};
+use crate::store::{Store, StoreError};
 
 /// Most users one read asks for.
 const BATCH: usize = 512;
 
-type Answer = oneshot::Sender<Result<Vec<ConversationId>, ()>>;
+/// The store read of one batch: `(user, item)` pairs, each user's items in their order.
+type Read<V> =
+    fn(Arc<dyn Store>, Vec<UserId>) -> BoxFuture<'static, Result<Vec<(UserId, V)>, StoreError>>;
 
-#[derive(Default, Clone)]
-pub(super) struct ConversationIds {
-    state: Arc<Mutex<State>>,
+type Answer<V> = oneshot::Sender<Result<Vec<V>, ()>>;
+
+pub(super) struct Batched<V> {
+    state: Arc<Mutex<State<V>>>,
+    read: Read<V>,
+    /// What the look-up is, for the log when a read fails.
+    what: &'static str,
 }
 
-#[derive(Default)]
-struct State {
-    waiting: Vec<(UserId, Answer)>,
+struct State<V> {
+    waiting: Vec<(UserId, Answer<V>)>,
     /// A task is reading what waits.
     running: bool,
 }
 
-fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+fn lock<V>(state: &Mutex<State<V>>) -> std::sync::MutexGuard<'_, State<V>> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl ConversationIds {
-    /// The ids of `user`'s conversations, read with whatever other look-ups wait.
-    pub(super) async fn of(
-        &self,
-        store: &Arc<dyn Store>,
-        user: &str,
-    ) -> Result<Vec<ConversationId>, ChatError> {
+/// Users' conversation ids ([`Store::conversation_ids_of_each`]).
+pub(super) fn conversation_ids() -> Batched<ConversationId> {
+    Batched::new("listing users' conversations", |store, users| {
+        Box::pin(async move { store.conversation_ids_of_each(&users).await })
+    })
+}
+
+/// Users' conversations with their counts ([`Store::conversations_of_each`]).
+pub(super) fn summaries() -> Batched<ConversationSummary> {
+    Batched::new(
+        "listing users' conversations with counts",
+        |store, users| Box::pin(async move { store.conversations_of_each(&users).await }),
+    )
+}
+
+impl<V: Clone + std::marker::Send + 'static> Batched<V> {
+    fn new(what: &'static str, read: Read<V>) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(State {
+                waiting: Vec::new(),
+                running: false,
+            })),
+            read,
+            what,
+        }
+    }
+
+    /// `user`'s items, read with whatever other look-ups wait.
+    pub(super) async fn of(&self, store: &Arc<dyn Store>, user: &str) -> Result<Vec<V>, ChatError> {
         let (answer, answered) = oneshot::channel();
         let start = {
             let mut st = lock(&self.state);
@@ -51,10 +81,15 @@ impl ConversationIds {
             !std::mem::replace(&mut st.running, true)
         };
         if start {
-            tokio::spawn(drain(self.state.clone(), store.clone()));
+            tokio::spawn(drain(
+                self.state.clone(),
+                store.clone(),
+                self.read,
+                self.what,
+            ));
         }
         match answered.await {
-            Ok(Ok(ids)) => Ok(ids),
+            Ok(Ok(items)) => Ok(items),
             // The read failed (logged once for the batch), or the task ended without an answer.
             Ok(Err(())) | Err(_) => Err(ChatError::Unavailable),
         }
@@ -63,13 +98,13 @@ impl ConversationIds {
 
 /// Marks the queue without a task however the task ends (a panic in the store included), so the
 /// next look-up starts one; the look-ups it held get no answer, that is `unavailable`.
-struct Running {
-    state: Arc<Mutex<State>>,
+struct Running<V> {
+    state: Arc<Mutex<State<V>>>,
     /// Ended with the queue empty (marked so under the lock already).
     finished: bool,
 }
 
-impl Drop for Running {
+impl<V> Drop for Running<V> {
     fn drop(&mut self) {
         if !self.finished {
             let mut st = lock(&self.state);
@@ -79,13 +114,18 @@ impl Drop for Running {
     }
 }
 
-async fn drain(state: Arc<Mutex<State>>, store: Arc<dyn Store>) {
+async fn drain<V: Clone>(
+    state: Arc<Mutex<State<V>>>,
+    store: Arc<dyn Store>,
+    read: Read<V>,
+    what: &'static str,
+) {
     let mut running = Running {
         state,
         finished: false,
     };
     loop {
-        let batch: Vec<(UserId, Answer)> = {
+        let batch: Vec<(UserId, Answer<V>)> = {
             let mut st = lock(&running.state);
             if st.waiting.is_empty() {
                 st.running = false;
@@ -99,19 +139,19 @@ async fn drain(state: Arc<Mutex<State>>, store: Arc<dyn Store>) {
         let mut users: Vec<UserId> = batch.iter().map(|(u, _)| u.clone()).collect();
         users.sort_unstable();
         users.dedup();
-        match store.conversation_ids_of_each(&users).await {
+        match read(store.clone(), users).await {
             Ok(pairs) => {
-                let mut of: HashMap<UserId, Vec<ConversationId>> = HashMap::new();
-                for (user, id) in pairs {
-                    of.entry(user).or_default().push(id);
+                let mut of: HashMap<UserId, Vec<V>> = HashMap::new();
+                for (user, item) in pairs {
+                    of.entry(user).or_default().push(item);
                 }
                 for (user, answer) in batch {
-                    let ids = of.get(&user).cloned().unwrap_or_default();
-                    let _ = answer.send(Ok(ids)); // gone: the connection closed meanwhile
+                    let items = of.get(&user).cloned().unwrap_or_default();
+                    let _ = answer.send(Ok(items)); // gone: the connection closed meanwhile
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, users = users.len(), "listing users' conversations failed");
+                tracing::error!(error = %e, users = batch.len(), "{what} failed");
                 for (_, answer) in batch {
                     let _ = answer.send(Err(()));
                 }
@@ -147,9 +187,9 @@ mod tests {
             made.insert(title, c.id);
         }
         let store: Arc<dyn Store> = store;
-        let ids = ConversationIds::default();
+        let ids = conversation_ids();
         let asks = ["u1", "u2", "u3", "nobody", "u2"].map(|u| {
-            let (ids, store) = (ids.clone(), store.clone());
+            let (ids, store) = (&ids, store.clone());
             async move {
                 let mut got = ids.of(&store, u).await.expect("ids");
                 got.sort();
@@ -166,5 +206,10 @@ mod tests {
         assert_eq!(got[4], both, "the same user twice in a batch");
         // The queue runs empty and the task ends; a later look-up starts another.
         assert_eq!(ids.of(&store, "u3").await.expect("ids"), vec![made["b"]]);
+        let summaries = summaries();
+        let listed = summaries.of(&store, "u2").await.expect("summaries");
+        let mut listed: Vec<ConversationId> = listed.iter().map(|s| s.conversation.id).collect();
+        listed.sort();
+        assert_eq!(listed, both);
     }
 }

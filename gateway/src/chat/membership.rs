@@ -103,10 +103,7 @@ impl ChatService {
         &self,
         who: &Identity,
     ) -> Result<Vec<ConversationSummary>, ChatError> {
-        self.store
-            .conversations_of(&who.user_id)
-            .await
-            .map_err(store_err)
+        self.summaries.of(&self.store, &who.user_id).await
     }
 
     pub async fn conversation(

@@ -332,10 +332,9 @@ impl ChatService {
             }
         }
         let counts = self
-            .store
-            .conversations_of(&who.user_id)
-            .await
-            .map_err(store_err)?
+            .summaries
+            .of(&self.store, &who.user_id)
+            .await?
             .into_iter()
             .filter(|s| seen.contains(&s.conversation.id))
             .collect();

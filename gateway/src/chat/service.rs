@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
-use super::batch::ConversationIds;
+use super::batch::{self, Batched};
 use super::error::ChatError;
 use super::event::Topic;
 use super::fanout::Bindings;
 use super::hub::{ConnId, Hub, Outbound, TopicChange};
-use super::model::{Conversation, ConversationId, Identity, Member, UserId};
+use super::model::{Conversation, ConversationId, ConversationSummary, Identity, Member, UserId};
 use super::presence::{Announcement, Announcer};
 use super::resume::Cursors;
 use super::state::{ConversationCache, ConversationState};
@@ -30,8 +30,10 @@ pub struct ChatService {
     pub(super) pending_generation: Mutex<u64>,
     /// Presence changes on their way out: see [`Announcer`].
     pub(super) announcer: Announcer,
-    /// Connects' look-ups of their users' conversations, batched: see [`ConversationIds`].
-    pub(super) conversation_ids: ConversationIds,
+    /// Look-ups of users' conversations (at connect) and of their counts, batched: see
+    /// [`super::batch`].
+    pub(super) conversation_ids: Batched<ConversationId>,
+    pub(super) summaries: Batched<ConversationSummary>,
     /// The bus topics bound here: see [`ChatService::apply`] and [`ChatService::bound`].
     pub(super) bindings: Bindings,
     /// Conversations this node holds, kept exact by membership events: see [`super::state`].
@@ -71,7 +73,8 @@ impl ChatService {
             bindings: Bindings::default(),
             pending_generation: Mutex::new(0),
             announcer: Announcer::default(),
-            conversation_ids: ConversationIds::default(),
+            conversation_ids: batch::conversation_ids(),
+            summaries: batch::summaries(),
             settings,
             metrics,
         });

@@ -1214,6 +1214,23 @@ async fn unread_and_mentions_count_others_messages_after_the_watermark(store: &d
         each, want,
         "every pair of the users asked, none of anyone else"
     );
+    let listed = store
+        .conversations_of_each(&[alice.clone(), bob.clone(), unique("nobody")])
+        .await
+        .expect("summaries of each");
+    let of = |user: &str| -> Vec<crate::chat::model::ConversationSummary> {
+        listed
+            .iter()
+            .filter(|(u, _)| u == user)
+            .map(|(_, s)| s.clone())
+            .collect()
+    };
+    assert_eq!(
+        of(&alice),
+        store.conversations_of(&alice).await.expect("alice's")
+    );
+    assert_eq!(of(&bob), store.conversations_of(&bob).await.expect("bob's"));
+    assert_eq!(listed.len(), 3, "alice's two and bob's one: {listed:?}");
 }
 
 async fn delivery_watermark_names_each_sender_once_per_rise(store: &dyn Store) {

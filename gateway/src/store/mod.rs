@@ -212,6 +212,21 @@ pub trait Store: Send + Sync + 'static {
     /// The ids of the user's conversations (cheaper than [`conversations_of`](Self::conversations_of),
     /// which counts).
     async fn conversation_ids_of(&self, user: &str) -> Result<Vec<ConversationId>, StoreError>;
+    /// [`conversations_of`](Self::conversations_of) of several users at once, as `(user,
+    /// summary)` pairs, each user's in the order `conversations_of` gives them: one round trip
+    /// where the store can.
+    async fn conversations_of_each(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationSummary)>, StoreError> {
+        let mut pairs = Vec::new();
+        for user in users {
+            for summary in self.conversations_of(user).await? {
+                pairs.push((user.clone(), summary));
+            }
+        }
+        Ok(pairs)
+    }
     /// [`conversation_ids_of`](Self::conversation_ids_of) of several users at once, as
     /// `(user, conversation)` pairs in no particular order: one round trip where the store can.
     async fn conversation_ids_of_each(

@@ -88,6 +88,29 @@ fn cursors_json(cursors: &[(ConversationId, i64)]) -> Result<String, StoreError>
         .map_err(|e| StoreError::Corrupt(format!("cursors do not encode: {e}")))
 }
 
+/// The conversations of the members `filter` selects (alias `m`), each with its member's read
+/// watermark and unread and mention counts, newest activity first for each member.
+fn summaries_sql(filter: &str) -> String {
+    format!(
+        "SELECT m.user_id, c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, c.members_version, m.last_read_seq, \
+         (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
+          AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
+         (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
+          AND n.user_id = m.user_id AND n.seq > m.last_read_seq) AS mentions \
+         FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
+         WHERE {filter} ORDER BY m.user_id, c.last_seq DESC, c.created_at DESC"
+    )
+}
+
+fn summary_from(row: &SqliteRow) -> Result<ConversationSummary, StoreError> {
+    Ok(ConversationSummary {
+        unread: row.try_get("unread")?,
+        mentions: row.try_get("mentions")?,
+        last_read_seq: row.try_get("last_read_seq")?,
+        conversation: conversation_from(row)?,
+    })
+}
+
 /// The entries of log `table` (aliased `alias`, selecting `columns`) after each cursor of
 /// `?1` ([`cursors_json`]), at most `?2` per cursor, in cursor then seq order. Each cursor's
 /// window ends at its `?2`th entry (an index seek), so a cursor far behind reads no more rows.
@@ -353,6 +376,14 @@ impl Store for SqliteStore {
             .with_subscriber(Dispatch::none())
             .await
     }
+    async fn conversations_of_each(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationSummary)>, StoreError> {
+        self.conversations_of_each_detached(users)
+            .with_subscriber(Dispatch::none())
+            .await
+    }
     async fn add_member(
         &self,
         conversation: ConversationId,
@@ -593,29 +624,30 @@ impl SqliteStore {
         &self,
         user: &str,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, c.members_version, m.last_read_seq, \
-             (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
-              AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
-             (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
-              AND n.user_id = m.user_id AND n.seq > m.last_read_seq) AS mentions \
-             FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
-             WHERE m.user_id = ? ORDER BY c.last_seq DESC, c.created_at DESC",
-        )
-        .bind(user)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(summaries_sql("m.user_id = ?")))
+            .bind(user)
+            .fetch_all(&self.readers)
+            .await?;
+        rows.iter().map(summary_from).collect()
+    }
+
+    async fn conversations_of_each_detached(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationSummary)>, StoreError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let asked = serde_json::to_string(users)
+            .map_err(|e| StoreError::Corrupt(format!("user ids do not encode: {e}")))?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(summaries_sql(
+            "m.user_id IN (SELECT value FROM json_each(?))",
+        )))
+        .bind(asked)
         .fetch_all(&self.readers)
         .await?;
         rows.iter()
-            .map(|row| {
-                let conversation = conversation_from(row)?;
-                let last_read_seq: i64 = row.try_get("last_read_seq")?;
-                Ok(ConversationSummary {
-                    unread: row.try_get("unread")?,
-                    mentions: row.try_get("mentions")?,
-                    last_read_seq,
-                    conversation,
-                })
-            })
+            .map(|row| Ok((row.try_get("user_id")?, summary_from(row)?)))
             .collect()
     }
 

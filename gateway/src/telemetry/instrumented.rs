@@ -61,6 +61,7 @@ impl InstrumentedStore {
                 "co_members",
                 "conversation_ids_of",
                 "conversation_ids_of_each",
+                "conversations_of_each",
                 "message_at",
                 "edit_message",
                 "delete_message",
@@ -90,6 +91,13 @@ impl Store for InstrumentedStore {
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
         let call = self.inner.conversations_of(user);
         timed(&self.calls, "conversations_of", call).await
+    }
+    async fn conversations_of_each(
+        &self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, ConversationSummary)>, StoreError> {
+        let call = self.inner.conversations_of_each(users);
+        timed(&self.calls, "conversations_of_each", call).await
     }
     async fn add_member(
         &self,
