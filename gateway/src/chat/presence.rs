@@ -172,15 +172,6 @@ impl ChatService {
         }
     }
 
-    /// Whether `user`'s offline is still pending (the grace task looks before queuing it).
-    pub(super) fn offline_is_pending(&self, user: &str, generation: u64) -> bool {
-        self.offline_pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(user)
-            == Some(&generation)
-    }
-
     pub(super) fn take_pending_offline(&self, user: &str) -> bool {
         self.offline_pending
             .lock()

@@ -274,9 +274,8 @@ impl ChatService {
         let grace = self.settings.presence_grace;
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            if let Some(service) = service.upgrade()
-                && service.offline_is_pending(&user, generation)
-            {
+            // The announcer drops it if the user came back meanwhile.
+            if let Some(service) = service.upgrade() {
                 service.announce(Announcement::Offline { user, generation });
             }
         });

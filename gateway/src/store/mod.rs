@@ -29,6 +29,21 @@ pub enum StoreError {
     Batch(String),
 }
 
+/// The conversations of the members `filter` selects (alias `m`), each with its member's read
+/// watermark and unread and mention counts, newest activity first for each member; the same
+/// SQL on SQLite and Postgres, `filter` in the store's placeholders.
+pub(super) fn summaries_sql(filter: &str) -> String {
+    format!(
+        "SELECT m.user_id, c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, c.members_version, m.last_read_seq, \
+         (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
+          AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
+         (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
+          AND n.user_id = m.user_id AND n.seq > m.last_read_seq) AS mentions \
+         FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
+         WHERE {filter} ORDER BY m.user_id, c.last_seq DESC, c.created_at DESC"
+    )
+}
+
 #[derive(Debug, Clone)]
 pub struct NewConversation {
     pub kind: ConversationKind,
@@ -221,9 +236,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(UserId, ConversationSummary)>, StoreError> {
         let mut pairs = Vec::new();
         for user in users {
-            for summary in self.conversations_of(user).await? {
-                pairs.push((user.clone(), summary));
-            }
+            let of = self.conversations_of(user).await?;
+            pairs.extend(of.into_iter().map(|s| (user.clone(), s)));
         }
         Ok(pairs)
     }
@@ -235,9 +249,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(UserId, ConversationId)>, StoreError> {
         let mut pairs = Vec::new();
         for user in users {
-            for id in self.conversation_ids_of(user).await? {
-                pairs.push((user.clone(), id));
-            }
+            let of = self.conversation_ids_of(user).await?;
+            pairs.extend(of.into_iter().map(|id| (user.clone(), id)));
         }
         Ok(pairs)
     }

@@ -279,7 +279,7 @@ impl Store for PostgresStore {
     }
 
     async fn conversations_of(&self, user: &str) -> Result<Vec<ConversationSummary>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(summaries_sql("m.user_id = $1")))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(super::summaries_sql("m.user_id = $1")))
             .bind(user)
             .fetch_all(&self.pool)
             .await?;
@@ -293,10 +293,12 @@ impl Store for PostgresStore {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(summaries_sql("m.user_id = ANY($1)")))
-            .bind(users)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(super::summaries_sql(
+            "m.user_id = ANY($1)",
+        )))
+        .bind(users)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| Ok((row.try_get("user_id")?, summary_from(row)?)))
             .collect()
@@ -1312,20 +1314,6 @@ pub(crate) mod testdb {
             }
         }
     }
-}
-
-/// The conversations of the members `filter` selects (alias `m`), each with its member's read
-/// watermark and unread and mention counts, newest activity first for each member.
-fn summaries_sql(filter: &str) -> String {
-    format!(
-        "SELECT m.user_id, c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, c.members_version, m.last_read_seq, \
-         (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
-          AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
-         (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
-          AND n.user_id = m.user_id AND n.seq > m.last_read_seq) AS mentions \
-         FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
-         WHERE {filter} ORDER BY m.user_id, c.last_seq DESC, c.created_at DESC"
-    )
 }
 
 fn summary_from(row: &PgRow) -> Result<ConversationSummary, StoreError> {

@@ -82,24 +82,16 @@ fn parse_id(s: &str) -> Result<Uuid, StoreError> {
 }
 
 /// Cursors as the JSON array `after_each_sql` reads: `[["<conversation>", afterSeq], …]`.
+/// User ids as the JSON array `json_each(?)` reads.
+fn users_json(users: &[UserId]) -> Result<String, StoreError> {
+    serde_json::to_string(users)
+        .map_err(|e| StoreError::Corrupt(format!("user ids do not encode: {e}")))
+}
+
 fn cursors_json(cursors: &[(ConversationId, i64)]) -> Result<String, StoreError> {
     let asked: Vec<(String, i64)> = cursors.iter().map(|(c, a)| (c.to_string(), *a)).collect();
     serde_json::to_string(&asked)
         .map_err(|e| StoreError::Corrupt(format!("cursors do not encode: {e}")))
-}
-
-/// The conversations of the members `filter` selects (alias `m`), each with its member's read
-/// watermark and unread and mention counts, newest activity first for each member.
-fn summaries_sql(filter: &str) -> String {
-    format!(
-        "SELECT m.user_id, c.id, c.kind, c.title, c.department_id, c.last_seq, c.created_at, c.members_version, m.last_read_seq, \
-         (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = m.conversation_id \
-          AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread, \
-         (SELECT COUNT(*) FROM message_mentions n WHERE n.conversation_id = m.conversation_id \
-          AND n.user_id = m.user_id AND n.seq > m.last_read_seq) AS mentions \
-         FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id \
-         WHERE {filter} ORDER BY m.user_id, c.last_seq DESC, c.created_at DESC"
-    )
 }
 
 fn summary_from(row: &SqliteRow) -> Result<ConversationSummary, StoreError> {
@@ -624,7 +616,7 @@ impl SqliteStore {
         &self,
         user: &str,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(summaries_sql("m.user_id = ?")))
+        let rows = sqlx::query(sqlx::AssertSqlSafe(super::summaries_sql("m.user_id = ?")))
             .bind(user)
             .fetch_all(&self.readers)
             .await?;
@@ -638,9 +630,8 @@ impl SqliteStore {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let asked = serde_json::to_string(users)
-            .map_err(|e| StoreError::Corrupt(format!("user ids do not encode: {e}")))?;
-        let rows = sqlx::query(sqlx::AssertSqlSafe(summaries_sql(
+        let asked = users_json(users)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(super::summaries_sql(
             "m.user_id IN (SELECT value FROM json_each(?))",
         )))
         .bind(asked)
@@ -986,8 +977,7 @@ impl SqliteStore {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let asked = serde_json::to_string(users)
-            .map_err(|e| StoreError::Corrupt(format!("user ids do not encode: {e}")))?;
+        let asked = users_json(users)?;
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT user_id, conversation_id FROM conversation_members \
              WHERE user_id IN (SELECT value FROM json_each(?))",
